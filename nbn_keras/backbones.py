@@ -1,0 +1,245 @@
+"""ResNet backbones and the classifier around them, named by strings.
+
+All backbones name their BN layers `v2_stack_{stage}_block{block}_{i}_bn`
+(KerasCV's scheme, `i = 0` for the shortcut BN), so that
+`nbn_keras.convert_to_nbn`'s stage selection treats them alike.
+"""
+
+import keras
+import keras_cv
+from keras import layers
+from keras import ops
+
+_KERAS_CV_RESNETS = {
+    # name: (blocks per stage, block type)
+    "resnet18": ([2, 2, 2, 2], "basic_block"),
+    "resnet34": ([3, 4, 6, 3], "basic_block"),
+    "resnet50": ([3, 4, 6, 3], "block"),
+    "resnet101": ([3, 4, 23, 3], "block"),
+    "resnet152": ([3, 8, 36, 3], "block"),
+}
+_CIFAR_RESNET_DEPTHS = (20, 32, 44, 56, 110)
+BACKBONES = tuple(_KERAS_CV_RESNETS) + tuple(
+    f"resnet{depth}" for depth in _CIFAR_RESNET_DEPTHS
+)
+
+
+@keras.saving.register_keras_serializable(package="nbn_keras")
+class ZeroPadShortcut(layers.Layer):
+    """The parameter-free shortcut of CIFAR ResNets ("option A").
+
+    Subsamples the input spatially by `strides` and zero-pads its channels,
+    half on each side, up to `filters`.
+
+    Args:
+        filters: Number of output channels.
+        strides: Spatial subsampling factor.
+        **kwargs: Base layer keyword arguments.
+
+    Call arguments:
+        inputs: A 4D channels-last tensor.
+    """
+
+    def __init__(self, filters, strides=2, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = int(filters)
+        self.strides = int(strides)
+
+    def call(self, inputs):
+        outputs = inputs[:, :: self.strides, :: self.strides, :]
+        missing = self.filters - inputs.shape[-1]
+        before = missing // 2
+        return ops.pad(outputs, [[0, 0], [0, 0], [0, 0], [before, missing - before]])
+
+    def compute_output_shape(self, input_shape):
+        batch, height, width, _ = input_shape
+        shrink = lambda size: None if size is None else -(-size // self.strides)
+        return (batch, shrink(height), shrink(width), self.filters)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(filters=self.filters, strides=self.strides)
+        return config
+
+
+def cifar_resnet(
+    depth=32,
+    input_shape=(32, 32, 3),
+    stackwise_filters=(16, 32, 64),
+    shortcut="zero_pad",
+    bn_momentum=0.9,
+    bn_epsilon=1e-5,
+    synchronized_bn=False,
+):
+    """The CIFAR ResNet of He et al. (2016), as used for CIFAR-LT.
+
+    A 3x3 stem, then three stages of `(depth - 2) / 6` basic blocks with
+    16, 32 and 64 channels, strides 1, 2, 2. ResNet-32 is the standard
+    backbone of the long-tailed CIFAR literature (0.46M parameters).
+
+    Args:
+        depth: Total depth, `6 n + 2` (20, 32, 44, 56, 110).
+        input_shape: Input shape, channels last.
+        stackwise_filters: Channels of the three stages.
+        shortcut: `"zero_pad"` (parameter-free "option A", as in the
+            long-tailed CIFAR literature; such shortcuts have no BN) or
+            `"projection"` (1x1 convolution + BN, "option B").
+        bn_momentum: Momentum of the BN moving averages (0.9 is PyTorch's 0.1).
+        bn_epsilon: BN epsilon (PyTorch's default).
+        synchronized_bn: Synchronise BN statistics across replicas.
+
+    Returns:
+        A functional `keras.Model` from images to the last feature map.
+
+    Reference:
+    - [He et al., Deep Residual Learning for Image Recognition, CVPR 2016](
+      https://arxiv.org/abs/1512.03385).
+    """
+    if (depth - 2) % 6 or depth < 8:
+        raise ValueError(f"A CIFAR ResNet has depth 6n + 2, got {depth}.")
+    if shortcut not in ("zero_pad", "projection"):
+        raise ValueError(
+            f"shortcut must be 'zero_pad' or 'projection', got '{shortcut}'."
+        )
+    blocks = (depth - 2) // 6
+
+    def conv(filters, kernel_size, strides, name):
+        return layers.Conv2D(
+            filters, kernel_size, strides=strides, padding="same",
+            use_bias=False, kernel_initializer="he_normal", name=name,
+        )
+
+    def bn(name):
+        return layers.BatchNormalization(
+            momentum=bn_momentum, epsilon=bn_epsilon,
+            synchronized=synchronized_bn, name=name,
+        )
+
+    inputs = keras.Input(input_shape)
+    x = conv(stackwise_filters[0], 3, 1, "conv1_conv")(inputs)
+    x = bn("conv1_bn")(x)
+    x = layers.ReLU(name="conv1_relu")(x)
+    for stage, filters in enumerate(stackwise_filters):
+        for block in range(1, blocks + 1):
+            prefix = f"v2_stack_{stage}_block{block}_"
+            strides = 2 if stage > 0 and block == 1 else 1
+            shortcut_x = x
+            if strides != 1 or x.shape[-1] != filters:
+                if shortcut == "zero_pad":
+                    shortcut_x = ZeroPadShortcut(filters, strides, name=prefix + "0_pad")(x)
+                else:
+                    shortcut_x = conv(filters, 1, strides, prefix + "0_conv")(x)
+                    shortcut_x = bn(prefix + "0_bn")(shortcut_x)
+            y = conv(filters, 3, strides, prefix + "1_conv")(x)
+            y = bn(prefix + "1_bn")(y)
+            y = layers.ReLU(name=prefix + "1_relu")(y)
+            y = conv(filters, 3, 1, prefix + "2_conv")(y)
+            y = bn(prefix + "2_bn")(y)
+            x = layers.Add(name=prefix + "add")([shortcut_x, y])
+            x = layers.ReLU(name=prefix + "out")(x)
+    return keras.Model(inputs, x, name=f"cifar_resnet{depth}")
+
+
+def build_backbone(
+    name, input_shape, bn_momentum=0.9, bn_epsilon=1e-5, synchronized_bn=False
+):
+    """Builds a ResNet backbone from its name, without pretrained weights.
+
+    BN layers get PyTorch's defaults (momentum 0.1, i.e. Keras 0.9, and
+    epsilon 1e-5), those of the reference code, unless told otherwise.
+
+    Args:
+        name: One of `nbn_keras.backbones.BACKBONES`: `"resnet18"`,
+            `"resnet34"`, `"resnet50"`, `"resnet101"`, `"resnet152"` (KerasCV
+            ImageNet ResNets, built from arguments so nothing is downloaded)
+            or `"resnet20"`, `"resnet32"`, `"resnet44"`, `"resnet56"`,
+            `"resnet110"` (CIFAR ResNets, see `cifar_resnet`).
+        input_shape: Input shape, channels last.
+        bn_momentum: Momentum of the BN moving averages.
+        bn_epsilon: BN epsilon.
+        synchronized_bn: Synchronise BN statistics across replicas.
+
+    Returns:
+        A functional `keras.Model` from images to the last feature map.
+    """
+    if name in _KERAS_CV_RESNETS:
+        blocks, block_type = _KERAS_CV_RESNETS[name]
+        backbone = keras_cv.models.ResNetBackbone(
+            stackwise_filters=[64, 128, 256, 512],
+            stackwise_blocks=blocks,
+            stackwise_strides=[1, 2, 2, 2],
+            block_type=block_type,
+            include_rescaling=False,
+            input_shape=input_shape,
+        )
+        # KerasCV exposes no BN arguments; these attributes are read at call
+        # time and serialised by `get_config`.
+        for layer in backbone.layers:
+            if isinstance(layer, layers.BatchNormalization):
+                layer.momentum = bn_momentum
+                layer.epsilon = bn_epsilon
+                layer.synchronized = synchronized_bn
+        return backbone
+    depth = name.removeprefix("resnet")
+    if depth.isdigit() and int(depth) in _CIFAR_RESNET_DEPTHS:
+        return cifar_resnet(
+            int(depth), input_shape=input_shape, bn_momentum=bn_momentum,
+            bn_epsilon=bn_epsilon, synchronized_bn=synchronized_bn,
+        )
+    raise ValueError(f"Unknown backbone '{name}'. Choose one of {BACKBONES}.")
+
+
+def build_classifier(
+    backbone,
+    num_classes,
+    input_shape,
+    mean=None,
+    std=None,
+    synchronized_bn=False,
+    name=None,
+):
+    """An image classifier: normalisation, backbone, pooling, linear head.
+
+    The model takes raw pixels in [0, 255] (input named `"images"`),
+    normalises them with `mean` and `std` inside the graph, and returns
+    float32 logits, so an exported model needs no preprocessing outside.
+
+    Args:
+        backbone: A backbone name (see `build_backbone`) or a Keras model.
+        num_classes: Number of classes.
+        input_shape: Image shape, channels last.
+        mean: Per-channel mean of the pixels scaled to [0, 1], or `None` to
+            only scale by 1/255.
+        std: Per-channel standard deviation, in the same units as `mean`.
+        synchronized_bn: Synchronise BN statistics across replicas.
+        name: Model name; defaults to the backbone's name.
+
+    Returns:
+        A functional `keras.Model` with the backbone nested as one layer.
+
+    Example:
+
+    >>> model = nbn_keras.backbones.build_classifier(
+    ...     "resnet32", num_classes=100, input_shape=(32, 32, 3),
+    ...     mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010))
+    >>> nbn_model = nbn_keras.convert_to_nbn(model)
+    """
+    if isinstance(backbone, str):
+        backbone = build_backbone(
+            backbone, input_shape, synchronized_bn=synchronized_bn
+        )
+    inputs = keras.Input(input_shape, name="images")
+    if mean is None:
+        x = layers.Rescaling(1.0 / 255, name="normalize")(inputs)
+    else:
+        std = [1.0] * len(mean) if std is None else std
+        x = layers.Normalization(
+            mean=[255.0 * m for m in mean],
+            variance=[(255.0 * s) ** 2 for s in std],
+            name="normalize",
+        )(inputs)
+    x = backbone(x)
+    x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    # Logits stay float32 under mixed precision for a stable softmax.
+    outputs = layers.Dense(num_classes, dtype="float32", name="logits")(x)
+    return keras.Model(inputs, outputs, name=name or backbone.name)

@@ -1,0 +1,365 @@
+"""The NBN layer and the scale layer that lets several NBN layers share alpha."""
+
+import keras
+from keras import ops
+
+# Added to the norm (not under the square root), as in the reference code.
+NORM_EPSILON = 1e-6
+
+
+def unit_direction(vector, norm_epsilon=NORM_EPSILON):
+    """Returns `vector / (||vector||_2 + norm_epsilon)` with a finite gradient.
+
+    The norm's gradient at the zero vector is taken as 0 (the subgradient
+    PyTorch uses), so at `vector = 0` the gradient of the result is
+    `I / norm_epsilon`, exactly as in the reference code, instead of the NaN a
+    plain `sqrt(sum(x**2))` gives there.
+    """
+    squared_norm = ops.sum(ops.square(vector))
+    is_positive = squared_norm > 0
+    safe_squared_norm = ops.where(is_positive, squared_norm, 1.0)
+    norm = ops.where(is_positive, ops.sqrt(safe_squared_norm), 0.0)
+    return vector / (norm + norm_epsilon)
+
+
+def _split_scale(scale, separate_scales):
+    if separate_scales:
+        return scale[0], scale[1]
+    return scale, scale
+
+
+@keras.saving.register_keras_serializable(package="nbn_keras")
+class NormalizedBatchNormalization(keras.layers.BatchNormalization):
+    """Batch normalization whose gamma and beta are normalised and rescaled.
+
+    Normalizing Batch Normalization (NBN) learns the direction and the
+    magnitude of BN's affine parameters separately. The layer keeps raw
+    vectors `gamma` and `beta` and a learnable scalar `alpha`, and uses
+
+    ```
+    gamma_eff = alpha * gamma / (||gamma||_2 + 1e-6)
+    beta_eff = alpha * beta / (||beta||_2 + 1e-6)
+    outputs = gamma_eff * (inputs - mean) / sqrt(var + epsilon) + beta_eff
+    ```
+
+    in place of `gamma` and `beta`. Everything else is exactly
+    `keras.layers.BatchNormalization`: batch statistics when `training=True`,
+    moving statistics otherwise, the same moving-average update, masks,
+    `synchronized=True`, and float32 computation for float16/bfloat16 inputs.
+    Under long-tailed training, plain BN lets the channels that serve frequent
+    classes grow large; normalising the vectors evens out channel strengths so
+    rare-class features are not drowned.
+
+    The scale `alpha` either belongs to the layer (the default for a layer
+    used on its own) or comes from an `NBNScale` layer through the `scale`
+    call argument, which is how one `alpha` is shared by every NBN layer of a
+    model, as in the reference code. `nbn_keras.convert_to_nbn` wires this up.
+
+    **The zero start of beta.** `beta` starts at 0, like BN's. There the
+    norm's gradient is taken as 0, as PyTorch does, so the first gradient
+    reaching `beta` is `alpha / 1e-6` times the gradient on `beta_eff`: the
+    reference behaviour, reproduced exactly. The first step moves `beta` far
+    from 0 and afterwards mostly `alpha` changes its magnitude; `beta`'s
+    direction is what it learns. Pass a non-zero `beta_initializer` to start
+    elsewhere.
+
+    **`trainable=False`** means inference mode, as for
+    `keras.layers.BatchNormalization`: moving statistics are used and not
+    updated, and gamma, beta and an own `alpha` are frozen.
+
+    Args:
+        axis: Integer, the axis that should be normalized (typically the
+            features axis).
+        momentum: Momentum for the moving average.
+        epsilon: Small float added to the variance to avoid dividing by zero.
+        center: If `True`, add the normalised offset `beta_eff`.
+        scale: If `True`, multiply by the normalised `gamma_eff`.
+        beta_initializer: Initializer for the raw beta vector.
+        gamma_initializer: Initializer for the raw gamma vector.
+        moving_mean_initializer: Initializer for the moving mean.
+        moving_variance_initializer: Initializer for the moving variance.
+        beta_regularizer: Optional regularizer for the raw beta vector.
+        gamma_regularizer: Optional regularizer for the raw gamma vector.
+        beta_constraint: Optional constraint for the raw beta vector.
+        gamma_constraint: Optional constraint for the raw gamma vector.
+        synchronized: TensorFlow backend only. If `True`, the batch
+            statistics are synchronised across replicas of a distribution
+            strategy.
+        shared_scale: If `False` (default), the layer owns its scale
+            variable(s). If `True`, it owns none and must be called with
+            `scale=`, the output of an `NBNScale` layer.
+        separate_scales: If `True`, gamma and beta get separate scalars
+            (`gamma_alpha`, `beta_alpha`); if `False`, one `alpha` scales both.
+        alpha_initializer: Initializer for the layer's own scale(s).
+        alpha_regularizer: Optional regularizer for the layer's own scale(s).
+        norm_epsilon: Float added to the L2 norms of gamma and beta.
+        **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`).
+            Batch renormalization (`renorm=True`) is supported as in
+            `keras.layers.BatchNormalization`.
+
+    Call arguments:
+        inputs: Input tensor (of any rank).
+        training: Python boolean: `True` normalises with the batch
+            statistics and updates the moving ones, `False` uses the moving
+            statistics.
+        mask: Binary tensor of shape broadcastable to `inputs`, `True` where
+            positions count for the batch statistics.
+        scale: With `shared_scale=True`, the output of an `NBNScale` layer
+            (shape `()`, or `(2,)` for separate gamma and beta scales).
+
+    Example:
+
+    >>> layer = nbn_keras.NormalizedBatchNormalization()
+    >>> x = np.random.normal(size=(8, 4, 4, 16)).astype("float32")
+    >>> layer(x, training=True).shape
+    TensorShape([8, 4, 4, 16])
+
+    Sharing one scale between two layers:
+
+    >>> inputs = keras.Input((4, 4, 16))
+    >>> alpha = nbn_keras.NBNScale()(inputs)
+    >>> x = nbn_keras.NormalizedBatchNormalization(shared_scale=True)(
+    ...     inputs, scale=alpha)
+    >>> x = nbn_keras.NormalizedBatchNormalization(shared_scale=True)(
+    ...     x, scale=alpha)
+
+    Reference:
+    - [Bao et al., Normalizing Batch Normalization for Long-Tailed
+      Recognition, IEEE TIP 2025](https://arxiv.org/abs/2501.03122).
+    - [Ioffe and Szegedy, 2015](https://arxiv.org/abs/1502.03167).
+    """
+
+    def __init__(
+        self,
+        axis=-1,
+        momentum=0.99,
+        epsilon=1e-3,
+        center=True,
+        scale=True,
+        shared_scale=False,
+        separate_scales=False,
+        alpha_initializer="ones",
+        alpha_regularizer=None,
+        norm_epsilon=NORM_EPSILON,
+        **kwargs,
+    ):
+        super().__init__(
+            axis=axis, momentum=momentum, epsilon=epsilon, center=center,
+            scale=scale, **kwargs
+        )
+        self.shared_scale = bool(shared_scale)
+        self.separate_scales = bool(separate_scales)
+        self.alpha_initializer = keras.initializers.get(alpha_initializer)
+        self.alpha_regularizer = keras.regularizers.get(alpha_regularizer)
+        self.norm_epsilon = float(norm_epsilon)
+        # Keras would cast every float argument, `scale` included, to the
+        # compute dtype (float16 under mixed precision); `call` casts
+        # `inputs` alone so the shared scale keeps float32 precision.
+        self._convert_input_args = False
+        self.alpha = None
+        self.gamma_alpha = None
+        self.beta_alpha = None
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        if self.shared_scale:
+            return
+        if self.separate_scales:
+            self.gamma_alpha = self._add_scale("gamma_alpha")
+            self.beta_alpha = self._add_scale("beta_alpha")
+        else:
+            self.alpha = self._add_scale("alpha")
+
+    def _add_scale(self, name):
+        return self.add_weight(
+            shape=(),
+            name=name,
+            initializer=self.alpha_initializer,
+            regularizer=self.alpha_regularizer,
+            trainable=True,
+            autocast=False,
+        )
+
+    def effective_parameters(self, scale=None, dtype="float32"):
+        """Returns `(gamma_eff, beta_eff)`, `None` for a disabled one.
+
+        Args:
+            scale: The shared scale tensor when `shared_scale=True`.
+            dtype: The dtype to compute in.
+        """
+        if self.shared_scale:
+            if scale is None:
+                raise ValueError(
+                    f"Layer '{self.name}' has shared_scale=True and must be "
+                    "called with `scale=`, the output of an NBNScale layer."
+                )
+            gamma_alpha, beta_alpha = _split_scale(
+                ops.cast(scale, dtype), self.separate_scales
+            )
+        elif self.separate_scales:
+            gamma_alpha = ops.cast(self.gamma_alpha, dtype)
+            beta_alpha = ops.cast(self.beta_alpha, dtype)
+        else:
+            gamma_alpha = beta_alpha = ops.cast(self.alpha, dtype)
+        gamma_eff = beta_eff = None
+        if self.scale:
+            gamma_eff = gamma_alpha * unit_direction(
+                ops.cast(self.gamma, dtype), self.norm_epsilon
+            )
+        if self.center:
+            beta_eff = beta_alpha * unit_direction(
+                ops.cast(self.beta, dtype), self.norm_epsilon
+            )
+        return gamma_eff, beta_eff
+
+    def call(self, inputs, training=None, mask=None, scale=None):
+        if mask is not None and len(mask.shape) != len(inputs.shape) - 1:
+            raise ValueError(
+                "The mask provided should be one dimension less than the "
+                f"inputs. Received: mask.shape={mask.shape}, "
+                f"inputs.shape={inputs.shape}"
+            )
+        inputs = ops.convert_to_tensor(inputs)
+        if self.autocast and keras.backend.is_float_dtype(inputs.dtype):
+            inputs = ops.cast(inputs, self.input_dtype)
+        # BN overflows in half precision: compute in float32, like Keras BN.
+        compute_dtype = keras.backend.result_type(inputs.dtype, "float32")
+        inputs = ops.cast(inputs, compute_dtype)
+        gamma, beta = self.effective_parameters(scale, compute_dtype)
+        moving_mean = ops.cast(self.moving_mean, compute_dtype)
+        moving_variance = ops.cast(self.moving_variance, compute_dtype)
+
+        if training and self.trainable:
+            mean, variance = self._moments(inputs, mask)
+            if self.renorm:
+                r, d, mean, variance = self._renorm_correction_and_moments(
+                    mean, variance
+                )
+                gamma, beta = self._compose_transforms(
+                    r, d, gamma, beta, compute_dtype
+                )
+                self._update_renorm_statistics(mean, variance)
+            else:
+                self.moving_mean.assign(
+                    moving_mean * self.momentum + mean * (1.0 - self.momentum)
+                )
+                self.moving_variance.assign(
+                    moving_variance * self.momentum
+                    + variance * (1.0 - self.momentum)
+                )
+        else:
+            mean, variance = moving_mean, moving_variance
+
+        outputs = ops.batch_normalization(
+            x=inputs,
+            mean=mean,
+            variance=variance,
+            axis=self.axis,
+            offset=beta,
+            scale=gamma,
+            epsilon=self.epsilon,
+        )
+        return ops.cast(outputs, self.compute_dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "shared_scale": self.shared_scale,
+                "separate_scales": self.separate_scales,
+                "alpha_initializer": keras.initializers.serialize(
+                    self.alpha_initializer
+                ),
+                "alpha_regularizer": keras.regularizers.serialize(
+                    self.alpha_regularizer
+                ),
+                "norm_epsilon": self.norm_epsilon,
+            }
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="nbn_keras")
+class NBNScale(keras.layers.Layer):
+    """Holds the scale `alpha` shared by several NBN layers of a model.
+
+    The layer ignores the values of its input (any tensor of the graph, used
+    only to place the layer in it) and returns its scale variable(s): a
+    scalar `alpha`, or with `separate_scales=True` the vector
+    `[gamma_alpha, beta_alpha]`. Feed the output to every
+    `NormalizedBatchNormalization(shared_scale=True)` as `scale=`. Because
+    the sharing is an edge of the model graph, it survives
+    `keras.models.clone_model`, saving and loading.
+
+    Args:
+        separate_scales: If `True`, hold two scalars, for gamma and beta.
+        alpha_initializer: Initializer for the scale(s); the reference starts
+            at 1.0.
+        alpha_regularizer: Optional regularizer for the scale(s).
+        **kwargs: Base layer keyword arguments (e.g. `name`).
+
+    Call arguments:
+        inputs: Any tensor; only its graph position matters.
+
+    Example:
+
+    >>> inputs = keras.Input((8, 8, 4))
+    >>> alpha = nbn_keras.NBNScale(name="nbn_scale")(inputs)
+    >>> outputs = nbn_keras.NormalizedBatchNormalization(shared_scale=True)(
+    ...     inputs, scale=alpha)
+    """
+
+    def __init__(
+        self,
+        separate_scales=False,
+        alpha_initializer="ones",
+        alpha_regularizer=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.separate_scales = bool(separate_scales)
+        self.alpha_initializer = keras.initializers.get(alpha_initializer)
+        self.alpha_regularizer = keras.regularizers.get(alpha_regularizer)
+        # Inputs are ignored: keep them as they come.
+        self._convert_input_args = False
+        names = ("gamma_alpha", "beta_alpha") if self.separate_scales else ("alpha",)
+        self.scales = [
+            self.add_weight(
+                shape=(),
+                name=name,
+                initializer=self.alpha_initializer,
+                regularizer=self.alpha_regularizer,
+                trainable=True,
+                autocast=False,
+            )
+            for name in names
+        ]
+        self.built = True
+
+    def call(self, inputs):
+        return self.value()
+
+    def value(self):
+        """Returns the scale: a scalar, or `[gamma_alpha, beta_alpha]`."""
+        if self.separate_scales:
+            return ops.stack([ops.convert_to_tensor(s) for s in self.scales])
+        return ops.convert_to_tensor(self.scales[0])
+
+    def compute_output_spec(self, inputs):
+        shape = (2,) if self.separate_scales else ()
+        return keras.KerasTensor(shape, dtype=self.variable_dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "separate_scales": self.separate_scales,
+                "alpha_initializer": keras.initializers.serialize(
+                    self.alpha_initializer
+                ),
+                "alpha_regularizer": keras.regularizers.serialize(
+                    self.alpha_regularizer
+                ),
+            }
+        )
+        return config
