@@ -26,5 +26,4 @@ def custom_objects():
     return {
         "nbn_keras>NormalizedBatchNormalization": NormalizedBatchNormalization,
         "nbn_keras>NBNScale": NBNScale,
-        "nbn_keras>ZeroPadShortcut": backbones.ZeroPadShortcut,
     }

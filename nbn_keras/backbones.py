@@ -8,7 +8,6 @@ All backbones name their BN layers `v2_stack_{stage}_block{block}_{i}_bn`
 import keras
 import keras_cv
 from keras import layers
-from keras import ops
 
 _KERAS_CV_RESNETS = {
     # name: (blocks per stage, block type)
@@ -24,42 +23,27 @@ BACKBONES = tuple(_KERAS_CV_RESNETS) + tuple(
 )
 
 
-@keras.saving.register_keras_serializable(package="nbn_keras")
-class ZeroPadShortcut(layers.Layer):
+def zero_pad_shortcut(x, filters, strides, name):
     """The parameter-free shortcut of CIFAR ResNets ("option A").
 
-    Subsamples the input spatially by `strides` and zero-pads its channels,
-    half on each side, up to `filters`.
-
-    Args:
-        filters: Number of output channels.
-        strides: Spatial subsampling factor.
-        **kwargs: Base layer keyword arguments.
-
-    Call arguments:
-        inputs: A 4D channels-last tensor.
+    Subsamples `x` spatially by `strides` and zero-pads its channels, half on
+    each side, up to `filters`. Built from stock layers only (a 1x1 pooling
+    picks every `strides`-th pixel; a 3D zero-padding over (H, W, C) pads
+    the channels), so folded and exported models need no custom layer.
     """
-
-    def __init__(self, filters, strides=2, **kwargs):
-        super().__init__(**kwargs)
-        self.filters = int(filters)
-        self.strides = int(strides)
-
-    def call(self, inputs):
-        outputs = inputs[:, :: self.strides, :: self.strides, :]
-        missing = self.filters - inputs.shape[-1]
-        before = missing // 2
-        return ops.pad(outputs, [[0, 0], [0, 0], [0, 0], [before, missing - before]])
-
-    def compute_output_shape(self, input_shape):
-        batch, height, width, _ = input_shape
-        shrink = lambda size: None if size is None else -(-size // self.strides)
-        return (batch, shrink(height), shrink(width), self.filters)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(filters=self.filters, strides=self.strides)
-        return config
+    x = layers.MaxPooling2D(1, strides=strides, name=name + "_subsample")(x)
+    height, width, channels = x.shape[1:]
+    if height is None or width is None:
+        raise ValueError(
+            "Zero-padding shortcuts need a static input size; got "
+            f"{x.shape}. Use shortcut='projection'."
+        )
+    before = (filters - channels) // 2
+    x = layers.Reshape((height, width, channels, 1), name=name + "_expand")(x)
+    x = layers.ZeroPadding3D(
+        ((0, 0), (0, 0), (before, filters - channels - before)), name=name
+    )(x)
+    return layers.Reshape((height, width, filters), name=name + "_squeeze")(x)
 
 
 def cifar_resnet(
@@ -126,7 +110,7 @@ def cifar_resnet(
             shortcut_x = x
             if strides != 1 or x.shape[-1] != filters:
                 if shortcut == "zero_pad":
-                    shortcut_x = ZeroPadShortcut(filters, strides, name=prefix + "0_pad")(x)
+                    shortcut_x = zero_pad_shortcut(x, filters, strides, prefix + "0_pad")
                 else:
                     shortcut_x = conv(filters, 1, strides, prefix + "0_conv")(x)
                     shortcut_x = bn(prefix + "0_bn")(shortcut_x)

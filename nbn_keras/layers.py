@@ -143,6 +143,10 @@ class NormalizedBatchNormalization(keras.layers.BatchNormalization):
         norm_epsilon=NORM_EPSILON,
         **kwargs,
     ):
+        # Keras would cast every float argument, `scale` included, to the
+        # compute dtype (float16 under mixed precision). `call` casts
+        # `inputs` alone, so the shared scale keeps float32 precision.
+        kwargs["autocast"] = False
         super().__init__(
             axis=axis, momentum=momentum, epsilon=epsilon, center=center,
             scale=scale, **kwargs
@@ -152,10 +156,6 @@ class NormalizedBatchNormalization(keras.layers.BatchNormalization):
         self.alpha_initializer = keras.initializers.get(alpha_initializer)
         self.alpha_regularizer = keras.regularizers.get(alpha_regularizer)
         self.norm_epsilon = float(norm_epsilon)
-        # Keras would cast every float argument, `scale` included, to the
-        # compute dtype (float16 under mixed precision); `call` casts
-        # `inputs` alone so the shared scale keeps float32 precision.
-        self._convert_input_args = False
         self.alpha = None
         self.gamma_alpha = None
         self.beta_alpha = None
@@ -219,8 +219,7 @@ class NormalizedBatchNormalization(keras.layers.BatchNormalization):
                 f"inputs. Received: mask.shape={mask.shape}, "
                 f"inputs.shape={inputs.shape}"
             )
-        inputs = ops.convert_to_tensor(inputs)
-        if self.autocast and keras.backend.is_float_dtype(inputs.dtype):
+        if keras.backend.is_float_dtype(inputs.dtype):
             inputs = ops.cast(inputs, self.input_dtype)
         # BN overflows in half precision: compute in float32, like Keras BN.
         compute_dtype = keras.backend.result_type(inputs.dtype, "float32")
@@ -320,8 +319,6 @@ class NBNScale(keras.layers.Layer):
         self.separate_scales = bool(separate_scales)
         self.alpha_initializer = keras.initializers.get(alpha_initializer)
         self.alpha_regularizer = keras.regularizers.get(alpha_regularizer)
-        # Inputs are ignored: keep them as they come.
-        self._convert_input_args = False
         names = ("gamma_alpha", "beta_alpha") if self.separate_scales else ("alpha",)
         self.scales = [
             self.add_weight(
@@ -342,8 +339,8 @@ class NBNScale(keras.layers.Layer):
     def value(self):
         """Returns the scale: a scalar, or `[gamma_alpha, beta_alpha]`."""
         if self.separate_scales:
-            return ops.stack([ops.convert_to_tensor(s) for s in self.scales])
-        return ops.convert_to_tensor(self.scales[0])
+            return ops.stack([s.value for s in self.scales])
+        return self.scales[0].value
 
     def compute_output_spec(self, inputs):
         shape = (2,) if self.separate_scales else ()

@@ -1,0 +1,133 @@
+"""Batched, augmented, prefetched tf.data pipelines for training and evaluation.
+
+Both functions return plain datasets batched with the GLOBAL batch size, to
+be passed to `model.fit` / `model.evaluate` (which split each batch across
+replicas under a `tf.distribute` strategy) or to
+`strategy.experimental_distribute_dataset`. Elements are
+`(images, labels)`: float32 `(batch, H, W, C)` in [0, 255] and int32
+`(batch,)`.
+
+Epoch length: every sampler gives an epoch of
+`steps_per_epoch(data, global_batch_size) = floor(N / global_batch_size)`
+steps, N the number of training images, so that runs with different
+samplers do the same amount of work. Training batches are complete
+(`drop_remainder=True`) and have fully static shapes; the images left over at
+the end of one pass of the instance sampler start the next.
+"""
+
+import tensorflow as tf
+
+from nbn_keras.data import samplers as samplers_lib
+from nbn_keras.data import transforms
+
+
+def _check_batch(global_batch_size):
+    if int(global_batch_size) != global_batch_size or global_batch_size < 1:
+        raise ValueError(
+            f"`global_batch_size` must be a positive integer. Received: {global_batch_size!r}"
+        )
+    return int(global_batch_size)
+
+
+def _with_options(ds):
+    options = tf.data.Options()
+    # Index streams are seeded, so every worker builds the same stream and
+    # keeps its share of the batches.
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA
+    )
+    return ds.with_options(options)
+
+
+def steps_per_epoch(data, global_batch_size):
+    """Training steps in one epoch: `floor(N / global_batch_size)`.
+
+    Args:
+        data: A `LongTailedData`.
+        global_batch_size: Batch size summed over all replicas.
+
+    Returns:
+        A positive int.
+    """
+    global_batch_size = _check_batch(global_batch_size)
+    num_train = len(data.train_split)
+    if num_train < global_batch_size:
+        raise ValueError(
+            f"`global_batch_size`={global_batch_size} exceeds the {num_train} "
+            "training images: an epoch would have no complete batch."
+        )
+    return num_train // global_batch_size
+
+
+def make_train_dataset(data, global_batch_size, sampler="instance", epochs=None,
+                       seed=0, augment=True):
+    """The training pipeline: sample, decode, augment, batch, prefetch.
+
+    Args:
+        data: A `LongTailedData`.
+        global_batch_size: Batch size summed over all replicas.
+        sampler: One of `samplers.SAMPLERS`: `"instance"`,
+            `"class_balanced"`, `"sqrt"` or `"progressive"`.
+        epochs: If given, the dataset holds exactly
+            `epochs * steps_per_epoch(data, global_batch_size)` batches;
+            otherwise it repeats forever. Required by `"progressive"`, whose
+            class weights change every `steps_per_epoch` batches.
+        seed: Seed of sampling and augmentation; the same seed gives the same
+            batches.
+        augment: Apply the data set's training augmentation; `False` applies
+            the evaluation transform instead.
+
+    Returns:
+        A `tf.data.Dataset` of `(float32 images, int32 labels)` batches with
+        static shapes `(global_batch_size, *data.image_shape)` and
+        `(global_batch_size,)`. Call `model.fit(ds, epochs=epochs,
+        steps_per_epoch=steps_per_epoch(data, global_batch_size))`.
+
+    Example:
+
+    >>> data = nbn_keras.data.load("synthetic_lt")
+    >>> ds = make_train_dataset(data, 32, sampler="sqrt", epochs=2)
+    >>> images, labels = next(iter(ds))
+    >>> images.shape, labels.dtype
+    (TensorShape([32, 32, 32, 3]), tf.int32)
+    """
+    global_batch_size = _check_batch(global_batch_size)
+    samplers_lib.check_sampler(sampler)
+    steps = steps_per_epoch(data, global_batch_size)
+    split = data.train_split
+    indices = samplers_lib.index_stream(
+        split.labels, sampler, examples_per_epoch=steps * global_batch_size,
+        epochs=epochs, seed=seed,
+    )
+    records = tf.constant(split.records)
+    labels = tf.constant(split.labels)
+    if augment:
+        transform = transforms.train_transform(data.recipe, data.image_shape)
+    else:
+        decode = transforms.eval_transform(data.recipe, data.image_shape)
+        transform = lambda record, example_seed: decode(record)
+
+    def load_example(position, index):
+        example_seed = tf.stack([tf.constant(seed, tf.int64), position])
+        return transform(records[index], example_seed), labels[index]
+
+    ds = indices.enumerate().map(load_example, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(global_batch_size, drop_remainder=True)
+    return _with_options(ds.prefetch(tf.data.AUTOTUNE))
+
+
+def make_eval_dataset(data, split="val", batch_size=256):
+    """An evaluation pipeline over one split, in order, without augmentation.
+
+    Args:
+        data: A `LongTailedData`.
+        split: `"val"` (model selection), `"test"` (final report) or
+            `"train"`.
+        batch_size: Global batch size. The last batch may be smaller.
+
+    Returns:
+        A `tf.data.Dataset` of `(float32 images, int32 labels)` batches.
+    """
+    batch_size = _check_batch(batch_size)
+    ds = data.split_dataset(split).batch(batch_size)
+    return _with_options(ds.prefetch(tf.data.AUTOTUNE))

@@ -1,0 +1,214 @@
+"""Per-example image transforms, run inside tf.data.
+
+Every transform returns float32 pixels in [0, 255] with a static shape; the
+model does the mean/std normalisation in its own graph. Training transforms
+are stateless: they take a `[2]` integer seed, so a pipeline with a fixed
+seed yields the same augmented images on every run and on every worker.
+
+Recipes:
+
+- `"cifar"`: zero-pad 4 pixels, random crop back to size, horizontal flip.
+- `"crop"`: the same without the flip (digits: a flipped digit is a
+  different symbol).
+- `"none"`: no augmentation.
+- `"imagenet"`: from encoded image files. Training: random-resized crop
+  (scale 0.08-1, aspect ratio 3/4-4/3, ten attempts, whole image as
+  fallback), horizontal flip, colour jitter (brightness, contrast,
+  saturation 0.4, hue 0). Evaluation: resize the short side to
+  `size * 256 / 224` and take the central `size` x `size` crop, done as one
+  crop of the original followed by one resize.
+- `"inaturalist"`: `"imagenet"` without the colour jitter.
+
+Colour jitter follows torchvision's definitions (multiply for brightness,
+blend with the grey mean for contrast, blend with the grey image for
+saturation), applied in that fixed order.
+
+Files are checked for a JPEG, PNG, GIF or BMP signature before decoding, so
+a file that is not an image fails with an error that names it. A file with a
+valid signature but corrupt content fails inside the decoder, whose message
+does not name the file; `nbn_keras.data.list_files.find_undecodable` finds
+such files.
+"""
+
+import tensorflow as tf
+
+ARRAY_RECIPES = ("cifar", "crop", "none")
+FILE_RECIPES = ("imagenet", "inaturalist")
+RECIPES = ARRAY_RECIPES + FILE_RECIPES
+
+CIFAR_PAD = 4
+EVAL_RESIZE_RATIO = 256 / 224
+JITTER_STRENGTH = 0.4
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM")
+
+
+def _split_seed(seed, num):
+    return tf.unstack(tf.random.experimental.stateless_split(seed, num))
+
+
+def is_file_recipe(recipe):
+    return recipe in FILE_RECIPES
+
+
+def pad_and_crop(image, seed, pad=CIFAR_PAD):
+    """Zero-pads `pad` pixels on each side and crops back at random."""
+    padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
+    return tf.image.stateless_random_crop(padded, tf.shape(image), seed)
+
+
+def read_image_file(path):
+    """Reads an encoded image, failing with the path if it is not an image.
+
+    Args:
+        path: Scalar string tensor.
+
+    Returns:
+        `(data, is_jpeg)`: the file bytes and whether they are a JPEG.
+    """
+    data = tf.io.read_file(path)
+    matches = [tf.equal(tf.strings.substr(data, 0, len(s)), s) for s in _SIGNATURES]
+    check = tf.debugging.Assert(
+        tf.reduce_any(tf.stack(matches)),
+        ["Cannot decode image file (not a JPEG, PNG, GIF or BMP):", path],
+    )
+    with tf.control_dependencies([check]):
+        data = tf.identity(data)
+    return data, matches[0]
+
+
+def _decode_full(data):
+    return tf.io.decode_image(data, channels=3, expand_animations=False)
+
+
+def encoded_shape(data, is_jpeg):
+    """`[height, width, channels]` of an encoded image (JPEG: header only)."""
+    return tf.cond(
+        is_jpeg,
+        lambda: tf.io.extract_jpeg_shape(data),
+        lambda: tf.shape(_decode_full(data)),
+    )
+
+
+def decode_crop(data, is_jpeg, window):
+    """Decodes the `[y, x, height, width]` window of an encoded image."""
+    return tf.cond(
+        is_jpeg,
+        lambda: tf.io.decode_and_crop_jpeg(data, window, channels=3),
+        lambda: tf.image.crop_to_bounding_box(
+            _decode_full(data), window[0], window[1], window[2], window[3]
+        ),
+    )
+
+
+def random_resized_crop(data, is_jpeg, seed, size,
+                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """Random-resized crop of an encoded image to `size` x `size` float32."""
+    shape = encoded_shape(data, is_jpeg)
+    begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape,
+        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=seed,
+        min_object_covered=0.0,
+        aspect_ratio_range=ratio,
+        area_range=scale,
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
+    window = tf.stack([begin[0], begin[1], extent[0], extent[1]])
+    image = decode_crop(data, is_jpeg, window)
+    return tf.image.resize(image, [size, size], method="bilinear")
+
+
+def center_crop_resize(data, is_jpeg, size, resize_ratio=EVAL_RESIZE_RATIO):
+    """Equivalent of "resize short side to size*ratio, centre-crop size"."""
+    shape = encoded_shape(data, is_jpeg)
+    height, width = shape[0], shape[1]
+    short = tf.cast(tf.minimum(height, width), tf.float32)
+    crop = tf.maximum(tf.cast(tf.round(short / resize_ratio), tf.int32), 1)
+    window = tf.stack([(height - crop) // 2, (width - crop) // 2, crop, crop])
+    image = decode_crop(data, is_jpeg, window)
+    return tf.image.resize(image, [size, size], method="bilinear")
+
+
+def color_jitter(image, seed, brightness=JITTER_STRENGTH,
+                 contrast=JITTER_STRENGTH, saturation=JITTER_STRENGTH):
+    """torchvision-style colour jitter of float pixels in [0, 255]."""
+    low = tf.constant([1 - brightness, 1 - contrast, 1 - saturation])
+    high = tf.constant([1 + brightness, 1 + contrast, 1 + saturation])
+    factor = low + (high - low) * tf.random.stateless_uniform([3], seed)
+    image = tf.clip_by_value(image * factor[0], 0.0, 255.0)
+    grey_mean = tf.reduce_mean(tf.image.rgb_to_grayscale(image))
+    image = tf.clip_by_value(grey_mean + factor[1] * (image - grey_mean), 0.0, 255.0)
+    grey = tf.image.rgb_to_grayscale(image)
+    return tf.clip_by_value(grey + factor[2] * (image - grey), 0.0, 255.0)
+
+
+def _check_recipe(recipe):
+    if recipe not in RECIPES:
+        raise ValueError(f"`recipe` must be one of {RECIPES}. Received: {recipe!r}")
+
+
+def train_transform(recipe, image_shape):
+    """The training transform of a recipe.
+
+    Args:
+        recipe: A name in `RECIPES`.
+        image_shape: Output `(height, width, channels)`.
+
+    Returns:
+        A function `(record, seed) -> float32 image` where `record` is a
+        uint8 image (array recipes) or a file path (file recipes) and
+        `seed` a `[2]` integer tensor.
+
+    Example:
+
+    >>> augment = train_transform("cifar", (32, 32, 3))
+    >>> augment(tf.zeros([32, 32, 3], tf.uint8), tf.constant([0, 1])).shape
+    TensorShape([32, 32, 3])
+    """
+    _check_recipe(recipe)
+    image_shape = tuple(image_shape)
+
+    def array_fn(record, seed):
+        crop_seed, flip_seed = _split_seed(seed, 2)
+        image = record
+        if recipe in ("cifar", "crop"):
+            image = pad_and_crop(image, crop_seed)
+        if recipe == "cifar":
+            image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+        return tf.ensure_shape(tf.cast(image, tf.float32), image_shape)
+
+    def file_fn(record, seed):
+        crop_seed, flip_seed, jitter_seed = _split_seed(seed, 3)
+        data, is_jpeg = read_image_file(record)
+        image = random_resized_crop(data, is_jpeg, crop_seed, image_shape[0])
+        image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+        if recipe == "imagenet":
+            image = color_jitter(image, jitter_seed)
+        return tf.ensure_shape(image, image_shape)
+
+    return file_fn if is_file_recipe(recipe) else array_fn
+
+
+def eval_transform(recipe, image_shape):
+    """The evaluation transform of a recipe: `record -> float32 image`.
+
+    Args:
+        recipe: A name in `RECIPES`.
+        image_shape: Output `(height, width, channels)`.
+
+    Returns:
+        A function of one record (uint8 image or file path).
+    """
+    _check_recipe(recipe)
+    image_shape = tuple(image_shape)
+    if is_file_recipe(recipe):
+
+        def file_fn(record):
+            data, is_jpeg = read_image_file(record)
+            image = center_crop_resize(data, is_jpeg, image_shape[0])
+            return tf.ensure_shape(image, image_shape)
+
+        return file_fn
+    return lambda record: tf.ensure_shape(tf.cast(record, tf.float32), image_shape)
+

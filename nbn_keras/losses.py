@@ -1,0 +1,337 @@
+"""Losses for long-tailed classification: all take integer labels and logits.
+
+`build_loss(name, class_counts, **options)` builds any of them by name. The
+prior-based losses change training only: at inference the model's plain
+logits are used (argmax of the raw logits).
+"""
+
+import keras
+import numpy as np
+from keras import ops
+
+LOSS_NAMES = ("cross_entropy", "balanced_softmax", "logit_adjusted", "ldam_drw")
+
+
+def _as_counts(class_counts):
+    counts = np.asarray(class_counts, dtype=np.float64)
+    if counts.ndim != 1 or counts.size < 2:
+        raise ValueError(
+            "`class_counts` must be a list of per-class training counts with "
+            f"at least 2 classes, got {class_counts!r}."
+        )
+    if np.any(counts <= 0):
+        raise ValueError(
+            "Every class needs at least one training example; `class_counts` "
+            f"has non-positive entries at indices {np.flatnonzero(counts <= 0).tolist()}."
+        )
+    return counts
+
+
+def _sparse_labels(y_true):
+    return ops.cast(ops.reshape(y_true, (-1,)), "int32")
+
+
+def cross_entropy(**kwargs):
+    """Plain softmax cross-entropy on logits with integer labels.
+
+    This is `keras.losses.SparseCategoricalCrossentropy(from_logits=True)`.
+
+    Args:
+        **kwargs: Passed on to `SparseCategoricalCrossentropy` (`name`,
+            `reduction`, `ignore_class`, ...).
+
+    Returns:
+        A `keras.losses.SparseCategoricalCrossentropy` instance.
+    """
+    kwargs.setdefault("name", "cross_entropy")
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True, **kwargs)
+
+
+@keras.saving.register_keras_serializable(package="nbn_keras")
+class LogitAdjustedCrossEntropy(keras.losses.Loss):
+    """Cross-entropy on logits shifted by the scaled log class prior.
+
+    The loss is the softmax cross-entropy of `logits + tau * log(prior)`,
+    where `prior[j] = n_j / sum(n)` is the training class frequency. Frequent
+    classes get a head start during training, which pushes the model to
+    learn larger margins for rare ones. Predict with the raw logits.
+
+    Args:
+        class_counts: Number of training examples of each class.
+        tau: Scale of the log prior. Defaults to `1.0`.
+        name: Name of the loss.
+        reduction: Keras loss reduction. Defaults to `"sum_over_batch_size"`.
+        dtype: Dtype of the loss computation. Defaults to float32.
+
+    Example:
+
+    >>> loss = LogitAdjustedCrossEntropy(class_counts=[500, 50, 5])
+    >>> loss([0, 2], [[2.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+
+    Reference:
+        - [Menon et al., 2021](https://arxiv.org/abs/2007.07314),
+          "Long-tail learning via logit adjustment".
+    """
+
+    def __init__(
+        self,
+        class_counts,
+        tau=1.0,
+        name="logit_adjusted",
+        reduction="sum_over_batch_size",
+        dtype=None,
+    ):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        counts = _as_counts(class_counts)
+        self.class_counts = [int(n) for n in counts]
+        self.tau = float(tau)
+        self._log_prior = np.log(counts / counts.sum())
+
+    def call(self, y_true, y_pred):
+        shift = ops.convert_to_tensor(self.tau * self._log_prior, y_pred.dtype)
+        return keras.losses.sparse_categorical_crossentropy(
+            _sparse_labels(y_true), y_pred + shift, from_logits=True
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(class_counts=self.class_counts, tau=self.tau)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="nbn_keras")
+class BalancedSoftmaxCrossEntropy(LogitAdjustedCrossEntropy):
+    """Balanced softmax: cross-entropy on `logits + log(prior)`.
+
+    The same loss as `LogitAdjustedCrossEntropy` with `tau = 1`, derived as
+    the softmax that compensates the label shift between a long-tailed
+    training set and a balanced test set. Predict with the raw logits.
+
+    Args:
+        class_counts: Number of training examples of each class.
+        name: Name of the loss.
+        reduction: Keras loss reduction. Defaults to `"sum_over_batch_size"`.
+        dtype: Dtype of the loss computation. Defaults to float32.
+
+    Reference:
+        - [Ren et al., 2020](https://arxiv.org/abs/2007.10740),
+          "Balanced Meta-Softmax for Long-Tailed Visual Recognition".
+    """
+
+    def __init__(
+        self,
+        class_counts,
+        name="balanced_softmax",
+        reduction="sum_over_batch_size",
+        dtype=None,
+    ):
+        super().__init__(
+            class_counts, tau=1.0, name=name, reduction=reduction, dtype=dtype
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        del config["tau"]
+        return config
+
+
+def ldam_margins(class_counts, max_m=0.5):
+    """Per-class LDAM margins `m_j ~ n_j^(-1/4)`, the largest equal to `max_m`."""
+    margins = _as_counts(class_counts) ** -0.25
+    return margins * (max_m / margins.max())
+
+
+def drw_class_weights(class_counts, beta=0.9999):
+    """Class-balanced weights `(1 - beta) / (1 - beta^n_j)`, summing to C."""
+    counts = _as_counts(class_counts)
+    weights = (1.0 - beta) / (1.0 - np.power(beta, counts))
+    return weights * (counts.size / weights.sum())
+
+
+@keras.saving.register_keras_serializable(package="nbn_keras")
+class LDAMLoss(keras.losses.Loss):
+    """Label-distribution-aware margin loss with deferred re-weighting (DRW).
+
+    The true-class logit is lowered by a class margin
+    `m_j = max_m * (n_min / n_j)^(1/4)` (so rare classes get the largest
+    margin, `max_m`), all logits are multiplied by `s` (see `scale_logits`),
+    and softmax cross-entropy is taken. From `drw_start_epoch` on, each example is
+    weighted by the class-balanced weight of its class,
+    `(1 - beta) / (1 - beta^n_j)` normalised to sum to the number of classes,
+    and the batch loss is the weighted mean `sum(w_i l_i) / sum(w_i)` (the
+    behaviour of PyTorch's `cross_entropy(weight=...)`), so re-weighting
+    changes the balance between classes, not the overall loss scale.
+
+    The switch is a non-trainable variable read inside the loss, so it works
+    inside a compiled `fit` and under `tf.distribute`. Set it with
+    `set_epoch(epoch)`, which the `DeferredReweighting` callback calls at the
+    start of every epoch (epochs count from 0: with `drw_start_epoch=160` the
+    161st epoch is the first re-weighted one). Predict with the raw logits.
+
+    Args:
+        class_counts: Number of training examples of each class.
+        max_m: Largest margin (the rarest class's). Defaults to `0.5`.
+        s: Logit scale. Defaults to `30.0`.
+        drw_start_epoch: First (0-based) epoch with re-weighting, or `None`
+            for plain LDAM. Defaults to `None`.
+        beta: The class-balanced weighting's beta. Defaults to `0.9999`.
+        scale_logits: If `True` (the paper's form), the loss is the
+            cross-entropy of `s * (logits - m_y)`. If `False`, the logits are
+            taken as already scaled (a normalised classifier with its own
+            scale, as in the RIDE and NBN code bases) and the loss is the
+            cross-entropy of `logits - s * m_y`. Defaults to `True`.
+        name: Name of the loss.
+        reduction: Keras loss reduction. Defaults to `"sum_over_batch_size"`.
+        dtype: Dtype of the loss computation. Defaults to float32.
+
+    Example:
+
+    >>> loss = LDAMLoss(class_counts, drw_start_epoch=160)
+    >>> model.compile(optimizer, loss=loss)
+    >>> model.fit(data, epochs=200, callbacks=[DeferredReweighting()])
+
+    Reference:
+        - [Cao et al., 2019](https://arxiv.org/abs/1906.07413), "Learning
+          Imbalanced Datasets with Label-Distribution-Aware Margin Loss".
+    """
+
+    def __init__(
+        self,
+        class_counts,
+        max_m=0.5,
+        s=30.0,
+        drw_start_epoch=None,
+        beta=0.9999,
+        scale_logits=True,
+        name="ldam_drw",
+        reduction="sum_over_batch_size",
+        dtype=None,
+    ):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.class_counts = [int(n) for n in _as_counts(class_counts)]
+        self.max_m = float(max_m)
+        self.s = float(s)
+        self.drw_start_epoch = None if drw_start_epoch is None else int(drw_start_epoch)
+        self.beta = float(beta)
+        self.scale_logits = bool(scale_logits)
+        self._margins = ldam_margins(self.class_counts, self.max_m)
+        self._class_weights = drw_class_weights(self.class_counts, self.beta)
+        self.drw_active = keras.Variable(
+            0.0, dtype="float32", trainable=False, name="drw_active"
+        )
+
+    def set_epoch(self, epoch):
+        """Switches re-weighting on or off for the (0-based) `epoch`."""
+        active = self.drw_start_epoch is not None and epoch >= self.drw_start_epoch
+        self.drw_active.assign(1.0 if active else 0.0)
+
+    def call(self, y_true, y_pred):
+        labels = _sparse_labels(y_true)
+        num_classes = len(self.class_counts)
+        one_hot = ops.one_hot(labels, num_classes, dtype=y_pred.dtype)
+        margins = ops.convert_to_tensor(self._margins, y_pred.dtype)
+        if self.scale_logits:
+            logits = self.s * (y_pred - one_hot * margins)
+        else:
+            logits = y_pred - self.s * one_hot * margins
+        losses = keras.losses.sparse_categorical_crossentropy(
+            labels, logits, from_logits=True
+        )
+        class_weights = ops.convert_to_tensor(self._class_weights, y_pred.dtype)
+        active = ops.cast(self.drw_active, y_pred.dtype)
+        weights = 1.0 + active * (ops.take(class_weights, labels) - 1.0)
+        # Normalising by the batch mean of the weights gives the weighted mean.
+        return losses * weights / ops.maximum(ops.mean(weights), 1e-12)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            class_counts=self.class_counts,
+            max_m=self.max_m,
+            s=self.s,
+            drw_start_epoch=self.drw_start_epoch,
+            beta=self.beta,
+            scale_logits=self.scale_logits,
+        )
+        return config
+
+
+class DeferredReweighting(keras.callbacks.Callback):
+    """Calls `set_epoch(epoch)` on DRW losses at the start of every epoch.
+
+    Because the state is set from the epoch number each time, resuming with
+    `fit(..., initial_epoch=k)` gives the right state.
+
+    Args:
+        losses: The losses to drive (objects with a `set_epoch` method), or
+            `None` to find them in the compiled model's `loss`.
+
+    Example:
+
+    >>> model.compile(optimizer, loss=build_loss("ldam_drw", counts,
+    ...                                          drw_start_epoch=160))
+    >>> model.fit(data, epochs=200, callbacks=[DeferredReweighting()])
+    """
+
+    def __init__(self, losses=None):
+        super().__init__()
+        if losses is not None and not isinstance(losses, (list, tuple)):
+            losses = [losses]
+        self.losses = losses
+
+    def _targets(self):
+        if self.losses is not None:
+            return self.losses
+        loss = getattr(self.model, "loss", None)
+        if isinstance(loss, dict):
+            candidates = list(loss.values())
+        elif isinstance(loss, (list, tuple)):
+            candidates = list(loss)
+        else:
+            candidates = [loss]
+        targets = [c for c in candidates if hasattr(c, "set_epoch")]
+        if not targets:
+            raise ValueError(
+                "DeferredReweighting found no loss with a `set_epoch` method "
+                f"in the model's loss {loss!r}; pass `losses=` explicitly."
+            )
+        return targets
+
+    def on_epoch_begin(self, epoch, logs=None):
+        for loss in self._targets():
+            loss.set_epoch(epoch)
+
+
+def build_loss(name, class_counts=None, **options):
+    """Builds a loss by name.
+
+    Args:
+        name: One of `"cross_entropy"`, `"balanced_softmax"`,
+            `"logit_adjusted"`, `"ldam_drw"`.
+        class_counts: Number of training examples of each class. Needed by
+            every loss but `"cross_entropy"`.
+        **options: Passed on to the loss (`tau` for `"logit_adjusted"`;
+            `max_m`, `s`, `drw_start_epoch`, `beta` for `"ldam_drw"`).
+
+    Returns:
+        A `keras.losses.Loss`. For `"ldam_drw"`, add a `DeferredReweighting`
+        callback to `fit` so re-weighting switches on.
+
+    Example:
+
+    >>> loss = build_loss("logit_adjusted", [500, 100, 20], tau=1.0)
+    """
+    if name == "cross_entropy":
+        return cross_entropy(**options)
+    classes = {
+        "balanced_softmax": BalancedSoftmaxCrossEntropy,
+        "logit_adjusted": LogitAdjustedCrossEntropy,
+        "ldam_drw": LDAMLoss,
+    }
+    if name not in classes:
+        raise ValueError(
+            f"Unknown loss '{name}'. Valid names: {', '.join(LOSS_NAMES)}."
+        )
+    if class_counts is None:
+        raise ValueError(f"Loss '{name}' needs `class_counts`.")
+    return classes[name](class_counts, **options)

@@ -1,0 +1,158 @@
+"""Learning-rate schedules of the reference recipes, stepped per batch.
+
+Both schedules take the optimizer's step (`optimizer.iterations`, 0 for the
+first batch). Warmup is linear per step: step `k < warmup_steps` uses
+`base * (k + 1) / warmup_steps`, so the last warmup step reaches `base`.
+"""
+
+import math
+
+import keras
+from keras import ops
+
+
+def scaled_learning_rate(base_lr, global_batch_size):
+    """The linear scaling rule: `base_lr * global_batch_size / 256`.
+
+    `global_batch_size` is the batch summed over all replicas, the number the
+    recipe's batch size refers to. The ImageNet-LT recipe's 0.2 at batch 512
+    is `scaled_learning_rate(0.1, 512)`.
+
+    Args:
+        base_lr: Learning rate for a global batch of 256.
+        global_batch_size: Global batch size.
+
+    Returns:
+        The scaled learning rate, a float.
+    """
+    if global_batch_size <= 0:
+        raise ValueError(
+            f"global_batch_size must be positive, got {global_batch_size}."
+        )
+    return float(base_lr) * global_batch_size / 256.0
+
+
+def _warmup_factor(step, warmup_steps):
+    return ops.minimum((step + 1.0) / float(warmup_steps), 1.0)
+
+
+@keras.saving.register_keras_serializable(package="nbn_keras")
+class WarmupCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """Cosine decay to 0 over `total_steps`, after an optional linear warmup.
+
+    After warmup, `lr = base * 0.5 * (1 + cos(pi * t / T))` with
+    `t = step - warmup_steps` and `T = total_steps - warmup_steps`; steps
+    past `total_steps` get 0.
+
+    Args:
+        base_learning_rate: Peak learning rate.
+        total_steps: Number of training steps (epochs * steps per epoch).
+        warmup_steps: Steps of linear warmup. Defaults to `0` (the
+            ImageNet-LT recipe has none).
+
+    Example:
+
+    >>> schedule = WarmupCosineDecay(0.2, total_steps=90 * steps_per_epoch)
+    >>> optimizer = CoupledSGD(schedule, momentum=0.9)
+    """
+
+    def __init__(self, base_learning_rate, total_steps, warmup_steps=0):
+        if total_steps <= 0 or not 0 <= warmup_steps < total_steps:
+            raise ValueError(
+                "Need total_steps > 0 and 0 <= warmup_steps < total_steps, got "
+                f"total_steps={total_steps}, warmup_steps={warmup_steps}."
+            )
+        self.base_learning_rate = float(base_learning_rate)
+        self.total_steps = int(total_steps)
+        self.warmup_steps = int(warmup_steps)
+
+    def __call__(self, step):
+        step = ops.cast(step, "float32")
+        decay_steps = float(self.total_steps - self.warmup_steps)
+        progress = ops.clip((step - self.warmup_steps) / decay_steps, 0.0, 1.0)
+        lr = self.base_learning_rate * 0.5 * (1.0 + ops.cos(math.pi * progress))
+        if self.warmup_steps:
+            lr = lr * _warmup_factor(step, self.warmup_steps)
+        return lr
+
+    def get_config(self):
+        return {
+            "base_learning_rate": self.base_learning_rate,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+        }
+
+
+@keras.saving.register_keras_serializable(package="nbn_keras")
+class WarmupStepDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup, then the base rate times a factor that drops at epochs.
+
+    The CIFAR-LT recipe: 5 epochs of warmup, `base * 0.01` from epoch 160,
+    `base * 0.001` from epoch 180 (of 200). Factors multiply the base rate;
+    they are not cumulative. Epochs count from 0: epoch `e` starts at step
+    `e * steps_per_epoch`.
+
+    Args:
+        base_learning_rate: Learning rate after warmup.
+        steps_per_epoch: Training steps per epoch.
+        warmup_epochs: Epochs of linear warmup. Defaults to `5`.
+        boundaries: Increasing epochs at which the factor changes. Defaults
+            to `(160, 180)`.
+        factors: Factor applied to the base rate from each boundary on.
+            Defaults to `(0.01, 0.001)`.
+
+    Example:
+
+    >>> schedule = WarmupStepDecay(0.1, steps_per_epoch=85)
+    >>> schedule(160 * 85)  # 0.1 * 0.01 = 1e-3
+    """
+
+    def __init__(
+        self,
+        base_learning_rate,
+        steps_per_epoch,
+        warmup_epochs=5,
+        boundaries=(160, 180),
+        factors=(0.01, 0.001),
+    ):
+        boundaries = [int(b) for b in boundaries]
+        factors = [float(f) for f in factors]
+        if steps_per_epoch <= 0 or warmup_epochs < 0:
+            raise ValueError(
+                "Need steps_per_epoch > 0 and warmup_epochs >= 0, got "
+                f"{steps_per_epoch} and {warmup_epochs}."
+            )
+        if len(boundaries) != len(factors):
+            raise ValueError(
+                f"boundaries {boundaries} and factors {factors} must have the "
+                "same length."
+            )
+        if boundaries != sorted(set(boundaries)):
+            raise ValueError(
+                f"boundaries must increase strictly, got {boundaries}."
+            )
+        self.base_learning_rate = float(base_learning_rate)
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.warmup_epochs = int(warmup_epochs)
+        self.boundaries = boundaries
+        self.factors = factors
+
+    def __call__(self, step):
+        step = ops.cast(step, "float32")
+        factor = ops.ones_like(step)
+        for boundary, value in zip(self.boundaries, self.factors):
+            reached = step >= float(boundary * self.steps_per_epoch)
+            factor = ops.where(reached, value, factor)
+        warmup_steps = self.warmup_epochs * self.steps_per_epoch
+        if warmup_steps:
+            factor = factor * _warmup_factor(step, warmup_steps)
+        return self.base_learning_rate * factor
+
+    def get_config(self):
+        return {
+            "base_learning_rate": self.base_learning_rate,
+            "steps_per_epoch": self.steps_per_epoch,
+            "warmup_epochs": self.warmup_epochs,
+            "boundaries": list(self.boundaries),
+            "factors": list(self.factors),
+        }
