@@ -83,7 +83,7 @@ def load_digits_lt(imbalance_factor=10.0, profile="exp", n_max=None, val_per_cla
 
     >>> data = load_digits_lt(imbalance_factor=10)
     >>> int(data.class_counts.sum()), len(data.test_split)
-    (507, 300)
+    (503, 300)
     """
     digits = datasets.load_digits()
     labels = digits.target.astype(np.int64)

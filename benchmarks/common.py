@@ -1,0 +1,226 @@
+"""Helpers shared by the benchmark scripts: timing, machine, tables, models.
+
+Only the standard library is imported at module level, so the PyTorch
+worker of `torch_reference.py` (which runs in a venv without TensorFlow) can
+use the timing helpers too. TensorFlow and nbn_keras are imported inside the
+functions that need them.
+"""
+
+import os
+import platform
+import statistics
+import time
+
+# Per-model sizes used when a script is not told otherwise.
+MODEL_DEFAULTS = {
+    # name: (image size, batch size, number of classes)
+    "resnet32": (32, 128, 100),
+    "resnet50": (224, 16, 1000),
+}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+
+
+def cpu_model():
+    """The CPU model name from /proc/cpuinfo, or the platform's guess."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_line(threads):
+    """One line describing the machine, for the top of a table."""
+    return (
+        f"machine: {cpu_model()}, nproc={os.cpu_count()}, threads={threads}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def interleaved_timings(variants, rounds, steps_per_round):
+    """Times several step functions in turns: A, B, ..., then B, A, ... .
+
+    Every round runs `steps_per_round` calls of each variant back to back;
+    the order is reversed every other round so that no variant always
+    follows the same one. Noise from other processes (slow phases of the
+    machine) then hits all variants alike.
+
+    Args:
+        variants: A dict `name -> fn`; `fn()` runs one step and returns only
+            when its work is done.
+        rounds: Number of rounds.
+        steps_per_round: Calls of each variant per round.
+
+    Returns:
+        A dict `name -> list of per-round mean step times (seconds)`.
+    """
+    names = list(variants)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else reversed(names):
+            fn = variants[name]
+            start = time.perf_counter()
+            for _ in range(steps_per_round):
+                fn()
+            times[name].append((time.perf_counter() - start) / steps_per_round)
+    return times
+
+
+def median(values):
+    return statistics.median(values)
+
+
+def paired_ratio(times, numerator, denominator):
+    """Median over rounds of `numerator / denominator` round times.
+
+    Each round's ratio compares two variants timed moments apart, so it is
+    less sensitive to slow drifts of the machine than a ratio of medians.
+    """
+    return statistics.median(
+        a / b for a, b in zip(times[numerator], times[denominator])
+    )
+
+
+def spread(values):
+    """Relative spread (max - min) / median of a list of times."""
+    return (max(values) - min(values)) / statistics.median(values)
+
+
+def format_table(headers, rows):
+    """A Markdown table as a string."""
+    cells = [[str(c) for c in row] for row in [headers] + list(rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+
+    def line(row):
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
+
+    separator = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(cells[0]), separator] + [line(r) for r in cells[1:]])
+
+
+def peak_rss_mb():
+    """Peak resident set size of this process so far, in MiB (Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- TensorFlow side -------------------------------------------------------
+
+
+def set_tf_threads(threads):
+    """Gives TensorFlow `threads` intra-op and inter-op threads.
+
+    Must run before TensorFlow executes its first op. `0` keeps TF's
+    defaults (one thread per core).
+    """
+    import tensorflow as tf
+
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
+def model_sizes(name, image_size=None, batch_size=None, num_classes=None):
+    """`(image_size, batch_size, num_classes)`, defaults filled in per model."""
+    default = MODEL_DEFAULTS.get(name, (224, 16, 1000))
+    return (
+        image_size or default[0],
+        batch_size or default[1],
+        num_classes or default[2],
+    )
+
+
+def build_bn_and_nbn(name, image_size, num_classes, seed=0):
+    """Returns `(bn_model, nbn_model)`: one classifier and its NBN copy.
+
+    The NBN model is `convert_to_nbn(bn_model)` with the paper's selection
+    (last stage, last BN of each block and the shortcut BN, one shared
+    alpha), so both have the same weights and differ only by NBN.
+    """
+    import keras
+
+    import nbn_keras
+
+    keras.utils.set_random_seed(seed)
+    small = image_size <= 64
+    model = nbn_keras.backbones.build_classifier(
+        name,
+        num_classes=num_classes,
+        input_shape=(image_size, image_size, 3),
+        mean=CIFAR_MEAN if small else IMAGENET_MEAN,
+        std=CIFAR_STD if small else IMAGENET_STD,
+    )
+    return model, nbn_keras.convert_to_nbn(model)
+
+
+def count_nbn_layers(model):
+    """Number of NBN layers in `model`, nested models included."""
+    import keras
+
+    import nbn_keras
+
+    count = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            count += count_nbn_layers(layer)
+        elif isinstance(layer, nbn_keras.NormalizedBatchNormalization):
+            count += 1
+    return count
+
+
+def compile_for_training(model, jit_compile=False, weight_decay=0.0):
+    """Compiles `model` as the reference trains: cross-entropy, SGD 0.9.
+
+    With `weight_decay`, PyTorch's coupled L2 (`nbn_keras`' CoupledSGD);
+    without, the stock Keras SGD.
+    """
+    import keras
+
+    from nbn_keras.optimizers import CoupledSGD
+
+    if weight_decay:
+        optimizer = CoupledSGD(
+            learning_rate=0.1, momentum=0.9, coupled_weight_decay=weight_decay
+        )
+    else:
+        optimizer = keras.optimizers.SGD(learning_rate=0.1, momentum=0.9)
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=jit_compile,
+    )
+    return model
+
+
+def random_batch(batch_size, image_size, num_classes, seed=0):
+    """A batch of raw pixels in [0, 255] and integer labels, as tensors."""
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(0, 255, (batch_size, image_size, image_size, 3))
+    labels = rng.integers(0, num_classes, (batch_size,))
+    return (
+        tf.constant(images, dtype=tf.float32),
+        tf.constant(labels, dtype=tf.int32),
+    )
+
+
+def train_step_fn(model, images, labels):
+    """A zero-argument function running one compiled training step.
+
+    `train_on_batch` returns the loss as a Python float, which waits for the
+    step to finish, so timing the call times the step.
+    """
+
+    def step():
+        model.train_on_batch(images, labels)
+
+    return step

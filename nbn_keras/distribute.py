@@ -1,0 +1,63 @@
+"""Choosing the tf.distribute strategy of a training run."""
+
+import json
+import os
+
+import tensorflow as tf
+
+
+def cluster_workers():
+    """Number of workers `TF_CONFIG` describes (1 when it is unset)."""
+    config = os.environ.get("TF_CONFIG")
+    if not config:
+        return 1
+    try:
+        cluster = json.loads(config).get("cluster", {})
+    except json.JSONDecodeError as error:
+        raise ValueError(f"TF_CONFIG is not valid JSON: {error}") from None
+    return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
+
+
+def make_strategy(single_device=False):
+    """Returns the strategy for this process.
+
+    - `TF_CONFIG` describing more than one worker: `MultiWorkerMirroredStrategy`
+      (all local GPUs of every worker); this is how a run scales past one
+      machine.
+    - Otherwise `MirroredStrategy` over all local GPUs (one device on CPU).
+    - `single_device=True` (for XLA, which Keras turns off under a
+      strategy): the default strategy on the first device; refused when
+      several GPUs or workers are there to use.
+
+    Args:
+        single_device: Use one device and no distribution strategy.
+
+    Returns:
+        A `tf.distribute.Strategy`.
+    """
+    workers = cluster_workers()
+    gpus = tf.config.list_logical_devices("GPU")
+    if single_device:
+        if workers > 1 or len(gpus) > 1:
+            raise ValueError(
+                "XLA (--xla) cannot be combined with a distribution strategy "
+                f"(found {workers} worker(s) and {len(gpus)} GPU(s)); Keras "
+                "turns XLA off under tf.distribute. Drop --xla, or run on "
+                "one device."
+            )
+        return tf.distribute.get_strategy()
+    if workers > 1:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    devices = [device.name for device in gpus] or None
+    return tf.distribute.MirroredStrategy(devices)
+
+
+def is_chief(strategy):
+    """Whether this worker writes the run's files (exports, reports)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    return resolver.task_type == "chief" or (
+        resolver.task_type == "worker" and resolver.task_id == 0
+        and "chief" not in resolver.cluster_spec().as_dict()
+    )

@@ -1,0 +1,296 @@
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from nbn_keras import export
+from nbn_keras.conversion import convert_to_nbn
+
+SIZE = 12
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+
+
+def tiny_classifier(size=SIZE, channels=3, name="tiny"):
+    inputs = keras.Input((size, size, channels), name="pixels")
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    x = keras.layers.Normalization(
+        mean=[0.5] * channels, variance=[0.06] * channels
+    )(x)
+    x = keras.layers.Conv2D(6, 3, padding="same")(x)
+    x = keras.layers.BatchNormalization(name="stack_0_block1_1_bn")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(4)(x)
+    model = keras.Model(inputs, outputs, name=name)
+    rng = np.random.default_rng(0)
+    bn = model.get_layer("stack_0_block1_1_bn")
+    bn.set_weights([
+        rng.uniform(0.5, 2.0, 6), rng.normal(size=6),
+        rng.normal(size=6) * 0.1, rng.uniform(0.5, 2.0, 6),
+    ])
+    return model
+
+
+def nbn_classifier():
+    model = convert_to_nbn(tiny_classifier(name="tiny_nbn"), selection="all")
+    rng = np.random.default_rng(1)
+    for layer in model.layers:
+        if layer.name == "nbn_scale":
+            layer.set_weights([np.asarray(2.5, "float32")])
+        elif "bn" in layer.name:
+            weights = layer.get_weights()
+            weights[1] = rng.normal(size=weights[1].shape).astype("float32")
+            layer.set_weights(weights)
+    return model
+
+
+def pixels(n=3, size=SIZE, channels=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(n, size, size, channels), dtype=np.uint8)
+
+
+def png_bytes(images):
+    return [tf.io.encode_png(image).numpy() for image in images]
+
+
+def predict(model, images):
+    return np.asarray(model(np.asarray(images, "float32"), training=False))
+
+
+def test_saved_model_cli_shows_both_signatures(tmp_path):
+    path = export.export_for_serving(tiny_classifier(), str(tmp_path), "tiny")
+    assert path == os.path.join(str(tmp_path), "tiny", "1")
+    assert os.path.isfile(os.path.join(path, "saved_model.pb"))
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    shown = subprocess.run(
+        [cli, "show", "--dir", path, "--all"],
+        capture_output=True, text=True, env=ENV, check=True, timeout=120,
+    ).stdout
+    signatures = {}
+    for block in re.split(r"\n(?=signature_def\[)", shown):
+        match = re.match(r"signature_def\['(\w+)'\]", block)
+        if match:
+            signatures[match.group(1)] = block
+    assert {"serving_default", "serve", "serve_image_bytes"} <= set(signatures)
+    outputs = ["logits", "probabilities", "classes"]
+    for name in ("serving_default", "serve"):
+        block = signatures[name]
+        assert re.search(
+            r"inputs\['images'\] tensor_info:\s+dtype: DT_FLOAT\s+"
+            rf"shape: \(-1, {SIZE}, {SIZE}, 3\)", block
+        ), block
+    block = signatures["serve_image_bytes"]
+    assert re.search(
+        r"inputs\['image_bytes'\] tensor_info:\s+dtype: DT_STRING\s+"
+        r"shape: \(-1\)", block
+    ), block
+    for name in ("serving_default", "serve", "serve_image_bytes"):
+        block = signatures[name]
+        for output in outputs:
+            assert f"outputs['{output}']" in block
+        assert re.search(r"outputs\['classes'\] tensor_info:\s+dtype: DT_INT64",
+                         block)
+        assert re.search(
+            r"outputs\['probabilities'\] tensor_info:\s+dtype: DT_FLOAT\s+"
+            r"shape: \(-1, 4\)", block
+        )
+
+
+_LOAD_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["nbn_keras"] = None  # importing nbn_keras must fail
+    try:
+        import nbn_keras
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("nbn_keras was importable")
+    import numpy as np
+    import tensorflow as tf
+
+    for case in json.load(open(sys.argv[1])):
+        served = tf.saved_model.load(case["dir"])
+        expected = np.load(case["expected"])
+        if "images" in case:
+            outputs = served.signatures["serving_default"](
+                images=tf.constant(np.load(case["images"])))
+        else:
+            data = [open(f, "rb").read() for f in case["bytes"]]
+            outputs = served.signatures["serve_image_bytes"](
+                image_bytes=tf.constant(data))
+        logits = outputs["logits"].numpy()
+        np.testing.assert_allclose(logits, expected, atol=1e-5, err_msg=str(case))
+        probs = np.exp(expected - expected.max(1, keepdims=True))
+        probs /= probs.sum(1, keepdims=True)
+        np.testing.assert_allclose(outputs["probabilities"].numpy(), probs,
+                                   atol=1e-6)
+        assert outputs["classes"].dtype == tf.int64
+        np.testing.assert_array_equal(outputs["classes"].numpy(),
+                                      expected.argmax(1))
+    print("checked", len(json.load(open(sys.argv[1]))))
+    """
+)
+
+
+def test_fresh_process_without_nbn_keras_gives_same_predictions(tmp_path):
+    cases = []
+
+    def add_case(path, expected, **inputs):
+        name = f"case{len(cases)}"
+        np.save(tmp_path / f"{name}_expected.npy", expected)
+        case = {"dir": path, "expected": str(tmp_path / f"{name}_expected.npy")}
+        if "images" in inputs:
+            np.save(tmp_path / f"{name}_images.npy", inputs["images"])
+            case["images"] = str(tmp_path / f"{name}_images.npy")
+        else:
+            case["bytes"] = []
+            for i, data in enumerate(inputs["encoded"]):
+                (tmp_path / f"{name}_{i}.img").write_bytes(data)
+                case["bytes"].append(str(tmp_path / f"{name}_{i}.img"))
+        cases.append(case)
+
+    images = pixels()
+    for model in (tiny_classifier(), nbn_classifier()):
+        path = export.export_for_serving(model, str(tmp_path / "models"))
+        expected = predict(model, images)
+        add_case(path, expected, images=images.astype("float32"))
+        add_case(path, expected, encoded=png_bytes(images))
+        # Grey PNGs are fed as RGB with the grey value repeated.
+        grey = images[..., :1]
+        add_case(path, predict(model, np.repeat(grey, 3, axis=-1)),
+                 encoded=png_bytes(grey))
+        # A larger image is resized to the model's size (small model: "resize").
+        big = pixels(n=1, size=3 * SIZE, seed=2)
+        resized = tf.image.resize(big.astype("float32"), [SIZE, SIZE],
+                                  antialias=True)
+        add_case(path, predict(model, resized), encoded=png_bytes(big))
+
+    nbn_path = cases[-1]["dir"]
+    saved = open(os.path.join(nbn_path, "saved_model.pb"), "rb").read()
+    assert b"NormalizedBatchNormalization" not in saved
+    assert b"nbn_keras" not in saved
+
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    (tmp_path / "load.py").write_text(_LOAD_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, "-I", str(tmp_path / "load.py"),
+         str(tmp_path / "cases.json")],
+        capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    assert f"checked {len(cases)}" in result.stdout
+
+
+def test_versions(tmp_path):
+    model = tiny_classifier()
+    base = str(tmp_path)
+    assert export.export_for_serving(model, base, "m").endswith(os.sep + "1")
+    assert export.export_for_serving(model, base, "m").endswith(os.sep + "2")
+    with pytest.raises(FileExistsError, match="Version 2"):
+        export.export_for_serving(model, base, "m", version=2)
+    # Leftovers of an interrupted export and other non-integer names.
+    os.makedirs(tmp_path / "m" / ".tmp-3-abc")
+    (tmp_path / "m" / "README").write_text("notes")
+    assert export.next_version(str(tmp_path / "m")) == 3
+    assert export.export_for_serving(model, base, "m", version=9).endswith("9")
+    assert export.export_for_serving(model, base, "m").endswith(os.sep + "10")
+    # Only finished versions (and the leftovers) are in the model directory.
+    assert sorted(os.listdir(tmp_path / "m")) == [
+        ".tmp-3-abc", "1", "10", "2", "9", "README"
+    ]
+    assert export.next_version(str(tmp_path / "absent")) == 1
+
+
+def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
+    def half_write(archive, filepath, **kwargs):
+        with open(os.path.join(filepath, "saved_model.pb"), "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    archive_class = type(keras.export.ExportArchive())
+    monkeypatch.setattr(archive_class, "write_out", half_write)
+    with pytest.raises(OSError, match="disk full"):
+        export.export_for_serving(tiny_classifier(), str(tmp_path), "m")
+    assert os.listdir(tmp_path / "m") == []
+
+
+def test_crop_mode_geometry():
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, size=(40, 60, 3), dtype=np.uint8)
+    data = tf.io.encode_png(image)
+    out = export.decode_and_resize(data, 16, 16, 3, "crop")
+    # Shorter side 40 -> round(16 * 256 / 224) = 18, so 40x60 -> 18x27;
+    # the central 16x16 starts at row 1, column 5.
+    scaled = tf.image.resize(image.astype("float32"), [18, 27], antialias=True)
+    np.testing.assert_allclose(out, scaled[1:17, 5:21], atol=1e-4)
+    grey = export.decode_and_resize(data, 16, 16, 1, "resize")
+    assert grey.shape == (16, 16, 1)
+
+
+def test_auto_resize_mode_and_flexible_input(tmp_path):
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.GlobalAveragePooling2D()(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2)(x), name="flex")
+    with pytest.raises(ValueError, match="image_size"):
+        export.export_for_serving(model, str(tmp_path))
+    path = export.export_for_serving(model, str(tmp_path), image_size=160)
+    served = tf.saved_model.load(path)
+    # 160 >= 128: "crop" mode, so a 160x160 image is zoomed and cropped.
+    image = pixels(n=1, size=160)
+    encoded = tf.constant(png_bytes(image))
+    outputs = served.signatures["serve_image_bytes"](image_bytes=encoded)
+    cropped = export.decode_and_resize(encoded[0], 160, 160, 3, "crop")
+    np.testing.assert_allclose(
+        outputs["logits"], predict(model, cropped[None]), atol=1e-4
+    )
+
+
+def test_bad_models_and_arguments(tmp_path):
+    inputs = keras.Input((SIZE, SIZE, 3))
+    two_outputs = keras.Model(
+        inputs, [keras.layers.Flatten()(inputs), keras.layers.Flatten()(inputs)]
+    )
+    with pytest.raises(ValueError, match="one image input and one logits"):
+        export.export_for_serving(two_outputs, str(tmp_path))
+    model = tiny_classifier()
+    with pytest.raises(ValueError, match="does not match"):
+        export.export_for_serving(model, str(tmp_path), image_size=(8, 8))
+    with pytest.raises(ValueError, match="resize_mode"):
+        export.export_for_serving(model, str(tmp_path), resize_mode="stretch")
+    with pytest.raises(ValueError, match="version"):
+        export.export_for_serving(model, str(tmp_path), version="3")
+    with pytest.raises(ValueError, match="model_name"):
+        export.export_for_serving(model, str(tmp_path), model_name="a/b")
+    with pytest.raises(FileNotFoundError, match="No model file"):
+        export.export_keras_file(str(tmp_path / "missing.keras"), str(tmp_path))
+    (tmp_path / "w.weights.h5").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"\.keras"):
+        export.export_keras_file(str(tmp_path / "w.weights.h5"), str(tmp_path))
+
+
+def test_command_line_exports_a_keras_file(tmp_path):
+    model = nbn_classifier()
+    model_path = tmp_path / "best_model.keras"
+    model.save(model_path)
+    base = tmp_path / "served"
+    result = subprocess.run(
+        [sys.executable, "-m", "nbn_keras.export", f"--model={model_path}",
+         f"--base_dir={base}", "--version=4"],
+        capture_output=True, text=True, env=ENV, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    path = base / "best_model" / "4"
+    assert result.stdout.strip().endswith(str(path))
+    served = tf.saved_model.load(str(path))
+    images = pixels().astype("float32")
+    outputs = served.signatures["serving_default"](images=tf.constant(images))
+    np.testing.assert_allclose(outputs["logits"], predict(model, images),
+                               atol=1e-5)
