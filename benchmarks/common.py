@@ -6,10 +6,14 @@ use the timing helpers too. TensorFlow and nbn_keras are imported inside the
 functions that need them.
 """
 
+import collections
 import os
 import platform
 import statistics
 import time
+
+# Keep TensorFlow's start-up chatter out of the tables.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # Per-model sizes used when a script is not told otherwise.
 MODEL_DEFAULTS = {
@@ -51,6 +55,12 @@ def interleaved_timings(variants, rounds, steps_per_round):
     follows the same one. Noise from other processes (slow phases of the
     machine) then hits all variants alike.
 
+    Both wall-clock time and CPU time are recorded. CPU time (of all threads)
+    is what a step costs in core-seconds; it varies much less than wall time
+    when other processes compete for the cores. It is this process's CPU
+    time, unless `fn` returns a float: then that is taken as the CPU time
+    of the call (for work done in another process).
+
     Args:
         variants: A dict `name -> fn`; `fn()` runs one step and returns only
             when its work is done.
@@ -58,21 +68,29 @@ def interleaved_timings(variants, rounds, steps_per_round):
         steps_per_round: Calls of each variant per round.
 
     Returns:
-        A dict `name -> list of per-round mean step times (seconds)`.
+        A pair of dicts `(wall, cpu)`, each `name -> list of per-round mean
+        step times (seconds)`.
     """
     names = list(variants)
-    times = {name: [] for name in names}
+    wall = {name: [] for name in names}
+    cpu = {name: [] for name in names}
     for r in range(rounds):
         for name in names if r % 2 == 0 else reversed(names):
             fn = variants[name]
-            start = time.perf_counter()
+            reported = 0.0
+            start, start_cpu = time.perf_counter(), time.process_time()
             for _ in range(steps_per_round):
-                fn()
-            times[name].append((time.perf_counter() - start) / steps_per_round)
-    return times
+                result = fn()
+                if isinstance(result, float):
+                    reported += result
+            end, end_cpu = time.perf_counter(), time.process_time()
+            wall[name].append((end - start) / steps_per_round)
+            cpu[name].append((reported or end_cpu - start_cpu) / steps_per_round)
+    return wall, cpu
 
 
 def median(values):
+    """The median of a list of numbers."""
     return statistics.median(values)
 
 
@@ -111,6 +129,37 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def op_counts(concrete_function):
+    """Counts op types in a function's graph and every function it calls.
+
+    The nodes of a called function (`StatefulPartitionedCall`, `While`,
+    `If`, ...) are counted once per call site.
+    """
+    graph_def = concrete_function.graph.as_graph_def()
+    library = {f.signature.name: f for f in graph_def.library.function}
+    counts = collections.Counter()
+
+    def visit(nodes):
+        for node in nodes:
+            counts[node.op] += 1
+            for value in node.attr.values():
+                if value.HasField("func") and value.func.name in library:
+                    visit(library[value.func.name].node_def)
+
+    visit(graph_def.node)
+    return counts
+
+
+def describe_diff(counts, reference):
+    """`+3 Sqrt, -1 Mul`-style text of the op types whose counts differ."""
+    diff = []
+    for op in sorted(set(counts) | set(reference)):
+        delta = counts[op] - reference[op]
+        if delta:
+            diff.append(f"{delta:+d} {op}")
+    return ", ".join(diff) or "none"
+
+
 # --- TensorFlow side -------------------------------------------------------
 
 
@@ -125,6 +174,12 @@ def set_tf_threads(threads):
     if threads:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
+def parse_config(text):
+    """`"resnet50:224:16"` -> `("resnet50", 224, 16)`."""
+    name, image_size, batch_size = text.split(":")
+    return name, int(image_size), int(batch_size)
 
 
 def model_sizes(name, image_size=None, batch_size=None, num_classes=None):
@@ -160,19 +215,68 @@ def build_bn_and_nbn(name, image_size, num_classes, seed=0):
     return model, nbn_keras.convert_to_nbn(model)
 
 
+def leaf_layers(model):
+    """The layers of `model`, nested models' layers included."""
+    import keras
+
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from leaf_layers(layer)
+        else:
+            yield layer
+
+
 def count_nbn_layers(model):
     """Number of NBN layers in `model`, nested models included."""
-    import keras
+    import nbn_keras
+
+    return sum(
+        isinstance(layer, nbn_keras.NormalizedBatchNormalization)
+        for layer in leaf_layers(model)
+    )
+
+
+def nbn_parameter_math_time(model, calls=200, repeats=7):
+    """Time of NBN's extra math alone: effective gamma/beta and gradients.
+
+    Runs, in one `tf.function`, what NBN adds to a training step: every NBN
+    layer's effective gamma and beta from the raw vectors and the shared
+    scale, and the gradients back to the raw vectors and the scale. Returns
+    the median over `repeats` of the mean time of `calls` calls, in seconds:
+    an upper bound of NBN's extra work per step (in a real step these small
+    ops can also overlap with the convolutions).
+    """
+    import tensorflow as tf
 
     import nbn_keras
 
-    count = 0
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            count += count_nbn_layers(layer)
-        elif isinstance(layer, nbn_keras.NormalizedBatchNormalization):
-            count += 1
-    return count
+    layers = list(leaf_layers(model))
+    nbn_layers = [
+        l for l in layers if isinstance(l, nbn_keras.NormalizedBatchNormalization)
+    ]
+    scales = [l for l in layers if isinstance(l, nbn_keras.NBNScale)]
+    variables = [v for l in nbn_layers + scales for v in l.trainable_variables]
+    upstream = [tf.random.normal(l.gamma.shape) for l in nbn_layers]
+
+    @tf.function
+    def extra_math():
+        with tf.GradientTape() as tape:
+            scale = scales[0].value() if scales else None
+            loss = 0.0
+            for layer, g in zip(nbn_layers, upstream):
+                gamma, beta = layer.effective_parameters(scale)
+                loss += tf.reduce_sum(gamma * g) + tf.reduce_sum(beta * g)
+        return tape.gradient(loss, variables)
+
+    def run():
+        start = time.perf_counter()
+        for _ in range(calls):
+            result = extra_math()
+        result[0].numpy()
+        return (time.perf_counter() - start) / calls
+
+    run()
+    return median([run() for _ in range(repeats)])
 
 
 def compile_for_training(model, jit_compile=False, weight_decay=0.0):
@@ -224,3 +328,15 @@ def train_step_fn(model, images, labels):
         model.train_on_batch(images, labels)
 
     return step
+
+
+def train_step_op_counts(model, images, labels):
+    """Op counts of one training step (forward, gradients, SGD update).
+
+    Traces `model.train_step` in a `tf.function` of its own, without running
+    it. Call after the model has trained a step (the optimizer is built).
+    """
+    import tensorflow as tf
+
+    function = tf.function(model.train_step)
+    return op_counts(function.get_concrete_function((images, labels)))

@@ -7,7 +7,13 @@ compiled the same way (cross-entropy, SGD with momentum 0.9) and trained on
 one fixed random batch with `train_on_batch`. After a warm-up (tracing and
 the first steps), the two are timed in alternating rounds (BN, NBN, NBN, BN,
 ...) so that the machine's slow phases hit both alike. The table gives the
-median step time of each and the median of the per-round NBN/BN ratios.
+median step time of each and NBN/BN ratios: the median of per-round ratios
+of wall-clock time, the ratio of the fastest rounds, and the median of
+per-round ratios of CPU time (all threads; steadier than wall time when
+other processes share the cores). It also counts the ops of one training
+step's graph (forward, gradients, SGD update) for both models, and times
+NBN's extra math alone (effective gamma and beta of every NBN layer and
+their gradients, in one `tf.function`), an upper bound of its added work.
 
 Run (from the repository root):
 
@@ -24,11 +30,6 @@ import argparse
 import common
 
 
-def parse_config(text):
-    name, image_size, batch_size = text.split(":")
-    return name, int(image_size), int(batch_size)
-
-
 def benchmark(name, image_size, batch_size, args):
     _, _, num_classes = common.model_sizes(name)
     bn, nbn = common.build_bn_and_nbn(name, image_size, num_classes)
@@ -40,38 +41,44 @@ def benchmark(name, image_size, batch_size, args):
         )
         steps[label] = common.train_step_fn(model, images, labels)
     # Warm-up: tracing, graph optimisation and the first (slower) steps.
-    warmup = common.interleaved_timings(steps, rounds=1, steps_per_round=args.warmup)
-    step_time = min(warmup["BN"][-1], warmup["NBN"][-1])
+    common.interleaved_timings(steps, rounds=1, steps_per_round=args.warmup)
+    step_time = min(common.interleaved_timings(steps, 1, 2)[0]["BN"])
     per_round = max(1, round(args.round_seconds / step_time))
-    times = common.interleaved_timings(steps, args.rounds, per_round)
-    bn_time, nbn_time = common.median(times["BN"]), common.median(times["NBN"])
+    wall, cpu = common.interleaved_timings(steps, args.rounds, per_round)
+    ops = {label: common.train_step_op_counts(model, images, labels)
+           for label, model in (("BN", bn), ("NBN", nbn))}
+    extra = common.nbn_parameter_math_time(nbn)
+    bn_time, nbn_time = common.median(wall["BN"]), common.median(wall["NBN"])
     return [
         name,
         f"{image_size}x{image_size}",
         batch_size,
         common.count_nbn_layers(nbn),
         f"{args.rounds}x{per_round}",
-        f"{1000 * bn_time:.1f}",
-        f"{1000 * nbn_time:.1f}",
+        f"{1000 * bn_time:.0f}",
+        f"{1000 * nbn_time:.0f}",
         f"{batch_size / bn_time:.1f}",
         f"{batch_size / nbn_time:.1f}",
-        f"{common.paired_ratio(times, 'NBN', 'BN'):.3f}",
-        f"{nbn_time / bn_time:.3f}",
-        f"{100 * common.spread(times['BN']):.0f}% / "
-        f"{100 * common.spread(times['NBN']):.0f}%",
-    ]
+        f"{common.paired_ratio(wall, 'NBN', 'BN'):.3f}",
+        f"{min(wall['NBN']) / min(wall['BN']):.3f}",
+        f"{common.paired_ratio(cpu, 'NBN', 'BN'):.3f}",
+        f"{100 * common.spread(wall['BN']):.0f}% / "
+        f"{100 * common.spread(wall['NBN']):.0f}%",
+        f"{sum(ops['BN'].values())} / {sum(ops['NBN'].values())}",
+        f"{1e6 * extra:.0f} us ({100 * extra / bn_time:.2f}%)",
+    ], common.describe_diff(ops["NBN"], ops["BN"])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--configs", nargs="+", type=parse_config,
+        "--configs", nargs="+", type=common.parse_config,
         default=[("resnet32", 32, 128), ("resnet50", 224, 16)],
         help="backbone:image_size:batch_size, e.g. resnet50:224:16.",
     )
-    parser.add_argument("--rounds", type=int, default=12,
+    parser.add_argument("--rounds", type=int, default=20,
                         help="Alternating timing rounds per configuration.")
-    parser.add_argument("--round_seconds", type=float, default=3.0,
+    parser.add_argument("--round_seconds", type=float, default=2.0,
                         help="About how long each variant runs per round.")
     parser.add_argument("--warmup", type=int, default=3,
                         help="Untimed steps per model before timing.")
@@ -84,16 +91,24 @@ def main():
     args = parser.parse_args()
 
     common.set_tf_threads(args.threads)
-    rows = [benchmark(*config, args) for config in args.configs]
+    rows, diffs = [], []
+    for config in args.configs:
+        row, diff = benchmark(*config, args)
+        rows.append(row)
+        diffs.append(f"{config[0]}: extra ops of the NBN training step: {diff}")
     print()
     print(common.machine_line(args.threads or "default"))
-    print(f"XLA: {args.jit_compile}, weight decay: {args.weight_decay}")
+    print(f"XLA: {args.jit_compile}, weight decay: {args.weight_decay}; "
+          "times are medians over rounds; CPU time counts all threads")
     print(common.format_table(
         ["model", "input", "batch", "NBN layers", "rounds x steps",
          "BN ms/step", "NBN ms/step", "BN img/s", "NBN img/s",
-         "NBN/BN (paired median)", "NBN/BN (medians)", "spread BN / NBN"],
+         "NBN/BN wall (paired median)", "NBN/BN wall (minimums)",
+         "NBN/BN CPU time (paired median)", "wall spread BN / NBN",
+         "train-step ops BN / NBN", "NBN math alone (of BN step)"],
         rows,
     ))
+    print("\n".join(diffs))
 
 
 if __name__ == "__main__":

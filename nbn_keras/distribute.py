@@ -24,7 +24,9 @@ def make_strategy(single_device=False):
     - `TF_CONFIG` describing more than one worker: `MultiWorkerMirroredStrategy`
       (all local GPUs of every worker); this is how a run scales past one
       machine.
-    - Otherwise `MirroredStrategy` over all local GPUs (one device on CPU).
+    - Otherwise `MirroredStrategy` over all local GPUs; without GPUs, over
+      the logical CPU devices (one, unless the process configured several
+      with `tf.config.set_logical_device_configuration`, as tests do).
     - `single_device=True` (for XLA, which Keras turns off under a
       strategy): the default strategy on the first device; refused when
       several GPUs or workers are there to use.
@@ -48,8 +50,8 @@ def make_strategy(single_device=False):
         return tf.distribute.get_strategy()
     if workers > 1:
         return tf.distribute.MultiWorkerMirroredStrategy()
-    devices = [device.name for device in gpus] or None
-    return tf.distribute.MirroredStrategy(devices)
+    devices = gpus or tf.config.list_logical_devices("CPU")
+    return tf.distribute.MirroredStrategy([device.name for device in devices])
 
 
 def is_chief(strategy):

@@ -30,10 +30,7 @@ import tempfile
 import keras
 import tensorflow as tf
 
-try:
-    from nbn_keras.conversion import fold_nbn
-except ImportError:  # pragma: no cover - only before conversion.py exists
-    fold_nbn = None
+from nbn_keras.conversion import fold_nbn
 
 RESIZE_MODES = ("auto", "crop", "resize")
 # Eval-time "resize 256, centre crop 224" of the ImageNet recipes.
@@ -119,8 +116,6 @@ def _all_layers(model):
 def _stock_model(model):
     """`model` with NBN folded away; raises if a custom layer would remain."""
     if any(_is_nbn_layer(layer) for layer in _all_layers(model)):
-        if fold_nbn is None:
-            raise ImportError("nbn_keras.conversion.fold_nbn is not available.")
         model = fold_nbn(model)
     left = sorted(l.name for l in _all_layers(model) if _is_nbn_layer(l))
     if left:
@@ -148,7 +143,9 @@ def _image_spec(model, image_size):
         )
     height, width, channels = input_shape[1:]
     if image_size is not None:
-        size = (image_size, image_size) if isinstance(image_size, int) else image_size
+        size = image_size
+        if isinstance(size, int):
+            size = (size, size)
         if len(size) != 2 or any(
             fixed is not None and fixed != given
             for fixed, given in zip((height, width), size)
@@ -319,8 +316,6 @@ def export_keras_file(
     Returns:
         The path of the written version directory.
     """
-    import nbn_keras.layers  # noqa: F401  (registers the custom layers)
-
     if not os.path.isfile(model_path):
         raise FileNotFoundError(f"No model file at '{model_path}'.")
     if not model_path.endswith(".keras"):
@@ -343,6 +338,12 @@ def export_keras_file(
 
 
 def main(argv):
+    """`python -m nbn_keras.export --model=path.keras [--base_dir=...]
+    [--model_name=...] [--version=N] [--image_size=HxW] [--resize_mode=...]`.
+
+    Prints the written version directory. The flags are defined only when
+    the module runs as a script, so importing it adds no global flags.
+    """
     from absl import app
     from absl import flags
 
@@ -367,7 +368,7 @@ def main(argv):
             resize_mode=f.resize_mode,
         )
     except (FileNotFoundError, FileExistsError, ValueError) as error:
-        raise app.UsageError(str(error))
+        raise SystemExit(f"nbn_keras.export: error: {error}")
     print(path)
 
 

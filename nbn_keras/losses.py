@@ -20,9 +20,10 @@ def _as_counts(class_counts):
             f"at least 2 classes, got {class_counts!r}."
         )
     if np.any(counts <= 0):
+        empty = np.flatnonzero(counts <= 0).tolist()
         raise ValueError(
             "Every class needs at least one training example; `class_counts` "
-            f"has non-positive entries at indices {np.flatnonzero(counts <= 0).tolist()}."
+            f"has non-positive entries at indices {empty}."
         )
     return counts
 
@@ -155,8 +156,8 @@ class LDAMLoss(keras.losses.Loss):
     The true-class logit is lowered by a class margin
     `m_j = max_m * (n_min / n_j)^(1/4)` (so rare classes get the largest
     margin, `max_m`), all logits are multiplied by `s` (see `scale_logits`),
-    and softmax cross-entropy is taken. From `drw_start_epoch` on, each example is
-    weighted by the class-balanced weight of its class,
+    and softmax cross-entropy is taken. From `drw_start_epoch` on, each
+    example is weighted by the class-balanced weight of its class,
     `(1 - beta) / (1 - beta^n_j)` normalised to sum to the number of classes,
     and the batch loss is the weighted mean `sum(w_i l_i) / sum(w_i)` (the
     behaviour of PyTorch's `cross_entropy(weight=...)`), so re-weighting
@@ -211,7 +212,9 @@ class LDAMLoss(keras.losses.Loss):
         self.class_counts = [int(n) for n in _as_counts(class_counts)]
         self.max_m = float(max_m)
         self.s = float(s)
-        self.drw_start_epoch = None if drw_start_epoch is None else int(drw_start_epoch)
+        if drw_start_epoch is not None:
+            drw_start_epoch = int(drw_start_epoch)
+        self.drw_start_epoch = drw_start_epoch
         self.beta = float(beta)
         self.scale_logits = bool(scale_logits)
         self._margins = ldam_margins(self.class_counts, self.max_m)

@@ -34,6 +34,9 @@ LIST_FILE_DATA_SETS = ("imagenet_lt", "places_lt", "inaturalist")
 flags.DEFINE_enum("data", "digits_lt", DATA_SETS, "Long-tailed data set.")
 flags.DEFINE_float("imbalance_factor", 10.0,
                    "Largest over smallest class size (CIFAR-LT, digits, synthetic).")
+flags.DEFINE_integer("n_max", None,
+                     "Training images of the largest class (default: the data "
+                     "set's standard, e.g. 5000 for CIFAR-10-LT, 500 for CIFAR-100-LT).")
 flags.DEFINE_enum("imbalance_profile", "exp", ["exp", "step"],
                   "Class-size profile of the long-tailed subset.")
 flags.DEFINE_integer("data_seed", 0, "Seed choosing the long-tailed subset.")
@@ -122,7 +125,11 @@ def _positive(name):
                              message=f"--{name} must be positive.")
 
 
-for _name in ("imbalance_factor", "epochs", "global_batch_size", "base_lr",
+flags.register_validator(
+    "imbalance_factor", lambda v: v >= 1,
+    message="--imbalance_factor must be >= 1 (largest / smallest class size).")
+
+for _name in ("n_max", "epochs", "global_batch_size", "base_lr",
               "learning_rate", "steps_per_epoch"):
     _positive(_name)
 
@@ -180,6 +187,8 @@ def load_data():
     else:
         options = dict(imbalance_factor=FLAGS.imbalance_factor,
                        profile=FLAGS.imbalance_profile, seed=FLAGS.data_seed)
+        if FLAGS.n_max:
+            options["n_max"] = FLAGS.n_max
         if FLAGS.data in ("cifar10_lt", "cifar100_lt"):
             options.update(data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir,
                            download=FLAGS.download)
@@ -354,6 +363,7 @@ def run(run_dir):
             f"{os.path.join(run_dir, 'backup')} and the best model so far in "
             f"{os.path.join(run_dir, 'best.keras')}.") from None
 
+    steps_trained = int(model.optimizer.iterations.numpy())
     best_path = os.path.join(run_dir, "best.keras")
     if os.path.exists(best_path):
         model = keras.models.load_model(best_path)
@@ -361,6 +371,7 @@ def run(run_dir):
     if chief:
         model.save(model_path)
     figures = report.evaluate(model, data, FLAGS.many_threshold, FLAGS.few_threshold)
+    figures["steps_trained"] = steps_trained
     if not chief:
         return figures
     report.write(figures, run_dir)

@@ -6,7 +6,6 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import nbn_keras.data as nbn_data
-from nbn_keras.data import long_tail
 
 NO_DATA_DIR = "/nonexistent/tfds"
 

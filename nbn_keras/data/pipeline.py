@@ -72,8 +72,9 @@ def make_train_dataset(data, global_batch_size, sampler="instance", epochs=None,
             `epochs * steps_per_epoch(data, global_batch_size)` batches;
             otherwise it repeats forever. Required by `"progressive"`, whose
             class weights change every `steps_per_epoch` batches.
-        seed: Seed of sampling and augmentation; the same seed gives the same
-            batches.
+        seed: Seed of sampling and augmentation: a pipeline built again with
+            the same seed yields the same batches (iterating one pipeline
+            object a second time reshuffles).
         augment: Apply the data set's training augmentation; `False` applies
             the evaluation transform instead.
 

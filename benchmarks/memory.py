@@ -1,0 +1,128 @@
+"""Peak memory of a training run, NBN against plain BN.
+
+Each measurement is a fresh subprocess that builds the classifier and its
+NBN copy (as `train_step.py` does), keeps one of the two, compiles it
+(cross-entropy, SGD with momentum 0.9) and runs `--steps` training steps on
+a random batch. It reports its resident set size just before training and
+its peak resident set size at the end (`getrusage(RUSAGE_SELF).ru_maxrss`,
+Linux, which includes TensorFlow's own footprint). TensorFlow's
+`get_memory_info` does not support CPU devices, so the process RSS is the
+measure here. Runs alternate BN, NBN, NBN, BN, ... and the table gives
+medians over `--repeats` runs of each.
+
+Run (from the repository root):
+
+    python benchmarks/memory.py
+    python benchmarks/memory.py --configs resnet50:224:16 --steps 10
+
+A configuration is `backbone:image_size:batch_size`.
+"""
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+
+import common
+
+VARIANTS = ("BN", "NBN")
+
+
+def current_rss_mb():
+    """The current resident set size of this process, in MiB (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("VmRSS not found in /proc/self/status.")
+
+
+def child(args):
+    """Runs the training steps of one variant; prints one JSON line."""
+    common.set_tf_threads(args.threads)
+    name, image_size, batch_size = args.config
+    _, _, num_classes = common.model_sizes(name)
+    bn, nbn = common.build_bn_and_nbn(name, image_size, num_classes)
+    model = bn if args.variant == "BN" else nbn
+    del bn, nbn
+    gc.collect()
+    common.compile_for_training(model)
+    images, labels = common.random_batch(batch_size, image_size, num_classes)
+    before = current_rss_mb()
+    step = common.train_step_fn(model, images, labels)
+    for _ in range(args.steps):
+        step()
+    print(json.dumps({"before_mb": before, "peak_mb": common.peak_rss_mb()}))
+
+
+def run_child(config, variant, args):
+    command = [
+        sys.executable, __file__, "--child", "--variant", variant,
+        "--configs", ":".join(str(c) for c in config),
+        "--steps", str(args.steps), "--threads", str(args.threads),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--configs", nargs="+", type=common.parse_config,
+        default=[("resnet32", 32, 128), ("resnet50", 224, 16)],
+        help="backbone:image_size:batch_size, e.g. resnet50:224:16.",
+    )
+    parser.add_argument("--steps", type=int, default=5,
+                        help="Training steps per run.")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="Runs per variant and configuration.")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="TF intra/inter-op threads (0: one per core).")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        args.config = args.configs[0]
+        child(args)
+        return
+
+    rows = []
+    for config in args.configs:
+        runs = {v: [] for v in VARIANTS}
+        for r in range(args.repeats):
+            for variant in VARIANTS if r % 2 == 0 else reversed(VARIANTS):
+                runs[variant].append(run_child(config, variant, args))
+        summary = {}
+        for variant in VARIANTS:
+            before = common.median([run["before_mb"] for run in runs[variant]])
+            peak = common.median([run["peak_mb"] for run in runs[variant]])
+            summary[variant] = (before, peak)
+        for variant in VARIANTS:
+            before, peak = summary[variant]
+            rows.append([
+                config[0],
+                f"{config[1]}x{config[1]}",
+                config[2],
+                variant,
+                f"{before:.0f}",
+                f"{peak:.0f}",
+                f"{peak - before:.0f}",
+                f"{peak / summary['BN'][1]:.3f}",
+                f"{(peak - before) / (summary['BN'][1] - summary['BN'][0]):.3f}",
+            ])
+    print()
+    print(common.machine_line(args.threads or "default"))
+    print(f"{args.steps} training steps per run, medians of {args.repeats} "
+          "runs per variant")
+    print(common.format_table(
+        ["model", "input", "batch", "variant", "RSS before training MiB",
+         "peak RSS MiB", "training increment MiB", "peak / BN",
+         "increment / BN"],
+        rows,
+    ))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import nbn_keras.data as nbn_data
+from nbn_keras.data import list_files
+
+SIZE = 32
+
+
+def _write_image(path, height, width, seed, fmt="jpeg"):
+    pixels = np.random.RandomState(seed).randint(0, 256, (height, width, 3)).astype(np.uint8)
+    encode = tf.io.encode_jpeg if fmt == "jpeg" else tf.io.encode_png
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tf.io.write_file(path, encode(pixels))
+
+
+@pytest.fixture()
+def image_root(tmp_path):
+    root = tmp_path / "images"
+    shapes = [(48, 64), (80, 40), (60, 60), (50, 70), (70, 50), (40, 90)]
+    lines = []
+    for i, (h, w) in enumerate(shapes):
+        name = f"train/class {i % 3}/img_{i}.jpg"
+        _write_image(str(root / name), h, w, seed=i)
+        lines.append(f"{name} {i % 3}")
+    _write_image(str(root / "val/a.png"), 50, 60, seed=9, fmt="png")
+    _write_image(str(root / "val/b.jpg"), 64, 48, seed=10)
+    (tmp_path / "train.txt").write_text("# comment\n" + "\n".join(lines) + "\n\n")
+    (tmp_path / "val.txt").write_text("val/a.png 0\nval/b.jpg 2\n")
+    return tmp_path
+
+
+def _load(root, **kwargs):
+    options = dict(train_list=str(root / "train.txt"), val_list=str(root / "val.txt"),
+                   image_root=str(root / "images"), image_size=SIZE)
+    return nbn_data.load("imagenet_lt", **{**options, **kwargs})
+
+
+def test_parse_list_file(image_root):
+    paths, labels, lines = list_files.parse_list_file(str(image_root / "train.txt"), "/r")
+    assert paths[0] == "/r/train/class 0/img_0.jpg"
+    assert labels.tolist() == [0, 1, 2, 0, 1, 2]
+    assert lines.tolist() == [2, 3, 4, 5, 6, 7]
+
+
+@pytest.mark.parametrize("bad_line", ["just_a_path.jpg", "img.jpg cat", "img.jpg -1"])
+def test_malformed_line_names_file_and_line(tmp_path, bad_line):
+    path = tmp_path / "list.txt"
+    path.write_text(f"a.jpg 0\nb.jpg 1\n{bad_line}\n")
+    with pytest.raises(ValueError, match=r"list\.txt, line 3"):
+        list_files.parse_list_file(str(path))
+
+
+def test_missing_image_names_file(image_root):
+    with open(image_root / "train.txt", "a") as f:
+        f.write("train/missing.jpg 1\n")
+    with pytest.raises(FileNotFoundError, match=r"missing\.jpg.*train\.txt, line 9"):
+        _load(image_root)
+
+
+def test_skip_counts_missing_and_undecodable(image_root):
+    (image_root / "images/train/broken.jpg").write_bytes(b"not an image at all")
+    with open(image_root / "train.txt", "a") as f:
+        f.write("train/missing.jpg 1\ntrain/broken.jpg 2\n")
+    data = _load(image_root, on_bad_image="skip")
+    assert len(data.train_split) == 6
+    assert [os.path.basename(p) for p in data.skipped["train"]] == ["missing.jpg", "broken.jpg"]
+    assert data.class_counts.tolist() == [2, 2, 2]
+
+
+def test_undecodable_image_error_names_file(image_root):
+    (image_root / "images/train/broken.jpg").write_bytes(b"not an image at all")
+    with open(image_root / "train.txt", "a") as f:
+        f.write("train/broken.jpg 2\n")
+    data = _load(image_root)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"broken\.jpg"):
+        list(nbn_data.make_eval_dataset(data, "train", batch_size=8))
+
+
+def test_jpeg_train_and_eval_pipelines(image_root, tmp_path):
+    data = _load(image_root)
+    assert data.num_classes == 3 and data.recipe == "imagenet"
+    assert data.test_split is data.val_split
+    assert data.mean == (0.485, 0.456, 0.406)
+    train = nbn_data.make_train_dataset(data, 4, sampler="class_balanced", epochs=2)
+    batches = list(train.as_numpy_iterator())
+    assert len(batches) == 2 * (6 // 4)
+    images, labels = batches[0]
+    assert images.shape == (4, SIZE, SIZE, 3) and images.dtype == np.float32
+    assert labels.dtype == np.int32
+    assert 0.0 <= images.min() and images.max() <= 255.0
+    evaluated = list(nbn_data.make_eval_dataset(data, "val", batch_size=8).as_numpy_iterator())
+    assert evaluated[0][0].shape == (2, SIZE, SIZE, 3)
+    assert evaluated[0][1].tolist() == [0, 2]
+    data.write_subset(str(tmp_path / "run"))
+    assert os.path.exists(tmp_path / "run" / "class_counts.json")
+
+
+def test_eval_transform_takes_the_centre(tmp_path):
+    # A 64x128 image, white in columns 32-95 and black elsewhere: the centre
+    # crop (56x56 at columns 36-91) sees only white.
+    pixels = np.zeros((64, 128, 3), np.uint8)
+    pixels[:, 32:96] = 255
+    tf.io.write_file(str(tmp_path / "c.png"), tf.io.encode_png(pixels))
+    (tmp_path / "l.txt").write_text("c.png 0\n")
+    data = nbn_data.load("inaturalist", train_list=str(tmp_path / "l.txt"),
+                         val_list=str(tmp_path / "l.txt"), image_root=str(tmp_path),
+                         image_size=16)
+    image, _ = next(iter(data.val))
+    np.testing.assert_allclose(image.numpy(), 255.0)
+    assert data.mean == (0.466, 0.471, 0.380)
+
+
+def test_bad_options(image_root):
+    with pytest.raises(ValueError, match="on_bad_image"):
+        _load(image_root, on_bad_image="ignore")
+    with pytest.raises(ValueError, match="recipe"):
+        _load(image_root, recipe="cifar")
+    with pytest.raises(ValueError, match="num_classes"):
+        _load(image_root, num_classes=2)

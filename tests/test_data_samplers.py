@@ -1,0 +1,97 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import nbn_keras.data as nbn_data
+from nbn_keras.data import samplers
+
+COUNTS = np.array([400, 200, 100, 50, 20, 10])
+LABELS = np.random.RandomState(0).permutation(np.repeat(np.arange(len(COUNTS)), COUNTS))
+
+
+def _draw(sampler, draws, **kwargs):
+    stream = samplers.index_stream(LABELS, sampler, **kwargs).take(draws).batch(draws)
+    return next(iter(stream)).numpy()
+
+
+def _assert_frequencies(indices, target):
+    draws = len(indices)
+    observed = np.bincount(LABELS[indices], minlength=len(target)) / draws
+    sigma = np.sqrt(target * (1 - target) / draws)
+    assert np.all(np.abs(observed - target) <= 4.5 * sigma + 1e-9), (observed, target)
+
+
+def test_instance_sees_every_example_once_per_pass():
+    indices = _draw("instance", 2 * len(LABELS))
+    for one_pass in np.split(indices, 2):
+        assert sorted(one_pass.tolist()) == list(range(len(LABELS)))
+    assert not np.array_equal(indices[: len(LABELS)], indices[len(LABELS):])
+
+
+@pytest.mark.parametrize("sampler", ["class_balanced", "sqrt"])
+def test_mixed_sampler_frequencies(sampler):
+    if sampler == "class_balanced":
+        target = np.full(len(COUNTS), 1.0 / len(COUNTS))
+    else:
+        target = np.array([c ** 0.5 for c in COUNTS])
+        target = target / target.sum()
+    indices = _draw(sampler, 12000)
+    _assert_frequencies(indices, target)
+    # Within a class, every image is used once before any is used twice.
+    tail = indices[LABELS[indices] == 5]
+    assert len(set(tail[:10].tolist())) == 10
+
+
+def test_progressive_moves_from_instance_to_class_balanced():
+    per_epoch, epochs = 6000, 4
+    indices = _draw("progressive", per_epoch * epochs, examples_per_epoch=per_epoch,
+                    epochs=epochs)
+    first, last = indices[:per_epoch], indices[-per_epoch:]
+    _assert_frequencies(first, COUNTS / COUNTS.sum())
+    _assert_frequencies(last, np.full(len(COUNTS), 1.0 / len(COUNTS)))
+    middle = indices[per_epoch: 2 * per_epoch]
+    target = (2 / 3) * (COUNTS / COUNTS.sum()) + (1 / 3) / len(COUNTS)
+    _assert_frequencies(middle, target)
+
+
+def test_progressive_needs_epochs():
+    with pytest.raises(ValueError, match="epochs"):
+        samplers.index_stream(LABELS, "progressive", examples_per_epoch=10)
+
+
+def test_unknown_sampler():
+    with pytest.raises(ValueError, match="sampler"):
+        samplers.index_stream(LABELS, "oversample")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return nbn_data.load("synthetic_lt", num_classes=5, n_max=40, imbalance_factor=10,
+                         image_size=8, recipe="cifar")
+
+
+@pytest.mark.parametrize("sampler", samplers.SAMPLERS)
+def test_train_dataset_epochs_static_shapes_and_determinism(data, sampler):
+    batch = 16
+    steps = nbn_data.steps_per_epoch(data, batch)
+    assert steps == len(data.train_split) // batch
+    make = lambda: nbn_data.make_train_dataset(data, batch, sampler=sampler, epochs=2, seed=7)
+    ds = make()
+    assert ds.element_spec[0].shape == (batch, 8, 8, 3)
+    assert ds.element_spec[1].shape == (batch,)
+    assert ds.element_spec[1].dtype == tf.int32
+    # The same seed gives the same batches in a freshly built pipeline.
+    first = list(ds.as_numpy_iterator())
+    second = list(make().as_numpy_iterator())
+    assert len(first) == 2 * steps
+    for (x1, y1), (x2, y2) in zip(first, second):
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(y1, y2)
+    assert 0.0 <= first[0][0].min() and first[0][0].max() <= 255.0
+
+
+def test_batch_size_errors(data):
+    with pytest.raises(ValueError, match="global_batch_size"):
+        nbn_data.make_train_dataset(data, 0)
+    with pytest.raises(ValueError, match="global_batch_size"):
+        nbn_data.make_train_dataset(data, 10 ** 6)

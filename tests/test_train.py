@@ -1,0 +1,255 @@
+"""The training command: every config, bad flags, resume, distribution."""
+
+import csv
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import flags
+
+from nbn_keras import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.cfg")))
+FLAGS = flags.FLAGS
+QUICK = ["--epochs=1", "--steps_per_epoch=1", "--verbose=0"]
+
+
+@pytest.fixture
+def parsed_flags():
+    """Parses a command line into the global flags, restoring them after."""
+
+    def parse(*argv):
+        FLAGS.unparse_flags()
+        FLAGS(["train", *argv])
+
+    yield parse
+    FLAGS.unparse_flags()
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def mock_cifar(num_classes, per_class):
+    """TFDS mock CIFAR with `per_class` training and 2 test images per class."""
+
+    def as_dataset(self, split, **kwargs):
+        size = num_classes * (per_class if str(split) == "train" else 2)
+        labels = np.arange(size) % num_classes
+        images = np.random.default_rng(0).integers(0, 256, (size, 32, 32, 3), np.uint8)
+        ids = [f"{split}_{i:05d}" for i in range(size)]
+        return tf.data.Dataset.from_tensor_slices(
+            {"image": images, "label": labels, "id": ids})
+
+    return tfds.testing.mock_data(as_dataset_fn=as_dataset)
+
+
+def write_jpeg_list_files(root, num_classes=3, per_class=2):
+    """A tiny ImageNet-LT-style image tree and its list files."""
+    rng = np.random.default_rng(0)
+    lines = []
+    for c in range(num_classes):
+        os.makedirs(os.path.join(root, f"class{c}"), exist_ok=True)
+        for i in range(per_class):
+            path = f"class{c}/{i}.jpg"
+            pixels = rng.integers(0, 256, (40, 48, 3), np.uint8)
+            tf.io.write_file(os.path.join(root, path), tf.io.encode_jpeg(pixels))
+            lines.append(f"{path} {c}")
+    list_file = os.path.join(root, "list.txt")
+    with open(list_file, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return [f"--image_root={root}", f"--train_list={list_file}",
+            f"--val_list={list_file}", f"--test_list={list_file}"]
+
+
+def data_overrides(config, tmp_path):
+    name = os.path.basename(config)
+    if name.startswith("imagenet_lt"):
+        return write_jpeg_list_files(str(tmp_path / "images")) + [
+            "--global_batch_size=2"]
+    if name.startswith("cifar"):
+        # Small head class so a mock split holds every class (tail >= 1).
+        return ["--n_max=100", "--global_batch_size=16"]
+    return []
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=os.path.basename)
+def test_every_config_trains_and_reports(config, tmp_path, parsed_flags):
+    parsed_flags(f"--flagfile={config}", f"--run_dir={tmp_path}/run",
+                 f"--export_dir={tmp_path}/export", "--noexport",
+                 *QUICK, *data_overrides(config, tmp_path))
+    name = os.path.basename(config)
+    num_classes = 100 if name.startswith("cifar100") else 10
+    if name.startswith("cifar"):
+        with mock_cifar(num_classes, per_class=100):
+            figures = train.run(FLAGS.run_dir)
+    else:
+        figures = train.run(FLAGS.run_dir)
+    assert figures["steps_trained"] == 1
+    run_dir = tmp_path / "run"
+    assert json.loads((run_dir / "test_metrics.json").read_text())["overall"] == figures["overall"]
+    resolved = (run_dir / "flags.cfg").read_text()
+    assert f"--run_dir={tmp_path}/run" in resolved
+    assert ("--nbn\n" in resolved) == name.endswith("_nbn.cfg")
+    assert (run_dir / "model.keras").exists()
+    assert (run_dir / "class_counts.json").exists()
+
+
+def test_resolved_flags_reproduce_the_run(tmp_path, parsed_flags):
+    config = os.path.join(REPO, "configs", "digits_lt_nbn.cfg")
+    parsed_flags(f"--flagfile={config}", f"--run_dir={tmp_path}/a", "--noexport",
+                 "--epochs=1", "--steps_per_epoch=2", "--verbose=0")
+    first = train.run(FLAGS.run_dir)
+    parsed_flags(f"--flagfile={tmp_path}/a/flags.cfg", f"--run_dir={tmp_path}/b")
+    second = train.run(FLAGS.run_dir)
+    assert first["per_class"] == second["per_class"]
+
+
+def run_command(*argv, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "nbn_keras.train", *argv],
+                          capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data=mnist_lt"], "--data"),
+    (["--imbalance_factor=-5"], "--imbalance_factor must be >= 1"),
+    (["--backbone=resnet7"], "--backbone"),
+    (["--data=cifar10_lt", "--data_dir=/no/such/dir"], "--data_dir does not exist"),
+    (["--data=imagenet_lt"], "need an existing --image_root"),
+    (["--lr_drop_epochs=160", "--lr_drop_factors=0.1,0.01"], "--lr_drop_epochs"),
+])
+def test_bad_flags_fail_before_any_work(tmp_path, argv, message):
+    result = run_command(f"--run_dir={tmp_path}/run", *argv)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_flagfile_fails_cleanly(tmp_path):
+    flagfile = tmp_path / "bad.cfg"
+    flagfile.write_text("--data=digits_lt\n--epochs=ten\n")
+    result = run_command(f"--flagfile={flagfile}", f"--run_dir={tmp_path}/run")
+    assert result.returncode != 0
+    assert "--epochs" in result.stderr and "ten" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def read_history(run_dir):
+    with open(os.path.join(run_dir, "history.csv"), newline="") as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f)]
+
+
+def test_killed_run_resumes_with_the_right_step_count(tmp_path):
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "nbn_keras.train",
+            f"--flagfile={REPO}/configs/digits_lt_nbn.cfg", f"--run_dir={run_dir}",
+            "--noexport", "--epochs=6", "--steps_per_epoch=3", "--verbose=0"]
+    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if (run_dir / "history.csv").exists() and len(read_history(run_dir)) >= 2:
+            break
+        time.sleep(0.1)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = len(read_history(run_dir))
+    assert 2 <= killed_at < 6
+
+    result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads((run_dir / "test_metrics.json").read_text())
+    assert figures["steps_trained"] == 6 * 3
+    epochs = read_history(run_dir)
+    # The second run started where the backup stood, not at epoch 0.
+    assert epochs[-1] == 5 and epochs.count(0) == 1
+    assert not (run_dir / "backup").exists()
+
+
+DISTRIBUTED_SCRIPT = """
+import sys
+import tensorflow as tf
+if sys.argv[1] == "2":
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from absl import app
+from nbn_keras import train
+app.run(train.main, argv=["train"] + sys.argv[2:])
+"""
+
+
+def test_mirrored_strategy_on_two_devices(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", DISTRIBUTED_SCRIPT, "2",
+         f"--flagfile={REPO}/configs/digits_lt_nbn.cfg", f"--run_dir={tmp_path}/run",
+         f"--export_dir={tmp_path}/export", "--epochs=1", "--steps_per_epoch=2",
+         "--verbose=0"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 replica(s)" in result.stderr
+    figures = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
+    assert figures["steps_trained"] == 2
+    assert (tmp_path / "export" / "digits_lt_nbn" / "1" / "saved_model.pb").exists()
+
+
+def test_global_batch_not_divisible_by_replicas(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", DISTRIBUTED_SCRIPT, "2", "--global_batch_size=63",
+         f"--run_dir={tmp_path}/run"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "--global_batch_size=63 is not divisible by the 2 replicas" in result.stderr
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_multi_worker_mirrored_strategy_on_localhost(tmp_path):
+    workers = [f"localhost:{port}" for port in free_ports(2)]
+    processes = []
+    for index in range(2):
+        env = dict(os.environ, TF_CONFIG=json.dumps(
+            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
+        processes.append(subprocess.Popen(
+            [sys.executable, "-c", DISTRIBUTED_SCRIPT, "1",
+             f"--flagfile={REPO}/configs/digits_lt_nbn.cfg", f"--run_dir={tmp_path}/run",
+             "--noexport", "--epochs=1", "--steps_per_epoch=2", "--verbose=0"],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=300) for p in processes]
+    for process, (_, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stderr[-3000:]
+    assert "2 replica(s)" in outputs[0][1]
+    figures = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
+    assert figures["steps_trained"] == 2
+    assert (tmp_path / "run" / "workers" / "1" / "flags.cfg").exists()
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    # A sane first epoch, then a learning rate that makes the loss diverge.
+    result = run_command(
+        f"--flagfile={REPO}/configs/digits_lt_nbn.cfg", f"--run_dir={run_dir}",
+        "--noexport", "--epochs=3", "--steps_per_epoch=2", "--warmup_epochs=0",
+        "--lr_drop_epochs=1", "--lr_drop_factors=1e30", "--verbose=0")
+    assert result.returncode != 0
+    assert "last good checkpoint is kept" in result.stderr
+    assert read_history(run_dir) == [0]
+    assert os.listdir(run_dir / "backup")
