@@ -2,7 +2,7 @@
 
 Only the standard library is imported at module level, so the PyTorch
 worker of `torch_reference.py` (which runs in a venv without TensorFlow) can
-use the timing helpers too. TensorFlow and nbn_keras are imported inside the
+import it too. TensorFlow and nbn_keras are imported inside the
 functions that need them.
 """
 
@@ -28,15 +28,19 @@ CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
 
 def cpu_model():
-    """The CPU model name from /proc/cpuinfo, or the platform's guess."""
+    """The CPU model name (and family) from /proc/cpuinfo, if readable."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+        return platform.processor() or "unknown CPU"
+    return (
+        f"{fields.get('model name', 'unknown CPU')} (family "
+        f"{fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
+    )
 
 
 def machine_line(threads):

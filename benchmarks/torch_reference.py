@@ -18,8 +18,10 @@ frameworks never share a process, and both get `--threads` intra-op and
 inter-op threads.
 
 The variants are timed in alternating rounds (ours, theirs, theirs, ours,
-...); the table gives the median step time and throughput of each and the
-median of the per-round throughput ratios against their model.
+...); the table gives the median step time (wall clock and CPU time of all
+threads) and throughput of each, and the median of the per-round throughput
+ratios against their model, from wall time and from CPU time (steadier when
+other processes share the cores).
 
 Run (from the repository root; the checkout is not part of this repo):
 
@@ -101,10 +103,13 @@ def torch_worker(args):
     for line in sys.stdin:
         command = line.split()
         if command[0] == "run":
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             for _ in range(int(command[1])):
                 step()
-            print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
+            print(json.dumps({
+                "seconds": time.perf_counter() - start,
+                "cpu_seconds": time.process_time() - start_cpu,
+            }), flush=True)
         else:
             print(json.dumps({"peak_rss_mb": common.peak_rss_mb()}), flush=True)
             return
@@ -139,9 +144,10 @@ class TorchWorker:
         return json.loads(line)
 
     def run(self, steps):
+        """Runs `steps` steps; returns their CPU time in the worker."""
         self.process.stdin.write(f"run {steps}\n")
         self.process.stdin.flush()
-        return self._read()["seconds"]
+        return float(self._read()["cpu_seconds"])
 
     def close(self):
         self.process.stdin.write("quit\n")
@@ -202,9 +208,9 @@ def driver(args):
         )
 
     order = list(keras_variants) + list(workers)
-    step_time = min(common.interleaved_timings(steps, 1, 1).values(), key=min)[0]
+    step_time = min(common.interleaved_timings(steps, 1, 1)[0].values())[0]
     per_round = max(1, round(args.round_seconds / step_time))
-    times = common.interleaved_timings(
+    wall, cpu = common.interleaved_timings(
         {name: steps[name] for name in order}, args.rounds, per_round
     )
     peaks = {name: worker.close() for name, worker in workers.items()}
@@ -212,16 +218,18 @@ def driver(args):
     rows = []
     for name in order:
         stack, nbn_layers, params = described[name]
-        seconds = common.median(times[name])
+        seconds = common.median(wall[name])
         rows.append([
             name,
             stack,
             nbn_layers,
             f"{params:,}",
             f"{seconds:.2f}",
+            f"{common.median(cpu[name]):.2f}",
             f"{args.batch_size / seconds:.2f}",
-            f"{common.paired_ratio(times, REFERENCE, name):.2f}",
-            f"{100 * common.spread(times[name]):.0f}%",
+            f"{common.paired_ratio(wall, REFERENCE, name):.2f}",
+            f"{common.paired_ratio(cpu, REFERENCE, name):.2f}",
+            f"{100 * common.spread(wall[name]):.0f}%",
         ])
     print()
     print(common.machine_line(args.threads))
@@ -233,8 +241,9 @@ def driver(args):
     )
     print(common.format_table(
         ["implementation", "stack", "NBN layers", "trainable params",
-         "s/step", "img/s", "throughput / authors' (paired median)",
-         "spread"],
+         "s/step", "CPU s/step", "img/s",
+         "throughput / authors' (wall, paired median)",
+         "same, from CPU time", "wall spread"],
         rows,
     ))
     print("peak RSS of the PyTorch workers (MiB): " + ", ".join(

@@ -1,4 +1,4 @@
-"""Choosing the tf.distribute strategy of a training run."""
+"""Choosing the tf.distribute strategy of a training run, and fitting to it."""
 
 import json
 import os
@@ -38,7 +38,9 @@ def make_strategy(single_device=False):
         A `tf.distribute.Strategy`.
     """
     workers = cluster_workers()
-    gpus = tf.config.list_logical_devices("GPU")
+    # Physical devices only: listing logical ones initialises the runtime,
+    # after which MultiWorkerMirroredStrategy can no longer be created.
+    gpus = tf.config.list_physical_devices("GPU")
     if single_device:
         if workers > 1 or len(gpus) > 1:
             raise ValueError(
@@ -50,7 +52,7 @@ def make_strategy(single_device=False):
         return tf.distribute.get_strategy()
     if workers > 1:
         return tf.distribute.MultiWorkerMirroredStrategy()
-    devices = gpus or tf.config.list_logical_devices("CPU")
+    devices = tf.config.list_logical_devices("GPU" if gpus else "CPU")
     return tf.distribute.MirroredStrategy([device.name for device in devices])
 
 
@@ -63,3 +65,33 @@ def is_chief(strategy):
         resolver.task_type == "worker" and resolver.task_id == 0
         and "chief" not in resolver.cluster_spec().as_dict()
     )
+
+
+def adapt_to_multi_worker(model, sample_batch):
+    """Lets a compiled Keras 3.15 model `fit` under MultiWorkerMirroredStrategy.
+
+    Keras reduces two things across workers with `strategy.reduce(...,
+    axis=0)`, which fails there (tensorflow/tensorflow#72388):
+    - the sample batch `fit` builds metrics from: only its shapes matter, so
+      build from a local batch and skip that step;
+    - the scalar logs of each step ("Invalid reduction dimension 0 for input
+      with 0 dimensions"): give them a leading axis of 1, so the mean over
+      replicas is the scalar itself.
+
+    Call it inside `strategy.scope()` after `compile`.
+
+    Args:
+        model: A compiled Keras model.
+        sample_batch: One `(inputs, labels)` batch of the training data.
+    """
+    model._symbolic_build(data_batch=sample_batch)
+    model._maybe_symbolic_build = lambda *args, **kwargs: None
+    for name in ("train_step", "test_step"):
+        setattr(model, name, _with_batched_logs(getattr(model, name)))
+
+
+def _with_batched_logs(step):
+    def step_with_batched_logs(data):
+        return {key: tf.reshape(value, [1]) for key, value in step(data).items()}
+
+    return step_with_batched_logs

@@ -350,6 +350,9 @@ def run(run_dir):
                       loss=build_loss(class_counts),
                       metrics=fit_metrics(class_counts),
                       jit_compile=FLAGS.xla)
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        with strategy.scope():
+            distribute.adapt_to_multi_worker(model, next(iter(train_ds)))
     try:
         model.fit(train_ds, epochs=FLAGS.epochs, steps_per_epoch=steps,
                   validation_data=val_ds, shuffle=False,
@@ -363,17 +366,15 @@ def run(run_dir):
             f"{os.path.join(run_dir, 'backup')} and the best model so far in "
             f"{os.path.join(run_dir, 'best.keras')}.") from None
 
+    if not chief:
+        return None  # The chief reports and exports.
     steps_trained = int(model.optimizer.iterations.numpy())
     best_path = os.path.join(run_dir, "best.keras")
     if os.path.exists(best_path):
         model = keras.models.load_model(best_path)
-    model_path = os.path.join(run_dir, "model.keras")
-    if chief:
-        model.save(model_path)
+    model.save(os.path.join(run_dir, "model.keras"))
     figures = report.evaluate(model, data, FLAGS.many_threshold, FLAGS.few_threshold)
     figures["steps_trained"] = steps_trained
-    if not chief:
-        return figures
     report.write(figures, run_dir)
     print(report.table(figures))
     if FLAGS.export:
@@ -392,8 +393,9 @@ def main(argv):
     try:
         run(FLAGS.run_dir)
     except (ValueError, FileNotFoundError) as error:
-        # Bad data or options found once loading starts: one clear line.
-        logging.error("%s", error)
+        # Bad data or options found once loading starts: one clear line
+        # (the traceback with --verbosity=1).
+        logging.debug("Traceback:", exc_info=True)
         print(f"Error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -224,18 +224,25 @@ def free_ports(count):
 
 def test_multi_worker_mirrored_strategy_on_localhost(tmp_path):
     workers = [f"localhost:{port}" for port in free_ports(2)]
-    processes = []
+    processes, logs = [], []
     for index in range(2):
         env = dict(os.environ, TF_CONFIG=json.dumps(
             {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
-        processes.append(subprocess.Popen(
-            [sys.executable, "-c", DISTRIBUTED_SCRIPT, "1",
-             f"--flagfile={REPO}/configs/digits_lt_nbn.cfg", f"--run_dir={tmp_path}/run",
-             "--noexport", "--epochs=1", "--steps_per_epoch=2", "--verbose=0"],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outputs = [p.communicate(timeout=300) for p in processes]
-    for process, (_, stderr) in zip(processes, outputs):
-        assert process.returncode == 0, stderr[-3000:]
+        # Files, not pipes: a worker blocked on a full pipe stalls the other
+        # in a collective.
+        logs.append(tmp_path / f"worker{index}.log")
+        with open(logs[-1], "w") as log:
+            processes.append(subprocess.Popen(
+                [sys.executable, "-c", DISTRIBUTED_SCRIPT, "1",
+                 f"--flagfile={REPO}/configs/digits_lt_nbn.cfg",
+                 f"--run_dir={tmp_path}/run", "--noexport", "--epochs=1",
+                 "--steps_per_epoch=2", "--verbose=0"],
+                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+    for process in processes:
+        process.wait(timeout=300)
+    outputs = [(None, log.read_text()) for log in logs]
+    for process, (_, output) in zip(processes, outputs):
+        assert process.returncode == 0, output[-3000:]
     assert "2 replica(s)" in outputs[0][1]
     figures = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
     assert figures["steps_trained"] == 2
