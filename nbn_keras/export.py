@@ -31,10 +31,9 @@ import keras
 import tensorflow as tf
 
 from nbn_keras.conversion import fold_nbn
+from nbn_keras.data import transforms
 
 RESIZE_MODES = ("auto", "crop", "resize")
-# Eval-time "resize 256, centre crop 224" of the ImageNet recipes.
-CROP_FRACTION = 224 / 256
 # Models at least this large (in both H and W) get "crop" under "auto".
 AUTO_CROP_MIN_SIZE = 128
 
@@ -58,10 +57,11 @@ def decode_and_resize(image_bytes, height, width, channels, resize_mode):
     RGB converted to grey, alpha dropped) with pixel values in [0, 255].
     With `resize_mode="resize"` it is resized to `height x width`, its
     aspect ratio not kept; an image already of that size is left unchanged.
-    With `"crop"` it is resized so that it covers `height / 0.875 x
-    width / 0.875` (for a square model: the shorter side to `H * 256 / 224`),
-    aspect ratio kept, and the central `height x width` is cut out: the
-    ImageNet evaluation transform. Resizing is bilinear with antialiasing.
+    Resizing there is bilinear with antialiasing. With `"crop"` the
+    training pipeline's evaluation transform is applied exactly (see
+    `nbn_keras.data.transforms.center_crop_resize`): the central square of
+    side `short side * 224 / 256` is cut out and resized, bilinear, to
+    `height x width` ("resize 256, centre crop 224").
 
     Args:
         image_bytes: A scalar string tensor.
@@ -88,16 +88,11 @@ def decode_and_resize(image_bytes, height, width, channels, resize_mode):
         )
     if resize_mode != "crop":
         raise ValueError(f"Unknown resize_mode '{resize_mode}'.")
-    cover_h = round(height / CROP_FRACTION)
-    cover_w = round(width / CROP_FRACTION)
-    h_f, w_f = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
-    scale = tf.maximum(cover_h / h_f, cover_w / w_f)
-    new_h = tf.maximum(tf.cast(tf.round(h_f * scale), tf.int32), cover_h)
-    new_w = tf.maximum(tf.cast(tf.round(w_f * scale), tf.int32), cover_w)
-    image = tf.image.resize(image, tf.stack([new_h, new_w]), antialias=True)
-    top = (new_h - height) // 2
-    left = (new_w - width) // 2
-    image = image[top : top + height, left : left + width]
+    # The evaluation transform of the data pipeline, exactly: crop the
+    # central square first, then resize (bilinear, no antialiasing).
+    y, x, side, _ = tf.unstack(transforms.center_crop_window(h, w))
+    image = tf.image.crop_to_bounding_box(image, y, x, side, side)
+    image = tf.image.resize(image, [height, width], method="bilinear")
     image.set_shape([height, width, channels])
     return image
 

@@ -252,7 +252,9 @@ def build_loss(class_counts):
     if FLAGS.loss == "logit_adjusted":
         options["tau"] = FLAGS.logit_adjust_tau
     elif FLAGS.loss == "ldam_drw":
-        options["drw_start_epoch"] = FLAGS.drw_epoch
+        # The head is a plain linear layer, so margins are subtracted from
+        # unscaled logits, as in the reference code (not s * logits).
+        options.update(drw_start_epoch=FLAGS.drw_epoch, scale_logits=False)
     return losses.build_loss(FLAGS.loss, class_counts, **options)
 
 

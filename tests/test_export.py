@@ -227,10 +227,11 @@ def test_crop_mode_geometry():
     image = rng.integers(0, 256, size=(40, 60, 3), dtype=np.uint8)
     data = tf.io.encode_png(image)
     out = export.decode_and_resize(data, 16, 16, 3, "crop")
-    # Shorter side 40 -> round(16 * 256 / 224) = 18, so 40x60 -> 18x27;
-    # the central 16x16 starts at row 1, column 5.
-    scaled = tf.image.resize(image.astype("float32"), [18, 27], antialias=True)
-    np.testing.assert_allclose(out, scaled[1:17, 5:21], atol=1e-4)
+    # Shorter side 40: the central square of side round(40 * 224 / 256) = 35
+    # starts at row (40 - 35) // 2 = 2, column (60 - 35) // 2 = 12, and is
+    # resized (bilinear) to 16x16.
+    window = image[2:37, 12:47].astype("float32")
+    np.testing.assert_allclose(out, tf.image.resize(window, [16, 16]), atol=1e-4)
     grey = export.decode_and_resize(data, 16, 16, 1, "resize")
     assert grey.shape == (16, 16, 1)
 
@@ -294,3 +295,15 @@ def test_command_line_exports_a_keras_file(tmp_path):
     outputs = served.signatures["serving_default"](images=tf.constant(images))
     np.testing.assert_allclose(outputs["logits"], predict(model, images),
                                atol=1e-5)
+
+
+def test_crop_mode_matches_the_evaluation_pipeline(tmp_path):
+    """Serving bytes get exactly the data pipeline's evaluation transform."""
+    from nbn_keras.data import transforms as data_transforms
+
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (300, 420, 3), dtype=np.uint8)
+    png = tf.io.encode_png(pixels)
+    served = export.decode_and_resize(png, 224, 224, 3, "crop")
+    pipeline = data_transforms.center_crop_resize(png, tf.constant(False), 224)
+    np.testing.assert_allclose(served.numpy(), pipeline.numpy(), atol=1e-4)

@@ -119,13 +119,18 @@ def random_resized_crop(data, is_jpeg, seed, size,
     return tf.image.resize(image, [size, size], method="bilinear")
 
 
+def center_crop_window(height, width, resize_ratio=EVAL_RESIZE_RATIO):
+    """`[y, x, side, side]` of the central square that "resize the short side
+    to size * ratio, centre-crop size" keeps, in original pixels."""
+    short = tf.cast(tf.minimum(height, width), tf.float32)
+    crop = tf.maximum(tf.cast(tf.round(short / resize_ratio), tf.int32), 1)
+    return tf.stack([(height - crop) // 2, (width - crop) // 2, crop, crop])
+
+
 def center_crop_resize(data, is_jpeg, size, resize_ratio=EVAL_RESIZE_RATIO):
     """Equivalent of "resize short side to size*ratio, centre-crop size"."""
     shape = encoded_shape(data, is_jpeg)
-    height, width = shape[0], shape[1]
-    short = tf.cast(tf.minimum(height, width), tf.float32)
-    crop = tf.maximum(tf.cast(tf.round(short / resize_ratio), tf.int32), 1)
-    window = tf.stack([(height - crop) // 2, (width - crop) // 2, crop, crop])
+    window = center_crop_window(shape[0], shape[1], resize_ratio)
     image = decode_crop(data, is_jpeg, window)
     return tf.image.resize(image, [size, size], method="bilinear")
 
