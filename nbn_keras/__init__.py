@@ -5,7 +5,8 @@ Importing the package registers its layers with Keras, so
 (or pass `custom_objects=nbn_keras.custom_objects()`).
 """
 
-from nbn_keras import backbones
+import importlib
+
 from nbn_keras.conversion import convert_to_nbn
 from nbn_keras.conversion import fold_nbn
 from nbn_keras.conversion import select_bn_layers
@@ -13,6 +14,14 @@ from nbn_keras.layers import NBNScale
 from nbn_keras.layers import NormalizedBatchNormalization
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Backbones need KerasCV (and so TensorFlow); the layer and the
+    # conversion run on any Keras backend, so they are imported lazily.
+    if name == "backbones":
+        return importlib.import_module("nbn_keras.backbones")
+    raise AttributeError(f"module 'nbn_keras' has no attribute '{name}'")
 
 
 def custom_objects():

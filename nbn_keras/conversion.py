@@ -195,17 +195,15 @@ def convert_to_nbn(
             "gamma and beta, cannot keep every layer's magnitudes."
         )
     model = _as_functional(model)
-    selected = select_bn_layers(model, selection, stages)
+    selected_ids = {id(layer) for layer in select_bn_layers(model, selection, stages)}
     shared = scale_sharing == "model"
     if shared:
-        _check_single_graph(model, selected)
+        _check_single_graph(model, selected_ids)
         if any(l.name == SCALE_LAYER_NAME for l, _ in _walk(model)):
             raise ValueError(
                 f"Model '{model.name}' already has a layer named "
                 f"'{SCALE_LAYER_NAME}'."
             )
-
-    selected_ids = {id(layer) for layer in selected}
 
     def make_nbn(layer):
         config = layer.get_config()
@@ -310,10 +308,10 @@ def _as_functional(model):
     return model
 
 
-def _check_single_graph(model, selected):
+def _check_single_graph(model, selected_ids):
     """A shared scale is one graph edge, so all its layers need one graph."""
     parents = {id(parent): parent for layer, parent in _walk(model)
-               if any(layer is s for s in selected)}
+               if id(layer) in selected_ids}
     if len(parents) > 1:
         names = sorted(p.name for p in parents.values())
         raise ValueError(

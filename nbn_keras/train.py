@@ -15,6 +15,7 @@ rerunning the same command, `best.keras` chosen on the validation split),
 """
 
 import os
+import shutil
 import sys
 
 from absl import app
@@ -116,6 +117,10 @@ flags.DEFINE_string("model_name", None,
                     "Name of the served model (default: the run directory's name).")
 flags.DEFINE_boolean("export", True, "Export a SavedModel for TF Serving at the end.")
 flags.DEFINE_integer("verbose", 1, "Keras progress output: 0, 1 (bar) or 2.")
+flags.DEFINE_boolean("pictures", True,
+                     "Write pictures of the trained model (BN magnitudes, "
+                     "per-class accuracy, Grad-CAM) to <run_dir>/pictures and "
+                     "TensorBoard.")
 
 FLAGS = flags.FLAGS
 
@@ -372,13 +377,25 @@ def run(run_dir):
         return None  # The chief reports and exports.
     steps_trained = int(model.optimizer.iterations.numpy())
     best_path = os.path.join(run_dir, "best.keras")
+    model_path = os.path.join(run_dir, "model.keras")
     if os.path.exists(best_path):
         model = keras.models.load_model(best_path)
-    model.save(os.path.join(run_dir, "model.keras"))
+        shutil.copyfile(best_path, model_path)
+    else:
+        model.save(model_path)
     figures = report.evaluate(model, data, FLAGS.many_threshold, FLAGS.few_threshold)
     figures["steps_trained"] = steps_trained
     report.write(figures, run_dir)
     print(report.table(figures))
+    if FLAGS.pictures:
+        from nbn_keras import plots
+
+        try:  # Pictures are a by-product: they must not fail a finished run.
+            plots.write_run_pictures(
+                model, data, figures, run_dir, step=steps_trained,
+                tensorboard_dir=os.path.join(run_dir, "tensorboard", "pictures"))
+        except Exception as error:  # pylint: disable=broad-except
+            logging.warning("Could not write the run's pictures: %s", error)
     if FLAGS.export:
         from nbn_keras.export import export_for_serving
 
