@@ -22,6 +22,18 @@ def unit_direction(vector, norm_epsilon=NORM_EPSILON):
     return vector / (norm + norm_epsilon)
 
 
+def _add_scale_weight(layer, name):
+    """A float32 scalar scale of `layer`, from its alpha initializer."""
+    return layer.add_weight(
+        shape=(),
+        name=name,
+        initializer=layer.alpha_initializer,
+        regularizer=layer.alpha_regularizer,
+        trainable=True,
+        autocast=False,
+    )
+
+
 def _split_scale(scale, separate_scales):
     if separate_scales:
         return scale[0], scale[1]
@@ -165,20 +177,10 @@ class NormalizedBatchNormalization(keras.layers.BatchNormalization):
         if self.shared_scale:
             return
         if self.separate_scales:
-            self.gamma_alpha = self._add_scale("gamma_alpha")
-            self.beta_alpha = self._add_scale("beta_alpha")
+            self.gamma_alpha = _add_scale_weight(self, "gamma_alpha")
+            self.beta_alpha = _add_scale_weight(self, "beta_alpha")
         else:
-            self.alpha = self._add_scale("alpha")
-
-    def _add_scale(self, name):
-        return self.add_weight(
-            shape=(),
-            name=name,
-            initializer=self.alpha_initializer,
-            regularizer=self.alpha_regularizer,
-            trainable=True,
-            autocast=False,
-        )
+            self.alpha = _add_scale_weight(self, "alpha")
 
     def effective_parameters(self, scale=None, dtype="float32"):
         """Returns `(gamma_eff, beta_eff)`, `None` for a disabled one.
@@ -320,17 +322,7 @@ class NBNScale(keras.layers.Layer):
         self.alpha_initializer = keras.initializers.get(alpha_initializer)
         self.alpha_regularizer = keras.regularizers.get(alpha_regularizer)
         names = ("gamma_alpha", "beta_alpha") if self.separate_scales else ("alpha",)
-        self.scales = [
-            self.add_weight(
-                shape=(),
-                name=name,
-                initializer=self.alpha_initializer,
-                regularizer=self.alpha_regularizer,
-                trainable=True,
-                autocast=False,
-            )
-            for name in names
-        ]
+        self.scales = [_add_scale_weight(self, name) for name in names]
         self.built = True
 
     def call(self, inputs):
