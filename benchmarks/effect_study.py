@@ -26,7 +26,10 @@ of channels that go to a many-shot class ("few/many strength").
 
 Runs go seed by seed (all settings of seed 0, then seed 1, ...), and a new
 seed is started only if the budget allows it, so every cell of the table has
-the same seeds.
+the same seeds. A run directory that holds a finished run with the same
+training flags (`flags.cfg`, `test_metrics.json`, `model.keras`) is not
+trained again, so a study stopped by its budget continues where it stopped
+when run again with more seeds.
 
 Run (from the repository root):
 
@@ -84,7 +87,11 @@ def run_name(data, imbalance_factor, variant, seed):
 
 
 def train_one(args, data, imbalance_factor, variant, seed):
-    """Trains one model with `nbn_keras.train.run`; returns figures and dir."""
+    """Trains one model with `nbn_keras.train.run`.
+
+    Returns:
+        `(figures, run_dir, reused)`.
+    """
     import keras
     from absl import flags
     from nbn_keras import train
@@ -98,12 +105,29 @@ def train_one(args, data, imbalance_factor, variant, seed):
         argv += _scaled_schedule(args.epochs)
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["train", *argv])
+    finished = _finished_run(run_dir, [
+        f.serialize() for f in flags.FLAGS.get_flags_for_module(train)])
+    if finished is not None:
+        return finished, run_dir, True
     keras.backend.clear_session()
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "train.log"), "w") as log, \
             contextlib.redirect_stdout(log):
         figures = train.run(run_dir)
-    return figures, run_dir
+    return figures, run_dir, False
+
+
+def _finished_run(run_dir, flag_lines):
+    """The figures of a finished run with all of `flag_lines`, else `None`."""
+    paths = [os.path.join(run_dir, name)
+             for name in ("flags.cfg", "test_metrics.json", "model.keras")]
+    if not all(os.path.exists(p) for p in paths):
+        return None
+    with open(paths[0]) as f:
+        if not set(flag_lines) - {""} <= set(f.read().splitlines()):
+            return None
+    with open(paths[1]) as f:
+        return json.load(f)
 
 
 def _scaled_schedule(epochs, config_epochs=30, drops=(24, 27)):
@@ -278,7 +302,8 @@ def main():
         for data, imbalance_factor in settings(args):
             for variant in VARIANTS:
                 run_start = time.time()
-                figures, run_dir = train_one(args, data, imbalance_factor, variant, seed)
+                figures, run_dir, reused = train_one(
+                    args, data, imbalance_factor, variant, seed)
                 model = keras.models.load_model(
                     os.path.join(run_dir, "model.keras"), compile=False)
                 scales = scale_variables(model)
@@ -291,7 +316,7 @@ def main():
                         flags.FLAGS.few_threshold),
                     "alpha": (float(np.asarray(next(iter(scales.values()))))
                               if scales else None),
-                    "seconds": time.time() - run_start,
+                    "seconds": None if reused else time.time() - run_start,
                 })
                 print(f"{run_name(data, imbalance_factor, variant, seed)}: overall "
                       f"{figures['overall']:.1f} few {figures['few']:.1f} "
@@ -302,9 +327,11 @@ def main():
     table = summarise(records, seeds_done)
     pictures = write_pictures(args, records, args.out_dir)
     minutes = (time.time() - start) / 60
+    reused_count = sum(r["seconds"] is None for r in records)
     header = (f"# NBN against BN: effect study\n\n"
               f"`python benchmarks/effect_study.py {' '.join(sys.argv[1:])}`, "
-              f"{len(records)} runs, {minutes:.1f} min wall. "
+              f"{len(records)} runs ({reused_count} reused from an earlier "
+              f"invocation), {minutes:.1f} min wall. "
               f"{common.machine_line(os.cpu_count())}\n\n")
     with open(os.path.join(args.out_dir, "effect_study.md"), "w") as f:
         f.write(header + table + "\n")

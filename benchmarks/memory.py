@@ -3,12 +3,20 @@
 Each measurement is a fresh subprocess that builds the classifier and its
 NBN copy (as `train_step.py` does), keeps one of the two, compiles it
 (cross-entropy, SGD with momentum 0.9) and runs `--steps` training steps on
-a random batch. It reports its resident set size just before training and
-its peak resident set size at the end (`getrusage(RUSAGE_SELF).ru_maxrss`,
-Linux, which includes TensorFlow's own footprint). TensorFlow's
-`get_memory_info` does not support CPU devices, so the process RSS is the
-measure here. Runs alternate BN, NBN, NBN, BN, ... and the table gives
-medians over `--repeats` runs of each.
+a random batch. It reports two peaks:
+
+- TF allocator: the peak bytes of live tensors on `CPU:0` during the
+  training steps after the first (`tf.config.experimental.get_memory_info`,
+  reset after the first step, which also builds the optimizer);
+- peak RSS: the process's peak resident set size at the end
+  (`getrusage(RUSAGE_SELF).ru_maxrss`, Linux), which includes TensorFlow
+  itself, the model and the allocator's unreturned memory; the RSS just
+  before training is shown too.
+
+Both depend on the order in which TensorFlow runs independent ops, which
+varies from run to run with several inter-op threads, so runs are repeated
+(alternating BN, NBN, NBN, BN, ...) and the table gives the median and the
+range of each variant.
 
 Run (from the repository root):
 
@@ -40,7 +48,13 @@ def current_rss_mb():
 
 def child(args):
     """Runs the training steps of one variant; prints one JSON line."""
+    import tensorflow as tf
+
     common.set_tf_threads(args.threads)
+    if args.inter_op_threads:
+        tf.config.threading.set_inter_op_parallelism_threads(
+            args.inter_op_threads
+        )
     name, image_size, batch_size = args.config
     _, _, num_classes = common.model_sizes(name)
     bn, nbn = common.build_bn_and_nbn(name, image_size, num_classes)
@@ -51,9 +65,16 @@ def child(args):
     images, labels = common.random_batch(batch_size, image_size, num_classes)
     before = current_rss_mb()
     step = common.train_step_fn(model, images, labels)
-    for _ in range(args.steps):
+    step()
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    for _ in range(args.steps - 1):
         step()
-    print(json.dumps({"before_mb": before, "peak_mb": common.peak_rss_mb()}))
+    print(json.dumps({
+        "before_mb": before,
+        "peak_mb": common.peak_rss_mb(),
+        "tf_peak_mb": tf.config.experimental.get_memory_info("CPU:0")["peak"]
+        / 2**20,
+    }))
 
 
 def run_child(config, variant, args):
@@ -61,6 +82,7 @@ def run_child(config, variant, args):
         sys.executable, __file__, "--child", "--variant", variant,
         "--configs", ":".join(str(c) for c in config),
         "--steps", str(args.steps), "--threads", str(args.threads),
+        "--inter_op_threads", str(args.inter_op_threads),
     ]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -75,10 +97,13 @@ def main():
     )
     parser.add_argument("--steps", type=int, default=5,
                         help="Training steps per run.")
-    parser.add_argument("--repeats", type=int, default=2,
+    parser.add_argument("--repeats", type=int, default=3,
                         help="Runs per variant and configuration.")
     parser.add_argument("--threads", type=int, default=0,
                         help="TF intra/inter-op threads (0: one per core).")
+    parser.add_argument("--inter_op_threads", type=int, default=0,
+                        help="TF inter-op threads if > 0 (1 makes the op "
+                             "order, hence the peaks, steadier).")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -94,32 +119,39 @@ def main():
         for r in range(args.repeats):
             for variant in VARIANTS if r % 2 == 0 else reversed(VARIANTS):
                 runs[variant].append(run_child(config, variant, args))
-        summary = {}
+        medians = {
+            variant: {
+                key: common.median([run[key] for run in runs[variant]])
+                for key in ("before_mb", "peak_mb", "tf_peak_mb")
+            }
+            for variant in VARIANTS
+        }
+
+        def spread(variant, key):
+            values = [run[key] for run in runs[variant]]
+            return f"{min(values):.0f}-{max(values):.0f}"
+
         for variant in VARIANTS:
-            before = common.median([run["before_mb"] for run in runs[variant]])
-            peak = common.median([run["peak_mb"] for run in runs[variant]])
-            summary[variant] = (before, peak)
-        for variant in VARIANTS:
-            before, peak = summary[variant]
+            m = medians[variant]
             rows.append([
                 config[0],
                 f"{config[1]}x{config[1]}",
                 config[2],
                 variant,
-                f"{before:.0f}",
-                f"{peak:.0f}",
-                f"{peak - before:.0f}",
-                f"{peak / summary['BN'][1]:.3f}",
-                f"{(peak - before) / (summary['BN'][1] - summary['BN'][0]):.3f}",
+                f"{m['tf_peak_mb']:.0f} ({spread(variant, 'tf_peak_mb')})",
+                f"{m['tf_peak_mb'] / medians['BN']['tf_peak_mb']:.3f}",
+                f"{m['before_mb']:.0f}",
+                f"{m['peak_mb']:.0f} ({spread(variant, 'peak_mb')})",
+                f"{m['peak_mb'] / medians['BN']['peak_mb']:.3f}",
             ])
     print()
     print(common.machine_line(args.threads or "default"))
-    print(f"{args.steps} training steps per run, medians of {args.repeats} "
-          "runs per variant")
+    print(f"{args.steps} training steps per run; medians (and ranges) of "
+          f"{args.repeats} runs per variant; inter-op threads: "
+          f"{args.inter_op_threads or 'default'}")
     print(common.format_table(
-        ["model", "input", "batch", "variant", "RSS before training MiB",
-         "peak RSS MiB", "training increment MiB", "peak / BN",
-         "increment / BN"],
+        ["model", "input", "batch", "variant", "TF allocator peak MiB",
+         "/ BN", "RSS before training MiB", "peak RSS MiB", "/ BN"],
         rows,
     ))
 
