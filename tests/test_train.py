@@ -106,6 +106,11 @@ def test_every_config_trains_and_reports(config, tmp_path, parsed_flags):
     assert ("--nbn\n" in resolved) == name.endswith("_nbn.cfg")
     assert (run_dir / "model.keras").exists()
     assert (run_dir / "class_counts.json").exists()
+    # The NBN scale is logged with the metrics (CSV and TensorBoard).
+    header = (run_dir / "history.csv").read_text().splitlines()[0]
+    assert ("nbn_scale/nbn_scale/alpha" in header) == name.endswith("_nbn.cfg")
+    assert "val_few_acc" in header and "val_top1" in header
+    assert list((run_dir / "tensorboard" / "train").glob("events.out.tfevents.*"))
 
 
 def test_resolved_flags_reproduce_the_run(tmp_path, parsed_flags):
