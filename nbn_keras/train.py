@@ -14,18 +14,33 @@ rerunning the same command, `best.keras` chosen on the validation split),
 `<--export_dir>/<--model_name>/<version>/`.
 """
 
+import csv
 import os
 import shutil
 import sys
 
+import keras
+import tensorflow as tf
 from absl import app
 from absl import flags
 from absl import logging
 
+from nbn_keras import callbacks as nbn_callbacks
+from nbn_keras import data as data_lib
+from nbn_keras import distribute
+from nbn_keras import losses
+from nbn_keras import metrics
+from nbn_keras import plots
+from nbn_keras import report
+from nbn_keras import schedules
 from nbn_keras.backbones import BACKBONES
+from nbn_keras.backbones import build_classifier
 from nbn_keras.conversion import SCALE_SHARING_MODES
+from nbn_keras.conversion import convert_to_nbn
 from nbn_keras.data.samplers import SAMPLERS
+from nbn_keras.export import export_for_serving
 from nbn_keras.losses import LOSS_NAMES
+from nbn_keras.optimizers import CoupledSGD
 
 DATA_SETS = ("digits_lt", "synthetic_lt", "cifar10_lt", "cifar100_lt",
              "imagenet_lt", "places_lt", "inaturalist")
@@ -183,8 +198,6 @@ def _drops_consistent(values):
 
 def load_data():
     """Loads the data set the flags name."""
-    from nbn_keras import data as data_lib
-
     if FLAGS.data in LIST_FILE_DATA_SETS:
         options = dict(train_list=FLAGS.train_list, val_list=FLAGS.val_list,
                        test_list=FLAGS.test_list, image_root=FLAGS.image_root,
@@ -202,9 +215,7 @@ def load_data():
 
 def build_model(data):
     """The classifier of the flags, converted to NBN when asked."""
-    import nbn_keras
-
-    model = nbn_keras.backbones.build_classifier(
+    model = build_classifier(
         FLAGS.backbone, data.num_classes, data.image_shape, mean=data.mean,
         std=data.std, synchronized_bn=True, name=FLAGS.backbone)
     if not FLAGS.nbn:
@@ -213,14 +224,12 @@ def build_model(data):
     if selection not in ("paper", "all"):
         selection = [name.strip() for name in selection.split(",")]
     stages = [int(s) for s in FLAGS.nbn_stages] if FLAGS.nbn_stages else None
-    return nbn_keras.convert_to_nbn(
+    return convert_to_nbn(
         model, selection, stages=stages, scale_sharing=FLAGS.nbn_scale_sharing,
         separate_scales=FLAGS.nbn_separate_scales)
 
 
 def learning_rate_schedule(steps_per_epoch):
-    from nbn_keras import schedules
-
     lr = FLAGS.learning_rate or schedules.scaled_learning_rate(
         FLAGS.base_lr, FLAGS.global_batch_size)
     if FLAGS.schedule == "cosine":
@@ -234,9 +243,6 @@ def learning_rate_schedule(steps_per_epoch):
 
 
 def build_optimizer(steps_per_epoch):
-    import keras
-    from nbn_keras.optimizers import CoupledSGD
-
     schedule = learning_rate_schedule(steps_per_epoch)
     exclude = [] if FLAGS.decay_nbn_scale else ["alpha"]
     if FLAGS.weight_decay_mode == "coupled":
@@ -251,8 +257,6 @@ def build_optimizer(steps_per_epoch):
 
 
 def build_loss(class_counts):
-    from nbn_keras import losses
-
     options = {}
     if FLAGS.loss == "logit_adjusted":
         options["tau"] = FLAGS.logit_adjust_tau
@@ -264,8 +268,6 @@ def build_loss(class_counts):
 
 
 def fit_metrics(class_counts):
-    from nbn_keras import metrics
-
     return metrics.long_tail_metrics(
         class_counts, many_threshold=FLAGS.many_threshold,
         few_threshold=FLAGS.few_threshold)
@@ -273,8 +275,6 @@ def fit_metrics(class_counts):
 
 def best_so_far(csv_path, monitor):
     """The best `monitor` value of a resumed run's log, or `None`."""
-    import csv
-
     if not os.path.exists(csv_path):
         return None
     with open(csv_path, newline="") as f:
@@ -284,10 +284,6 @@ def best_so_far(csv_path, monitor):
 
 
 def make_callbacks(run_dir, class_counts):
-    import keras
-    from nbn_keras import callbacks as nbn_callbacks
-    from nbn_keras import losses
-
     monitor = "val_top1"
     csv_path = os.path.join(run_dir, "history.csv")
     callbacks = [
@@ -315,13 +311,6 @@ def write_flags(run_dir):
 
 def run(run_dir):
     """Trains, selects on validation, reports on test, saves and exports."""
-    import keras
-    import tensorflow as tf
-
-    from nbn_keras import data as data_lib
-    from nbn_keras import distribute
-    from nbn_keras import report
-
     strategy = distribute.make_strategy(single_device=FLAGS.xla)
     replicas = strategy.num_replicas_in_sync
     if FLAGS.global_batch_size % replicas:
@@ -388,8 +377,6 @@ def run(run_dir):
     report.write(figures, run_dir)
     print(report.table(figures))
     if FLAGS.pictures:
-        from nbn_keras import plots
-
         try:  # Pictures are a by-product: they must not fail a finished run.
             plots.write_run_pictures(
                 model, data, figures, run_dir, step=steps_trained,
@@ -397,8 +384,6 @@ def run(run_dir):
         except Exception as error:  # pylint: disable=broad-except
             logging.warning("Could not write the run's pictures: %s", error)
     if FLAGS.export:
-        from nbn_keras.export import export_for_serving
-
         model_name = FLAGS.model_name or os.path.basename(os.path.normpath(run_dir))
         path = export_for_serving(model, base_dir=FLAGS.export_dir,
                                   model_name=model_name)

@@ -1,6 +1,5 @@
 import subprocess
 import sys
-import textwrap
 
 import keras
 import numpy as np
@@ -178,8 +177,7 @@ def test_preserve_outputs_needs_per_layer_separate_scales():
         nbn_keras.convert_to_nbn(small_classifier(), preserve_outputs=True)
 
 
-def train_briefly(model, steps=12, seed=0):
-    rng = np.random.default_rng(seed)
+def train_briefly(model, steps=12):
     x = images(32)
     # A learnable rule: the class is the brightest quarter of the image.
     quarters = x.reshape(32, 2, 8, 2, 8, 3).mean(axis=(2, 4, 5)).reshape(32, 4)
