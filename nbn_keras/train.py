@@ -320,6 +320,13 @@ def run(run_dir):
     chief = distribute.is_chief(strategy)
     if not chief:
         run_dir = os.path.join(run_dir, "workers", f"{strategy.cluster_resolver.task_id}")
+    finished = os.path.join(run_dir, report.FIGURES_FILENAME)
+    if os.path.exists(finished):
+        # Training again there would mix logs and could keep the old best
+        # checkpoint; a killed run (no report yet) resumes instead.
+        raise app.UsageError(
+            f"--run_dir={run_dir} holds a finished run ({finished}). Choose "
+            "another --run_dir, or move that one away.")
     os.makedirs(run_dir, exist_ok=True)
     write_flags(run_dir)
     if FLAGS.mixed_precision != "none":

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import app
 from absl import flags
 
 from nbn_keras import train
@@ -121,6 +122,11 @@ def test_resolved_flags_reproduce_the_run(tmp_path, parsed_flags):
     parsed_flags(f"--flagfile={tmp_path}/a/flags.cfg", f"--run_dir={tmp_path}/b")
     second = train.run(FLAGS.run_dir)
     assert first["per_class"] == second["per_class"]
+    # A finished run is never trained over.
+    before = (tmp_path / "b" / "best.keras").stat().st_mtime_ns
+    with pytest.raises(app.UsageError, match="holds a finished run"):
+        train.run(FLAGS.run_dir)
+    assert (tmp_path / "b" / "best.keras").stat().st_mtime_ns == before
 
 
 def run_command(*argv, env=None, timeout=300):
