@@ -219,24 +219,13 @@ def build_bn_and_nbn(name, image_size, num_classes, seed=0):
     return model, nbn_keras.convert_to_nbn(model)
 
 
-def leaf_layers(model):
-    """The layers of `model`, nested models' layers included."""
-    import keras
-
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            yield from leaf_layers(layer)
-        else:
-            yield layer
-
-
 def count_nbn_layers(model):
     """Number of NBN layers in `model`, nested models included."""
     import nbn_keras
 
     return sum(
         isinstance(layer, nbn_keras.NormalizedBatchNormalization)
-        for layer in leaf_layers(model)
+        for layer in nbn_keras.conversion.leaf_layers(model)
     )
 
 
@@ -254,7 +243,7 @@ def nbn_parameter_math_time(model, calls=200, repeats=7):
 
     import nbn_keras
 
-    layers = list(leaf_layers(model))
+    layers = list(nbn_keras.conversion.leaf_layers(model))
     nbn_layers = [
         l for l in layers if isinstance(l, nbn_keras.NormalizedBatchNormalization)
     ]

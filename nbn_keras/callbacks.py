@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 
+from nbn_keras.conversion import leaf_layers
 from nbn_keras.layers import NBNScale
 from nbn_keras.layers import NormalizedBatchNormalization
 
@@ -10,7 +11,7 @@ from nbn_keras.layers import NormalizedBatchNormalization
 def scale_variables(model):
     """Returns `{name: variable}` for every NBN scale of `model`."""
     scales = {}
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in leaf_layers(model):
         if isinstance(layer, NBNScale):
             scales.update({v.path: v for v in layer.scales})
         elif isinstance(layer, NormalizedBatchNormalization):

@@ -33,6 +33,12 @@ def _is_plain_bn(layer):
     )
 
 
+def leaf_layers(model):
+    """Yields every layer of `model` that is not a model, nested ones included."""
+    for layer, _ in _walk(model):
+        yield layer
+
+
 def _walk(model):
     """Yields `(layer, parent_model)` for every leaf layer, depth first."""
     for layer in model.layers:
@@ -100,7 +106,7 @@ def select_bn_layers(model, selection="paper", stages=None):
     Returns:
         The list of selected `keras.layers.BatchNormalization` layers.
     """
-    bn_layers = [layer for layer, _ in _walk(model) if _is_plain_bn(layer)]
+    bn_layers = [layer for layer in leaf_layers(model) if _is_plain_bn(layer)]
     if stages is not None and selection != "paper":
         raise ValueError("`stages` only applies to selection='paper'.")
     if selection == "paper":
@@ -199,7 +205,7 @@ def convert_to_nbn(
     shared = scale_sharing == "model"
     if shared:
         _check_single_graph(model, selected_ids)
-        if any(l.name == SCALE_LAYER_NAME for l, _ in _walk(model)):
+        if any(l.name == SCALE_LAYER_NAME for l in leaf_layers(model)):
             raise ValueError(
                 f"Model '{model.name}' already has a layer named "
                 f"'{SCALE_LAYER_NAME}'."

@@ -31,6 +31,7 @@ import keras
 import tensorflow as tf
 
 from nbn_keras.conversion import fold_nbn
+from nbn_keras.conversion import leaf_layers
 from nbn_keras.data import transforms
 
 RESIZE_MODES = ("auto", "crop", "resize")
@@ -101,18 +102,11 @@ def _is_nbn_layer(layer):
     return type(layer).__module__.startswith("nbn_keras")
 
 
-def _all_layers(model):
-    for layer in model.layers:
-        yield layer
-        if isinstance(layer, keras.Model):
-            yield from _all_layers(layer)
-
-
 def _stock_model(model):
     """`model` with NBN folded away; raises if a custom layer would remain."""
-    if any(_is_nbn_layer(layer) for layer in _all_layers(model)):
+    if any(_is_nbn_layer(layer) for layer in leaf_layers(model)):
         model = fold_nbn(model)
-    left = sorted(l.name for l in _all_layers(model) if _is_nbn_layer(l))
+    left = sorted(l.name for l in leaf_layers(model) if _is_nbn_layer(l))
     if left:
         raise ValueError(f"Layers {left} could not be folded into stock layers.")
     return model

@@ -21,7 +21,7 @@ _COLORS = ("tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange")
 
 def _has_nbn(model):
     return any(isinstance(layer, NormalizedBatchNormalization)
-               for layer, _ in conversion._walk(model))
+               for layer in conversion.leaf_layers(model))
 
 
 def last_stage_bn_layers(model, stages=None):

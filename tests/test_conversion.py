@@ -11,6 +11,7 @@ from nbn_keras import NormalizedBatchNormalization
 from nbn_keras.backbones import build_backbone
 from nbn_keras.backbones import build_classifier
 from nbn_keras.backbones import cifar_resnet
+from nbn_keras.conversion import leaf_layers
 
 RNG = np.random.default_rng(0)
 
@@ -24,14 +25,6 @@ EXPECTED_PAPER_LAYERS = {
     # Zero-padding shortcuts have no BN.
     "resnet32": [f"v2_stack_2_block{b}_2_bn" for b in range(1, 6)],
 }
-
-
-def leaf_layers(model):
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            yield from leaf_layers(layer)
-        else:
-            yield layer
 
 
 def nbn_names(model):

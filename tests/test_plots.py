@@ -168,13 +168,13 @@ def quick_run(tmp_path):
     from absl import flags
     from nbn_keras import train
 
-    def run(*extra):
+    def run(*extra, run_dir=tmp_path):
         flags.FLAGS.unparse_flags()
         flags.FLAGS(["train", "--data=synthetic_lt", "--n_max=8", "--imbalance_factor=4",
                      "--backbone=resnet20",
                      "--epochs=1", "--steps_per_epoch=1", "--global_batch_size=8",
                      "--noexport", "--verbose=0", *extra])
-        return train.run(str(tmp_path))
+        return train.run(str(run_dir))
 
     yield run
     flags.FLAGS.unparse_flags()
@@ -196,5 +196,5 @@ def test_training_writes_pictures_and_survives_their_failure(quick_run, tmp_path
     warnings = []
     monkeypatch.setattr(plots, "write_run_pictures", fail)
     monkeypatch.setattr(logging, "warning", lambda msg, *a: warnings.append(msg % a))
-    assert quick_run()["overall"] >= 0
+    assert quick_run(run_dir=tmp_path / "second")["overall"] >= 0
     assert warnings == ["Could not write the run's pictures: no pictures today"]
