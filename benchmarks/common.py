@@ -186,6 +186,16 @@ def parse_config(text):
     return name, int(image_size), int(batch_size)
 
 
+def add_model_arguments(parser, default_configs):
+    """Adds the `--configs` and `--threads` flags the TF scripts share."""
+    parser.add_argument(
+        "--configs", nargs="+", type=parse_config, default=default_configs,
+        help="backbone:image_size:batch_size, e.g. resnet50:224:16.",
+    )
+    parser.add_argument("--threads", type=int, default=0,
+                        help="TF intra/inter-op threads (0: one per core).")
+
+
 def model_sizes(name, image_size=None, batch_size=None, num_classes=None):
     """`(image_size, batch_size, num_classes)`, defaults filled in per model."""
     default = MODEL_DEFAULTS.get(name, (224, 16, 1000))

@@ -113,20 +113,14 @@ def benchmark(name, image_size, batch_size, args, export_dir):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--configs", nargs="+", type=common.parse_config,
-        default=[("resnet32", 32, 128), ("resnet50", 224, 1),
-                 ("resnet50", 224, 16)],
-        help="backbone:image_size:batch_size, e.g. resnet50:224:1.",
-    )
+    common.add_model_arguments(
+        parser, [("resnet32", 32, 128), ("resnet50", 224, 1), ("resnet50", 224, 16)])
     parser.add_argument("--rounds", type=int, default=20,
                         help="Alternating timing rounds per configuration.")
     parser.add_argument("--round_seconds", type=float, default=1.0,
                         help="About how long each variant runs per round.")
     parser.add_argument("--warmup", type=int, default=3,
                         help="Untimed calls per export before timing.")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="TF intra/inter-op threads (0: one per core).")
     args = parser.parse_args()
 
     common.set_tf_threads(args.threads)

@@ -90,17 +90,12 @@ def run_child(config, variant, args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--configs", nargs="+", type=common.parse_config,
-        default=[("resnet32", 32, 128), ("resnet50", 224, 16)],
-        help="backbone:image_size:batch_size, e.g. resnet50:224:16.",
-    )
+    common.add_model_arguments(
+        parser, [("resnet32", 32, 128), ("resnet50", 224, 16)])
     parser.add_argument("--steps", type=int, default=5,
                         help="Training steps per run.")
     parser.add_argument("--repeats", type=int, default=3,
                         help="Runs per variant and configuration.")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="TF intra/inter-op threads (0: one per core).")
     parser.add_argument("--inter_op_threads", type=int, default=0,
                         help="TF inter-op threads if > 0 (1 makes the op "
                              "order, hence the peaks, steadier).")

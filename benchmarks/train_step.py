@@ -71,19 +71,14 @@ def benchmark(name, image_size, batch_size, args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--configs", nargs="+", type=common.parse_config,
-        default=[("resnet32", 32, 128), ("resnet50", 224, 16)],
-        help="backbone:image_size:batch_size, e.g. resnet50:224:16.",
-    )
+    common.add_model_arguments(
+        parser, [("resnet32", 32, 128), ("resnet50", 224, 16)])
     parser.add_argument("--rounds", type=int, default=20,
                         help="Alternating timing rounds per configuration.")
     parser.add_argument("--round_seconds", type=float, default=2.0,
                         help="About how long each variant runs per round.")
     parser.add_argument("--warmup", type=int, default=3,
                         help="Untimed steps per model before timing.")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="TF intra/inter-op threads (0: one per core).")
     parser.add_argument("--jit_compile", action="store_true",
                         help="Compile the training steps with XLA.")
     parser.add_argument("--weight_decay", type=float, default=0.0,
