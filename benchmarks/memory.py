@@ -126,6 +126,11 @@ def main():
             values = [run[key] for run in runs[variant]]
             return f"{min(values):.0f}-{max(values):.0f}"
 
+        def ratio(variant, key):
+            # The allocator peak reads 0 when a tiny model fits in its pools.
+            base = medians["BN"][key]
+            return f"{medians[variant][key] / base:.3f}" if base else "n/a"
+
         for variant in VARIANTS:
             m = medians[variant]
             rows.append([
@@ -134,10 +139,10 @@ def main():
                 config[2],
                 variant,
                 f"{m['tf_peak_mb']:.0f} ({spread(variant, 'tf_peak_mb')})",
-                f"{m['tf_peak_mb'] / medians['BN']['tf_peak_mb']:.3f}",
+                ratio(variant, "tf_peak_mb"),
                 f"{m['before_mb']:.0f}",
                 f"{m['peak_mb']:.0f} ({spread(variant, 'peak_mb')})",
-                f"{m['peak_mb'] / medians['BN']['peak_mb']:.3f}",
+                ratio(variant, "peak_mb"),
             ])
     print()
     print(common.machine_line(args.threads or "default"))
