@@ -7,8 +7,8 @@ fsynced. A reader (or a rerun after `kill -9`) sees either the previous
 complete file or the new complete file, never a partial one.
 
 Fault injection for tests: when the environment variable
-`NBN_KERAS_KILL_AT` names a point (`"backup"`, `"best"`, `"evaluate"`,
-`"export"`, `"batch"`), optionally with a count (`"batch:5"` = the fifth time),
+`NBN_KERAS_KILL_AT` names a point (`"batch"`, `"best"`, `"backup"`,
+`"evaluate"`, `"export"`, `"exported"`), optionally with a count (`"batch:5"` = the fifth time),
 the process kills itself with SIGKILL when it reaches that point, so a test
 can interrupt a run exactly there. Unset, `kill_point` does nothing.
 """

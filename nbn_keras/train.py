@@ -119,6 +119,7 @@ def train_and_evaluate(config):
             state = advance(run_dir, state, "export")
         if state["phase"] == "export":
             path = export(config, run_dir, state) if config.export else None
+            run_files.kill_point("exported")
             state = advance(run_dir, state, "done", export_path=path)
         shutil.rmtree(os.path.join(run_dir, "backup"), ignore_errors=True)
     return run_files.read_json(os.path.join(run_dir, report.FIGURES_FILENAME))
