@@ -30,11 +30,14 @@ import tempfile
 import keras
 import tensorflow as tf
 
+from nbn_keras import run_files
 from nbn_keras.conversion import fold_nbn
 from nbn_keras.conversion import leaf_layers
 from nbn_keras.data import transforms
 
 RESIZE_MODES = ("auto", "crop", "resize")
+# Written into each version's `assets.extra/`, which TF Serving ignores.
+RUN_ID_FILENAME = "nbn_keras_run.json"
 # Models at least this large (in both H and W) get "crop" under "auto".
 AUTO_CROP_MIN_SIZE = 128
 
@@ -49,6 +52,17 @@ def next_version(model_dir):
         return 1
     versions = [int(n) for n in os.listdir(model_dir) if n.isdigit()]
     return max(versions, default=0) + 1
+
+
+def find_run_version(model_dir, run_id):
+    """The version directory of `model_dir` exported by run `run_id`, or `None`."""
+    if not os.path.isdir(model_dir):
+        return None
+    for name in sorted(os.listdir(model_dir)):
+        path = os.path.join(model_dir, name, "assets.extra", RUN_ID_FILENAME)
+        if name.isdigit() and run_files.read_json(path, {}).get("run_id") == run_id:
+            return os.path.join(model_dir, name)
+    return None
 
 
 def decode_and_resize(image_bytes, height, width, channels, resize_mode):
@@ -154,6 +168,7 @@ def export_for_serving(
     version=None,
     image_size=None,
     resize_mode="auto",
+    run_id=None,
 ):
     """Exports an image classifier for TF Serving; returns the version dir.
 
@@ -187,6 +202,10 @@ def export_for_serving(
             for small-image models such as CIFAR ones), or `"auto"` (the
             default): `"crop"` when H and W are at least 128, else
             `"resize"`.
+        run_id: Identifies the export of one training run: it is recorded in
+            the version's `assets.extra/`, and when a version of `model_name`
+            already records it, that version is returned and nothing is
+            written, so a run resumed after a kill exports exactly once.
 
     Returns:
         The path of the written version directory.
@@ -223,6 +242,10 @@ def export_for_serving(
         resize_mode = "crop" if big else "resize"
 
     model_dir = os.path.join(base_dir, model_name)
+    if run_id is not None:
+        exported = find_run_version(model_dir, run_id)
+        if exported:
+            return exported
     if version is None:
         version = next_version(model_dir)
     target = os.path.join(model_dir, str(version))
@@ -275,6 +298,11 @@ def export_for_serving(
     tmp_dir = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir)
     try:
         archive.write_out(tmp_dir, verbose=False)
+        if run_id is not None:
+            extra = os.path.join(tmp_dir, "assets.extra")
+            os.makedirs(extra, exist_ok=True)
+            run_files.write_json(os.path.join(extra, RUN_ID_FILENAME), {"run_id": run_id})
+        run_files.kill_point("export")
         os.rename(tmp_dir, target)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)

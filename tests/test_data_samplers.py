@@ -11,7 +11,9 @@ LABELS = np.random.RandomState(0).permutation(np.repeat(np.arange(len(COUNTS)), 
 
 def _draw(sampler, draws, **kwargs):
     stream = samplers.index_stream(LABELS, sampler, **kwargs).take(draws).batch(draws)
-    return next(iter(stream)).numpy()
+    positions, indices = next(iter(stream))
+    np.testing.assert_array_equal(positions, np.arange(draws))
+    return indices.numpy()
 
 
 def _assert_frequencies(indices, target):
@@ -19,6 +21,22 @@ def _assert_frequencies(indices, target):
     observed = np.bincount(LABELS[indices], minlength=len(target)) / draws
     sigma = np.sqrt(target * (1 - target) / draws)
     assert np.all(np.abs(observed - target) <= 4.5 * sigma + 1e-9), (observed, target)
+
+
+@pytest.mark.parametrize("sampler", samplers.SAMPLERS)
+def test_a_resumed_stream_continues_the_uninterrupted_one(sampler):
+    # Exact resume: the stream started at epoch 2 is the tail of the stream
+    # started at epoch 0, positions (augmentation seeds) included.
+    kwargs = dict(examples_per_epoch=100, epochs=5, seed=3)
+    whole = list(samplers.index_stream(LABELS, sampler, **kwargs).as_numpy_iterator())
+    resumed = list(samplers.index_stream(LABELS, sampler, initial_epoch=2, **kwargs)
+                   .as_numpy_iterator())
+    assert len(whole) == 500 and resumed == whole[200:]
+    # Epochs differ from each other, and the seed matters.
+    assert whole[:100] != whole[100:200]
+    other_seed = list(samplers.index_stream(LABELS, sampler, **{**kwargs, "seed": 4})
+                      .as_numpy_iterator())
+    assert other_seed != whole
 
 
 def test_instance_sees_every_example_once_per_pass():
