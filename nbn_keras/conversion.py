@@ -208,7 +208,8 @@ def convert_to_nbn(
     KerasCV `ResNetBackbone`, say); the result is a plain functional model.
     Every weight is copied. Each selected BatchNormalization layer becomes a
     `NormalizedBatchNormalization` with the same configuration, its raw gamma
-    and beta set to the BN's, and its scale(s) set to 1.0: converting a
+    and beta set to the BN's, and its scale(s) set to 1.0
+    (`NormalizedBatchNormalization.from_batch_normalization`): converting a
     freshly built model gives the reference's initial state.
 
     With the default `scale_sharing="model"`, one `NBNScale` layer named
@@ -245,8 +246,7 @@ def convert_to_nbn(
     >>> nbn_backbone = nbn_keras.convert_to_nbn(backbone)
     >>> [l.name for l in nbn_backbone.layers
     ...  if isinstance(l, nbn_keras.NormalizedBatchNormalization)]
-    ['v2_stack_3_block1_0_bn', 'v2_stack_3_block1_2_bn',
-     'v2_stack_3_block2_2_bn']
+    ['layer4_0_bn2', 'layer4_0_downsample_1', 'layer4_1_bn2']
     """
     if scale_sharing not in SCALE_SHARING_MODES:
         raise ValueError(
