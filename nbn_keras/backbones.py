@@ -17,7 +17,7 @@ _KERAS_CV_RESNETS = {
     "resnet101": ([3, 4, 23, 3], "block"),
     "resnet152": ([3, 8, 36, 3], "block"),
 }
-_CIFAR_RESNET_DEPTHS = (20, 32, 44, 56, 110)
+_CIFAR_RESNET_DEPTHS = (8, 14, 20, 32, 44, 56, 110)
 BACKBONES = tuple(_KERAS_CV_RESNETS) + tuple(
     f"resnet{depth}" for depth in _CIFAR_RESNET_DEPTHS
 )
@@ -62,7 +62,9 @@ def cifar_resnet(
     backbone of the long-tailed CIFAR literature (0.46M parameters).
 
     Args:
-        depth: Total depth, `6 n + 2` (20, 32, 44, 56, 110).
+        depth: Total depth, `6 n + 2` (8, 14, 20, 32, 44, 56, 110; 8 and
+            14, with one and two blocks per stage, are small models for
+            quick studies, not from the paper).
         input_shape: Input shape, channels last.
         stackwise_filters: Channels of the three stages.
         shortcut: `"zero_pad"` (parameter-free "option A", as in the
@@ -136,8 +138,9 @@ def build_backbone(
         name: One of `nbn_keras.backbones.BACKBONES`: `"resnet18"`,
             `"resnet34"`, `"resnet50"`, `"resnet101"`, `"resnet152"` (KerasCV
             ImageNet ResNets, built from arguments so nothing is downloaded)
-            or `"resnet20"`, `"resnet32"`, `"resnet44"`, `"resnet56"`,
-            `"resnet110"` (CIFAR ResNets, see `cifar_resnet`).
+            or `"resnet8"`, `"resnet14"`, `"resnet20"`, `"resnet32"`,
+            `"resnet44"`, `"resnet56"`, `"resnet110"` (CIFAR ResNets, see
+            `cifar_resnet`).
         input_shape: Input shape, channels last.
         bn_momentum: Momentum of the BN moving averages.
         bn_epsilon: BN epsilon.

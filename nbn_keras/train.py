@@ -56,6 +56,8 @@ flags.DEFINE_integer("n_max", None,
 flags.DEFINE_enum("imbalance_profile", "exp", ["exp", "step"],
                   "Class-size profile of the long-tailed subset.")
 flags.DEFINE_integer("data_seed", 0, "Seed choosing the long-tailed subset.")
+flags.DEFINE_integer("image_size", None,
+                     "Image size of digits-LT and the synthetic set (default: 32).")
 flags.DEFINE_string("data_dir", None,
                     "TFDS data directory (CIFAR-LT). Must exist when given.")
 flags.DEFINE_string("manual_dir", None,
@@ -89,6 +91,13 @@ flags.DEFINE_enum("nbn_scale_sharing", "model", SCALE_SHARING_MODES,
                   "One NBN scale for the model (the paper's) or one per layer.")
 flags.DEFINE_boolean("nbn_separate_scales", False,
                      "Separate scales for gamma and beta.")
+flags.DEFINE_float("nbn_beta_init_std", 0.0,
+                   "Start NBN's raw beta from N(0, std^2) instead of BN's zeros "
+                   "(0: the reference's zero start).")
+flags.DEFINE_boolean("nbn_dynamics", False,
+                     "Write the raw gamma/beta norms, directions and scales of "
+                     "the NBN (or would-be NBN) layers per epoch to "
+                     "<run_dir>/nbn_dynamics.json.")
 
 # Optimisation.
 flags.DEFINE_integer("epochs", 200, "Training epochs.")
@@ -207,6 +216,8 @@ def load_data():
                        profile=FLAGS.imbalance_profile, seed=FLAGS.data_seed)
         if FLAGS.n_max:
             options["n_max"] = FLAGS.n_max
+        if FLAGS.image_size:
+            options["image_size"] = FLAGS.image_size
         if FLAGS.data in ("cifar10_lt", "cifar100_lt"):
             options.update(data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir,
                            download=FLAGS.download)
@@ -226,7 +237,9 @@ def build_model(data):
     stages = [int(s) for s in FLAGS.nbn_stages] if FLAGS.nbn_stages else None
     return convert_to_nbn(
         model, selection, stages=stages, scale_sharing=FLAGS.nbn_scale_sharing,
-        separate_scales=FLAGS.nbn_separate_scales)
+        separate_scales=FLAGS.nbn_separate_scales,
+        beta_initializer=(keras.initializers.RandomNormal(stddev=FLAGS.nbn_beta_init_std)
+                          if FLAGS.nbn_beta_init_std else None))
 
 
 def learning_rate_schedule(steps_per_epoch):
@@ -299,6 +312,9 @@ def make_callbacks(run_dir, class_counts):
         keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard")),
         keras.callbacks.CSVLogger(csv_path, append=True),
     ]
+    if FLAGS.nbn_dynamics:  # First, so that it sees the weights before a restore.
+        callbacks.insert(0, nbn_callbacks.NBNDynamicsLogger(
+            os.path.join(run_dir, nbn_callbacks.DYNAMICS_FILENAME)))
     if FLAGS.loss == "ldam_drw":
         callbacks.append(losses.DeferredReweighting())
     return callbacks
