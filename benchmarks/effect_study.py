@@ -97,6 +97,9 @@ def parse_args(argv=None):
     parser.add_argument("--out_dir", default=os.path.join(REPO, "docs", "figures"))
     parser.add_argument("--no_pictures", action="store_true",
                         help="Tables only (no figures).")
+    parser.add_argument("--report_only", action="store_true",
+                        help="Train nothing: tabulate the finished runs in "
+                             "--work_dir (e.g. of a study stopped early).")
     args = parser.parse_args(argv)
     if args.tiny:
         args.seeds, args.imbalance_factors = [0], [100]
@@ -167,10 +170,26 @@ def train(args, job):
     if result.returncode:
         raise RuntimeError(f"{run_name(*job)} failed (exit {result.returncode}); see "
                            f"{os.path.join(run_dir, 'train.log')}.")
-    seconds = time.time() - start
+    end = time.time()
+    seconds = end - start
     with open(os.path.join(run_dir, "study_timing.json"), "w") as f:
-        json.dump({"seconds": seconds}, f)
+        json.dump({"seconds": seconds, "start": start, "end": end}, f)
     return run_dir, seconds
+
+
+def finished_runs(args):
+    """`{job: (run_dir, True)}` for the jobs whose run finished with this command."""
+    done = {}
+    for job in jobs(args):
+        run_dir = os.path.join(args.work_dir, run_name(*job))
+        marker = os.path.join(run_dir, "study_command.json")
+        if not (os.path.exists(marker)
+                and os.path.exists(os.path.join(run_dir, "test_metrics.json"))):
+            continue
+        with open(marker) as f:
+            if json.load(f)["command"][1:] == command(args, *job, run_dir)[1:]:
+                done[job] = (run_dir, True)
+    return done
 
 
 def train_all(args):
@@ -258,10 +277,13 @@ def read_run(job, run_dir, reused=False):
     served = effect_stats.served_class_strength(
         gamma, beta, model.get_layer("logits").kernel, figures["class_counts"])
     timing_path = os.path.join(run_dir, "study_timing.json")
-    seconds = None
+    timing = {}
     if os.path.exists(timing_path):
         with open(timing_path) as f:
-            seconds = json.load(f)["seconds"]
+            timing = json.load(f)
+        if "end" not in timing:  # Written without timestamps: the file's time.
+            timing["end"] = os.path.getmtime(timing_path)
+            timing["start"] = timing["end"] - timing["seconds"]
     return {
         "data": data, "imbalance_factor": imbalance_factor, "arm": arm, "seed": seed,
         "run_dir": os.path.relpath(run_dir, REPO),
@@ -277,7 +299,9 @@ def read_run(job, run_dir, reused=False):
         "scales_selected_model": {p: float(np.asarray(v))
                                   for p, v in scale_variables(model).items()},
         "served": served | {"layer": last_bn},
-        "seconds": seconds,
+        "seconds": timing.get("seconds"),
+        "start": timing.get("start"),
+        "end": timing.get("end"),
         "reused": reused,
     }
 
@@ -473,7 +497,7 @@ def main(argv=None):
     args = parse_args(argv)
     start = time.time()
     os.makedirs(args.out_dir, exist_ok=True)
-    done = train_all(args)
+    done = finished_runs(args) if args.report_only else train_all(args)
     train_minutes = (time.time() - start) / 60
     order = jobs(args)
     records = [read_run(job, *done[job]) for job in order if job in done]
@@ -485,15 +509,21 @@ def main(argv=None):
         import effect_figures
 
         pictures = effect_figures.write_all(args, records, stats, args.out_dir)
-    trained = [r["seconds"] for r in records if not r["reused"]]
+    seconds = [r["seconds"] for r in records if r["seconds"] is not None]
+    starts = [r["start"] for r in records if r["start"] is not None]
+    ends = [r["end"] for r in records if r["end"] is not None]
+    span = (max(ends) - min(starts)) / 60 if starts and ends else float("nan")
+    reused = sum(r["reused"] for r in records)
     header = [
         "# NBN against BN: effect study", "",
         f"`python benchmarks/effect_study.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
-        f": {len(records)} runs ({len(records) - len(trained)} reused from an earlier "
-        f"invocation), {train_minutes:.1f} min wall for the training in this invocation, "
-        f"{args.workers} runs at a time with {args.threads} TF thread(s) each; "
-        + (f"a trained run took {min(trained):.0f}–{max(trained):.0f} s wall. "
-           if trained else "")
+        f": {len(records)} finished runs ({reused} reused from an earlier invocation); "
+        f"training of this invocation {train_minutes:.1f} min wall. The runs were trained "
+        f"{args.workers} at a time with {args.threads} TF thread(s) each, first start "
+        f"to last end {span:.1f} min wall"
+        + (f", one run {min(seconds):.0f}–{max(seconds):.0f} s wall (median "
+           f"{sorted(seconds)[len(seconds) // 2]:.0f} s)" if seconds else "")
+        + ", on a 2-core machine shared with other work. "
         + common.machine_line(args.threads), "",
         f"Recipe: `configs/effect_study.cfg` (extra flags: {' '.join(args.extra_flags) or 'none'}). "
         "Every run is `python -m nbn_keras.train --flagfile=configs/effect_study.cfg "
