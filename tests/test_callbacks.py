@@ -5,6 +5,7 @@ import os
 
 import keras
 import numpy as np
+import pytest
 
 import nbn_keras
 from nbn_keras import callbacks
@@ -40,6 +41,7 @@ def cosine(a, b):
     return np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b))
 
 
+@pytest.mark.slow
 def test_records_start_first_step_and_epochs(tmp_path):
     path = str(tmp_path / "dynamics.json")
     model = classifier()
@@ -76,6 +78,7 @@ def test_records_start_first_step_and_epochs(tmp_path):
     assert record["epochs"][-1]["scales"] == {"nbn_scale/alpha": alpha}
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_its_start(tmp_path):
     path = str(tmp_path / "dynamics.json")
     model = classifier()
@@ -94,6 +97,7 @@ def test_a_resumed_run_keeps_its_start(tmp_path):
     assert second["epochs"][0] == first["epochs"][0]
 
 
+@pytest.mark.slow
 def test_plain_bn_is_tracked_on_the_layers_nbn_would_convert(tmp_path):
     path = str(tmp_path / "dynamics.json")
     model = classifier(nbn=False)
