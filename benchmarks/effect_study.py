@@ -117,12 +117,23 @@ def cells(args):
 
 
 def jobs(args):
-    """`(data, imbalance_factor, arm, seed)` in the order they are trained."""
-    main = [(data, factor, arm, seed) for seed in args.seeds
-            for data, factor in cells(args) for arm in ARMS]
-    ablation = [("digits_lt", args.ablation_imbalance_factor, arm, seed)
-                for seed in args.ablation_seeds for arm in ["bn", "nbn"] + args.ablations]
-    return main + [j for j in ablation if j not in main]
+    """`(data, imbalance_factor, arm, seed)` in the order they are trained.
+
+    A study stopped early should hold the most telling runs: the main cells
+    for the first three seeds, then the first ablation (the start of beta),
+    the remaining seeds, and the other ablations.
+    """
+    def main(seeds):
+        return [(data, factor, arm, seed) for seed in seeds
+                for data, factor in cells(args) for arm in ARMS]
+
+    def ablation(arms):
+        return [("digits_lt", args.ablation_imbalance_factor, arm, seed)
+                for seed in args.ablation_seeds for arm in ["bn", "nbn"] + arms]
+
+    order = (main(args.seeds[:3]) + ablation(args.ablations[:1])
+             + main(args.seeds[3:]) + ablation(args.ablations[1:]))
+    return list(dict.fromkeys(order))
 
 
 def run_name(data, imbalance_factor, arm, seed):
