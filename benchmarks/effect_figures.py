@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from nbn_keras import plots
 
@@ -144,6 +145,7 @@ def plot_premise(records, data, factor, path):
                         label=("BN" if arm == "bn" else "NBN") if k == 0 else None)
     for ax, symbol in zip(axes, ("gamma", "beta")):
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("training images of the served class")
         ax.set_ylabel(f"|{symbol}_eff| / run mean")
         ax.grid(alpha=0.3)
