@@ -27,6 +27,12 @@ Resumable: a run directory with a finished run of the same command line is
 reused; an unfinished one resumes (the training command's backup). Rerun
 the same command after an interruption.
 
+Time: a run is about 60 CPU-seconds (2 runs at a time, 1 TF thread each).
+On the project's shared 2-core machine, at a load of 5 to 10 from other
+work, a run took 106-477 s wall and the first 35 of the 52 runs 94 minutes;
+the full study needs about 2.5 hours there, less on an idle machine.
+`--tiny` (the smoke test) trains 2 runs of 8 steps.
+
 Run (from the repository root):
 
     python benchmarks/effect_study.py              # the full study
