@@ -42,7 +42,9 @@ def last_stage_bn_layers(model, stages=None):
     if _has_nbn(model):
         model = conversion.fold_nbn(model)
     layers = conversion.select_bn_layers(model, "paper", stages)
-    return sorted(layers, key=lambda l: conversion.parse_resnet_bn_name(l.name))
+    return sorted(
+        layers, key=lambda l: (conversion.resnet_layer_location(l.name), l.name)
+    )
 
 
 def effective_bn_parameters(model, stages=None):
