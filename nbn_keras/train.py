@@ -58,8 +58,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS["verbosity"].using_default_value:
-        # TensorFlow's INFO lines (saving, export) drown what the run prints.
+        # TensorFlow's INFO lines (strategy, saving, export) drown what the
+        # run prints.
         logging.set_verbosity(logging.WARNING)
+        tf.get_logger().setLevel("WARNING")
     try:
         train_and_evaluate(config_lib.from_flags(FLAGS))
     except (ValueError, FileNotFoundError, RunError, run_files.RunDirectoryLocked) as error:
