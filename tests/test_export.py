@@ -488,3 +488,29 @@ def test_header_sizes_match_the_decoded_sizes():
         assert size == list(expected) == list(decoded), data[:4]
     with pytest.raises(tf.errors.InvalidArgumentError, match="not a JPEG"):
         export.encoded_image_size(tf.constant(b"RIFF....WEBPVP8 "))
+
+
+@pytest.mark.slow
+def test_saved_model_cli_run_reports_bad_inputs(tmp_path):
+    path = export.export_for_serving(tiny_classifier(), str(tmp_path), "m",
+                                     max_image_pixels=20 * 20)
+    nan = pixels(n=2).astype("float32")
+    nan[1, 0, 0, 0] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    encoded = png_bytes(pixels(n=1)) + png_bytes(pixels(n=1, size=21))
+    np.save(tmp_path / "bytes.npy", np.array(encoded, dtype=object), allow_pickle=True)
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    outputs = {}
+    for signature, inputs in (("serving_default", f"images={tmp_path / 'nan.npy'}"),
+                              ("serve_image_bytes", f"image_bytes={tmp_path / 'bytes.npy'}")):
+        result = subprocess.run(
+            [cli, "run", "--dir", path, "--tag_set", "serve", "--signature_def",
+             signature, "--inputs", inputs],
+            capture_output=True, text=True, env=ENV, timeout=300,
+        )
+        assert result.returncode != 0
+        outputs[signature] = result.stderr
+    assert re.search(r"`images` must be finite pixel values \[batch, 12, 12, 3\]",
+                     outputs["serving_default"])
+    assert re.search(r"image_bytes\[1\] is 21x21 pixels, more than the 400 pixels",
+                     outputs["serve_image_bytes"])
