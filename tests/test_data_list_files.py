@@ -164,15 +164,17 @@ def test_file_pipelines_keep_order_and_seeds(image_root):
             data.split_dataset("train"), data.train_split.records, data.train_split.labels):
         np.testing.assert_array_equal(image, decode(tf.constant(path)))
         assert int(label) == expected_label
-    # Training: the sampler's index stream, element k seeded with (seed, k).
+    # Training: the sampler's index stream, element k seeded with (seed, k),
+    # for a finite (epochs=2) and an endless (epochs=None) stream.
     augment = transforms.train_transform(data.recipe, data.image_shape)
-    ds = nbn_data.make_train_dataset(data, 2, sampler="sqrt", epochs=2, seed=3)
-    indices = list(samplers.index_stream(
-        data.train_split.labels, "sqrt", examples_per_epoch=6, epochs=2,
-        seed=3).as_numpy_iterator())
-    images = np.concatenate([batch for batch, _ in ds.as_numpy_iterator()])
-    assert len(images) == 6 * 2
-    for position, (image, index) in enumerate(zip(images, indices)):
-        expected = augment(tf.constant(data.train_split.records[index]),
-                           tf.constant([3, position], tf.int64))
-        np.testing.assert_allclose(image, expected, atol=1e-4)
+    for epochs in (2, None):
+        ds = nbn_data.make_train_dataset(data, 2, sampler="sqrt", epochs=epochs, seed=3)
+        indices = list(samplers.index_stream(
+            data.train_split.labels, "sqrt", examples_per_epoch=6, epochs=epochs,
+            seed=3).take(12).as_numpy_iterator())
+        images = np.concatenate([batch for batch, _ in ds.take(6).as_numpy_iterator()])
+        assert len(images) == len(indices) == 6 * 2
+        for position, (image, index) in enumerate(zip(images, indices)):
+            expected = augment(tf.constant(data.train_split.records[index]),
+                               tf.constant([3, position], tf.int64))
+            np.testing.assert_allclose(image, expected, atol=1e-4)
