@@ -20,6 +20,7 @@ from nbn_keras import schedules
 from nbn_keras.conversion import convert_to_nbn
 from nbn_keras.conversion import fold_nbn
 from nbn_keras.conversion import select_bn_layers
+from nbn_keras.layers import GroupedConv2D
 from nbn_keras.layers import NBNScale
 from nbn_keras.layers import NormalizedBatchNormalization
 from nbn_keras.saving import load_model
@@ -28,10 +29,11 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # Backbones need KerasCV (and so TensorFlow); the layer and the
-    # conversion run on any Keras backend, so they are imported lazily.
-    if name == "backbones":
-        return importlib.import_module("nbn_keras.backbones")
+    # Backbones need KerasCV (and so TensorFlow), the importer PyTorch; the
+    # layer and the conversion run on any Keras backend, so the rest is
+    # imported lazily.
+    if name in ("backbones", "resnet", "import_torch"):
+        return importlib.import_module(f"nbn_keras.{name}")
     raise AttributeError(f"module 'nbn_keras' has no attribute '{name}'")
 
 
@@ -46,13 +48,13 @@ def custom_objects():
     classes = (
         NormalizedBatchNormalization,
         NBNScale,
+        GroupedConv2D,
         optimizers.CoupledSGD,
         schedules.WarmupCosineDecay,
         schedules.WarmupStepDecay,
         losses.LogitAdjustedCrossEntropy,
         losses.BalancedSoftmaxCrossEntropy,
         losses.LDAMLoss,
-        metrics.Top1Accuracy,
         metrics.PerClassAccuracy,
         metrics.BalancedAccuracy,
         metrics.GroupAccuracy,

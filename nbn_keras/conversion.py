@@ -4,6 +4,7 @@ import re
 
 import keras
 
+from nbn_keras.layers import GroupedConv2D
 from nbn_keras.layers import NBNScale
 from nbn_keras.layers import NormalizedBatchNormalization
 
@@ -300,7 +301,8 @@ def fold_nbn(model):
     A trained NBN layer is exactly a BatchNormalization layer whose gamma and
     beta are NBN's effective ones, so the result gives the same inference
     outputs and contains stock Keras layers only. This is the model to export
-    and serve. `NBNScale` layers disappear.
+    and serve. `NBNScale` layers disappear, and `GroupedConv2D` layers become
+    the stock `Conv2D` they are equal to.
 
     Args:
         model: A functional or Sequential Keras model.
@@ -315,16 +317,18 @@ def fold_nbn(model):
     """
     model = _as_functional(model)
 
-    def make_bn(layer):
-        if not isinstance(layer, NormalizedBatchNormalization):
-            return None
-        return layer.to_batch_normalization(_shared_scale_value(layer))
+    def make_stock(layer):
+        if isinstance(layer, NormalizedBatchNormalization):
+            return layer.to_batch_normalization(_shared_scale_value(layer))
+        if isinstance(layer, GroupedConv2D):
+            return layer.to_conv2d()
+        return None
 
     def call_without_scale(layer, *args, **kwargs):
         kwargs.pop("scale", None)
         return layer(*args, **kwargs)
 
-    return _clone(model, make_bn, call_without_scale)
+    return _clone(model, make_stock, call_without_scale)
 
 
 def _shared_scale_value(nbn_layer):

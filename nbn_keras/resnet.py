@@ -8,7 +8,9 @@ KerasCV's `ResNetBackbone` is v1 and puts it in the first 1x1), projection
 shortcuts (1x1 convolution + BN) where the shape changes, BN epsilon 1e-5 and
 PyTorch momentum 0.1 (Keras 0.9), and the authors' initialisation.
 
-They are built from stock Keras layers rather than keras-hub's
+They are built from Keras layers (stock ones, and for ResNeXt's grouped
+convolutions `nbn_keras.layers.GroupedConv2D`, a `Conv2D` that trains fast on
+CPU too and is exported as a stock `Conv2D`) rather than keras-hub's
 `ResNetBackbone`: keras-hub is not a dependency (it pulls in full TensorFlow,
 tensorflow-text and a Kaggle client), its ResNet has no grouped convolutions
 for ResNeXt, and its layer names would not follow the authors' module paths,
@@ -29,6 +31,8 @@ import dataclasses
 
 import keras
 from keras import layers
+
+from nbn_keras.layers import GroupedConv2D
 
 # The authors' ResNet init: N(0, sqrt(2 / (k * k * out_channels))).
 # (Keras' fan_out of a conv kernel is k * k * out_channels, also for grouped
@@ -95,7 +99,10 @@ class ResNetLayers:
         if strides > 1 and kernel_size > 1:
             x = layers.ZeroPadding2D(kernel_size // 2, name=name + "_pad")(x)
             padding = "valid"
-        return layers.Conv2D(
+        # A grouped convolution (ResNeXt) is a Conv2D that also trains at a
+        # usable speed on CPU; see `nbn_keras.layers.GroupedConv2D`.
+        conv_class = GroupedConv2D if groups > 1 else layers.Conv2D
+        return conv_class(
             filters, kernel_size, strides=strides, padding=padding,
             groups=groups, use_bias=False,
             kernel_initializer=keras.initializers.get(self.conv_initializer),

@@ -389,3 +389,29 @@ def test_first_sgd_step_from_zero_beta_is_finite():
     history = model.fit(x, y, epochs=2, batch_size=16, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
     assert all(np.all(np.isfinite(w)) for w in model.get_weights())
+
+
+@pytest.mark.parametrize("strides, padding", [(1, "same"), (2, "valid")])
+def test_grouped_conv_matches_keras_conv2d_with_gradients(strides, padding):
+    from nbn_keras.layers import GroupedConv2D
+
+    grouped = GroupedConv2D(16, 3, strides=strides, padding=padding, groups=4)
+    x = tf.constant(RNG.normal(size=(2, 9, 9, 8)).astype("float32"))
+    grouped.build(x.shape)
+    stock = keras.layers.Conv2D.from_config(grouped.get_config())
+    stock.build(x.shape)
+    stock.set_weights(grouped.get_weights())
+    weight = tf.constant(RNG.normal(size=grouped(x).shape).astype("float32"))
+    results = []
+    for layer in (grouped, stock):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x) * weight)
+        results.append([layer(x)] + tape.gradient(loss, [x, layer.kernel, layer.bias]))
+    for ours, theirs in zip(*results, strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(grouped.to_conv2d()(x), stock(x))
+    assert type(grouped.to_conv2d()) is keras.layers.Conv2D
+    restored = keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(grouped))
+    assert type(restored) is GroupedConv2D and restored.get_config() == grouped.get_config()
