@@ -8,7 +8,9 @@
   the stride of a downsampling bottleneck is in its first 1x1 conv), BN
   names `v2_stack_{stage}_block{block}_{i}_bn`.
 - `resnet20`, `resnet32`, `resnet44`, `resnet56`, `resnet110`: the CIFAR
-  ResNets of He et al. (2016), with KerasCV-style BN names.
+  ResNets of He et al. (2016), with KerasCV-style BN names; `resnet8` and
+  `resnet14` (one and two blocks per stage) are small models for quick
+  studies, not from the paper.
 
 `nbn_keras.convert_to_nbn` reads each backbone's stages from these names
 (`nbn_keras.conversion.RESNET_NAMING`).
@@ -28,7 +30,7 @@ _KERAS_CV_RESNETS = {
     "keras_cv_resnet101_v1": ([3, 4, 23, 3], "block"),
     "keras_cv_resnet152_v1": ([3, 8, 36, 3], "block"),
 }
-_CIFAR_RESNET_DEPTHS = (20, 32, 44, 56, 110)
+_CIFAR_RESNET_DEPTHS = (8, 14, 20, 32, 44, 56, 110)
 BACKBONES = (
     tuple(resnet.ARCHITECTURES)
     + tuple(_KERAS_CV_RESNETS)
@@ -75,7 +77,9 @@ def cifar_resnet(
     backbone of the long-tailed CIFAR literature (0.46M parameters).
 
     Args:
-        depth: Total depth, `6 n + 2` (20, 32, 44, 56, 110).
+        depth: Total depth, `6 n + 2` (8, 14, 20, 32, 44, 56, 110; 8 and
+            14, with one and two blocks per stage, are small models for
+            quick studies, not from the paper).
         input_shape: Input shape, channels last.
         stackwise_filters: Channels of the three stages.
         shortcut: `"zero_pad"` (parameter-free "option A", as in the
@@ -151,8 +155,9 @@ def build_backbone(
             `"resnext50"` (the authors' networks, `nbn_keras.resnet`),
             `"keras_cv_resnet18_v1"` ... `"keras_cv_resnet152_v1"` (KerasCV
             v1 ResNets, built from arguments so nothing is downloaded) or
-            `"resnet20"`, `"resnet32"`, `"resnet44"`, `"resnet56"`,
-            `"resnet110"` (CIFAR ResNets, see `cifar_resnet`).
+            `"resnet8"`, `"resnet14"`, `"resnet20"`, `"resnet32"`,
+            `"resnet44"`, `"resnet56"`, `"resnet110"` (CIFAR ResNets, see
+            `cifar_resnet`).
         input_shape: Input shape, channels last.
         bn_momentum: Momentum of the BN moving averages.
         bn_epsilon: BN epsilon.

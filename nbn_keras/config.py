@@ -71,6 +71,8 @@ class TrainConfig:
     imbalance_profile: str = _field("exp", "Class-size profile of the long-tailed subset.",
                                     "enum", ("exp", "step"))
     data_seed: int = _field(0, "Seed choosing the long-tailed subset.", "int")
+    image_size: Optional[int] = _field(None, "Image size of digits-LT and the synthetic "
+                                       "set (default: 32).", "int")
     data_dir: Optional[str] = _field(None, "TFDS data directory (CIFAR-LT). Must exist "
                                      "when given.", "string")
     manual_dir: Optional[str] = _field(None, "Directory with a manually downloaded TFDS "
@@ -101,6 +103,12 @@ class TrainConfig:
     nbn_scale_sharing: str = _field("model", "One NBN scale for the model (the paper's) or "
                                     "one per layer.", "enum", SCALE_SHARING_MODES)
     nbn_separate_scales: bool = _field(False, "Separate scales for gamma and beta.", "bool")
+    nbn_beta_init_std: float = _field(
+        0.0, "Start NBN's raw beta from N(0, std^2) instead of BN's zeros (0: the "
+        "reference's zero start).", "float")
+    nbn_dynamics: bool = _field(
+        False, "Write the raw gamma/beta norms, directions and scales of the NBN (or "
+        "would-be NBN) layers per epoch to <run_dir>/nbn_dynamics.json.", "bool")
     synchronized_bn: bool = _field(
         True, "Synchronise BN batch statistics across replicas; off = per-replica "
         "statistics, as in PyTorch DDP without SyncBatchNorm.", "bool")
@@ -244,13 +252,14 @@ def validate(config):
         numbers = value if isinstance(value, tuple) else (value,)
         if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
             problems.append(f"--{field.name}={value} is not a finite number.")
-    positive = ("n_max", "epochs", "global_batch_size", "base_lr", "learning_rate",
-                "steps_per_epoch")
+    positive = ("n_max", "image_size", "epochs", "global_batch_size", "base_lr",
+                "learning_rate", "steps_per_epoch")
     for name in positive:
         value = getattr(config, name)
         if value is not None and not value > 0:
             problems.append(f"--{name} must be positive (got {value}).")
-    for name in ("momentum", "weight_decay", "warmup_epochs", "drw_epoch", "logit_adjust_tau"):
+    for name in ("momentum", "weight_decay", "warmup_epochs", "drw_epoch", "logit_adjust_tau",
+                 "nbn_beta_init_std"):
         if not getattr(config, name) >= 0:
             problems.append(f"--{name} must be >= 0 (got {getattr(config, name)}).")
     if not config.momentum < 1:

@@ -181,6 +181,8 @@ def load_data(config):
                        profile=config.imbalance_profile, seed=config.data_seed)
         if config.n_max:
             options["n_max"] = config.n_max
+        if config.image_size:
+            options["image_size"] = config.image_size
         if data_lib.uses_tfds(config.data):
             options.update(data_dir=config.data_dir, manual_dir=config.manual_dir,
                            download=config.download)
@@ -203,7 +205,9 @@ def build_model(config, data):
         selection = [name.strip() for name in selection.split(",")]
     return convert_to_nbn(
         model, selection, stages=list(config.nbn_stages) or None,
-        scale_sharing=config.nbn_scale_sharing, separate_scales=config.nbn_separate_scales)
+        scale_sharing=config.nbn_scale_sharing, separate_scales=config.nbn_separate_scales,
+        beta_initializer=(keras.initializers.RandomNormal(stddev=config.nbn_beta_init_std)
+                          if config.nbn_beta_init_std else None))
 
 
 def build_optimizer(config, steps_per_epoch):
@@ -269,6 +273,9 @@ def train(config, data, strategy, run_dir):
         checkpoint,
         keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard")),
     ]
+    if config.nbn_dynamics:  # First: it reads the weights each step begins with.
+        callbacks.insert(0, nbn_callbacks.NBNDynamicsLogger(
+            os.path.join(run_dir, nbn_callbacks.DYNAMICS_FILENAME)))
     if config.loss == "ldam_drw":
         callbacks.append(losses.DeferredReweighting())
     try:
