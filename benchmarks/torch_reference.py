@@ -1,14 +1,16 @@
-"""ResNet-50 + NBN training throughput: nbn_keras against the authors' code.
+"""ResNet-50 / ResNeXt-50 + NBN training throughput: ours against the authors'.
 
-Our side is the KerasCV ResNet-50 classifier of `nbn_keras.backbones`
-converted with `convert_to_nbn` (the paper's selection: 4 NBN layers in the
-last stage, one shared alpha), compiled with cross-entropy and SGD with
-momentum 0.9 (PyTorch-style coupled weight decay when `--weight_decay` > 0),
-and trained with `train_on_batch` on one fixed random batch.
+Our side is the `--arch` classifier of `nbn_keras.backbones` (`resnet50` or
+`resnext50`: the authors' networks, layer for layer) converted with
+`convert_to_nbn` (the paper's selection: 4 NBN layers in the last stage, one
+shared alpha), compiled with cross-entropy and SGD with momentum 0.9
+(PyTorch-style coupled weight decay when `--weight_decay` > 0), and trained
+with `train_on_batch` on one fixed random batch.
 
-Their side is `resnet50_nbn` from a checkout of the authors' repository
-(github.com/yuxiangbao/NBN, `models/ResNet_NBN.py`), trained as their
-`main.py` does without mixed precision: `nn.CrossEntropyLoss`, `torch.optim.SGD`
+Their side is `resnet50_nbn` or `resnext50_nbn` from a checkout of the
+authors' repository (github.com/yuxiangbao/NBN, `models/ResNet_NBN.py`,
+`models/ResNext_NBN.py`), trained as their `main.py` does without mixed
+precision: `nn.CrossEntropyLoss`, `torch.optim.SGD`
 with momentum 0.9 and the same weight decay, `zero_grad`, forward, backward,
 `step`, on one fixed random batch of the same size. It runs in a separate
 process started with `--torch_python` (a Python that has torch; TensorFlow
@@ -29,6 +31,8 @@ Run (from the repository root; the checkout is not part of this repo):
         --torch_python /path/to/torchvenv/bin/python
     python benchmarks/torch_reference.py --nbn_repo /path/to/NBN \\
         --xla --torch_channels_last --rounds 6
+    python benchmarks/torch_reference.py --nbn_repo /path/to/NBN \\
+        --arch resnext50
 
 Nothing about speed is asserted; read the numbers.
 """
@@ -45,6 +49,7 @@ import time
 import common
 
 REFERENCE = "torch (authors)"
+ARCH_NAMES = {"resnet50": "ResNet-50", "resnext50": "ResNeXt-50 32x4d"}
 
 
 # --- PyTorch worker: runs in the torch venv, imports no TensorFlow ----------
@@ -60,9 +65,12 @@ def torch_worker(args):
     sys.path.insert(0, os.path.abspath(args.nbn_repo))
     # Their constructor prints a banner; stdout is kept for the JSON lines.
     with contextlib.redirect_stdout(sys.stderr):
-        from models.ResNet_NBN import resnet50_nbn
+        if args.arch == "resnet50":
+            from models.ResNet_NBN import resnet50_nbn as build
+        else:
+            from models.ResNext_NBN import resnext50_nbn as build
 
-        model = resnet50_nbn(num_classes=args.num_classes)
+        model = build(num_classes=args.num_classes)
     if args.image_size != 224:
         # Their head pools with a fixed 7x7 window, sized for 224x224 inputs.
         model.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -122,6 +130,7 @@ class TorchWorker:
         command = [
             args.torch_python, os.path.abspath(__file__), "--worker",
             "--nbn_repo", args.nbn_repo,
+            "--arch", args.arch,
             "--batch_size", str(args.batch_size),
             "--image_size", str(args.image_size),
             "--num_classes", str(args.num_classes),
@@ -161,9 +170,9 @@ class TorchWorker:
 
 
 def keras_step(args, jit_compile):
-    """Builds and warms up our NBN ResNet-50; returns its step and facts."""
+    """Builds and warms up our NBN network; returns its step and facts."""
     _, nbn = common.build_bn_and_nbn(
-        "resnet50", args.image_size, args.num_classes
+        args.arch, args.image_size, args.num_classes
     )
     common.compile_for_training(
         nbn, jit_compile=jit_compile, weight_decay=args.weight_decay
@@ -233,7 +242,7 @@ def driver(args):
     print()
     print(common.machine_line(args.threads))
     print(
-        f"ResNet-50 + NBN training, input {args.image_size}x{args.image_size}, "
+        f"{ARCH_NAMES[args.arch]} + NBN training, input {args.image_size}x{args.image_size}, "
         f"batch {args.batch_size}, {args.num_classes} classes, SGD momentum 0.9, "
         f"weight decay {args.weight_decay}, cross-entropy, float32; "
         f"{args.rounds} rounds x {per_round} steps per variant"
@@ -254,6 +263,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nbn_repo", required=True,
                         help="Path of a checkout of the authors' NBN code.")
+    parser.add_argument("--arch", choices=sorted(ARCH_NAMES), default="resnet50",
+                        help="The network, on both sides.")
     parser.add_argument("--torch_python", default="python",
                         help="A Python interpreter that can import torch.")
     parser.add_argument("--batch_size", type=int, default=16)

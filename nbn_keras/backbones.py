@@ -1,25 +1,40 @@
-"""ResNet backbones and the classifier around them, named by strings.
+"""Backbones and the classifier around them, named by strings.
 
-All backbones name their BN layers `v2_stack_{stage}_block{block}_{i}_bn`
-(KerasCV's scheme, `i = 0` for the shortcut BN), so that
-`nbn_keras.convert_to_nbn`'s stage selection treats them alike.
+- `resnet18`, `resnet34`, `resnet50`, `resnet101`, `resnet152`, `resnext50`:
+  the NBN authors' networks (torchvision v1.5 layout, ResNeXt-50 32x4d), see
+  `nbn_keras.resnet`. Layer names follow the PyTorch module paths
+  (`layer4_0_bn3`, `layer4_0_downsample_1`, ...).
+- `keras_cv_resnet{18,34,50,101,152}_v1`: KerasCV's `ResNetBackbone` (v1:
+  the stride of a downsampling bottleneck is in its first 1x1 conv), BN
+  names `v2_stack_{stage}_block{block}_{i}_bn`.
+- `resnet20`, `resnet32`, `resnet44`, `resnet56`, `resnet110`: the CIFAR
+  ResNets of He et al. (2016), with KerasCV-style BN names; `resnet8` and
+  `resnet14` (one and two blocks per stage) are small models for quick
+  studies, not from the paper.
+
+`nbn_keras.convert_to_nbn` reads each backbone's stages from these names
+(`nbn_keras.conversion.RESNET_NAMING`).
 """
 
 import keras
 import keras_cv
 from keras import layers
 
+from nbn_keras import resnet
+
 _KERAS_CV_RESNETS = {
     # name: (blocks per stage, block type)
-    "resnet18": ([2, 2, 2, 2], "basic_block"),
-    "resnet34": ([3, 4, 6, 3], "basic_block"),
-    "resnet50": ([3, 4, 6, 3], "block"),
-    "resnet101": ([3, 4, 23, 3], "block"),
-    "resnet152": ([3, 8, 36, 3], "block"),
+    "keras_cv_resnet18_v1": ([2, 2, 2, 2], "basic_block"),
+    "keras_cv_resnet34_v1": ([3, 4, 6, 3], "basic_block"),
+    "keras_cv_resnet50_v1": ([3, 4, 6, 3], "block"),
+    "keras_cv_resnet101_v1": ([3, 4, 23, 3], "block"),
+    "keras_cv_resnet152_v1": ([3, 8, 36, 3], "block"),
 }
 _CIFAR_RESNET_DEPTHS = (8, 14, 20, 32, 44, 56, 110)
-BACKBONES = tuple(_KERAS_CV_RESNETS) + tuple(
-    f"resnet{depth}" for depth in _CIFAR_RESNET_DEPTHS
+BACKBONES = (
+    tuple(resnet.ARCHITECTURES)
+    + tuple(_KERAS_CV_RESNETS)
+    + tuple(f"resnet{depth}" for depth in _CIFAR_RESNET_DEPTHS)
 )
 
 
@@ -129,16 +144,18 @@ def cifar_resnet(
 def build_backbone(
     name, input_shape, bn_momentum=0.9, bn_epsilon=1e-5, synchronized_bn=False
 ):
-    """Builds a ResNet backbone from its name, without pretrained weights.
+    """Builds a backbone from its name, without pretrained weights.
 
     BN layers get PyTorch's defaults (momentum 0.1, i.e. Keras 0.9, and
     epsilon 1e-5), those of the reference code, unless told otherwise.
 
     Args:
         name: One of `nbn_keras.backbones.BACKBONES`: `"resnet18"`,
-            `"resnet34"`, `"resnet50"`, `"resnet101"`, `"resnet152"` (KerasCV
-            ImageNet ResNets, built from arguments so nothing is downloaded)
-            or `"resnet8"`, `"resnet14"`, `"resnet20"`, `"resnet32"`,
+            `"resnet34"`, `"resnet50"`, `"resnet101"`, `"resnet152"`,
+            `"resnext50"` (the authors' networks, `nbn_keras.resnet`),
+            `"keras_cv_resnet18_v1"` ... `"keras_cv_resnet152_v1"` (KerasCV
+            v1 ResNets, built from arguments so nothing is downloaded) or
+            `"resnet8"`, `"resnet14"`, `"resnet20"`, `"resnet32"`,
             `"resnet44"`, `"resnet56"`, `"resnet110"` (CIFAR ResNets, see
             `cifar_resnet`).
         input_shape: Input shape, channels last.
@@ -149,6 +166,11 @@ def build_backbone(
     Returns:
         A functional `keras.Model` from images to the last feature map.
     """
+    if name in resnet.ARCHITECTURES:
+        return resnet.resnet(
+            name, input_shape=input_shape, bn_momentum=bn_momentum,
+            bn_epsilon=bn_epsilon, synchronized_bn=synchronized_bn,
+        )
     if name in _KERAS_CV_RESNETS:
         blocks, block_type = _KERAS_CV_RESNETS[name]
         backbone = keras_cv.models.ResNetBackbone(
@@ -184,12 +206,15 @@ def build_classifier(
     std=None,
     synchronized_bn=False,
     name=None,
+    head_initializer="auto",
 ):
     """An image classifier: normalisation, backbone, pooling, linear head.
 
     The model takes raw pixels in [0, 255] (input named `"images"`),
     normalises them with `mean` and `std` inside the graph, and returns
     float32 logits, so an exported model needs no preprocessing outside.
+    The pooling is global, which for the authors' networks at 224x224 is
+    their 7x7 average pooling.
 
     Args:
         backbone: A backbone name (see `build_backbone`) or a Keras model.
@@ -200,6 +225,11 @@ def build_classifier(
         std: Per-channel standard deviation, in the same units as `mean`.
         synchronized_bn: Synchronise BN statistics across replicas.
         name: Model name; defaults to the backbone's name.
+        head_initializer: Initialisation of the linear head: `"torch"`
+            (PyTorch's `nn.Linear` default: kernel and bias
+            U(-1/sqrt(in), 1/sqrt(in)), as the authors' networks have),
+            `"keras"` (Glorot uniform kernel, zero bias), or `"auto"`:
+            `"torch"` for the authors' networks, `"keras"` otherwise.
 
     Returns:
         A functional `keras.Model` with the backbone nested as one layer.
@@ -211,6 +241,14 @@ def build_classifier(
     ...     mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010))
     >>> nbn_model = nbn_keras.convert_to_nbn(model)
     """
+    if head_initializer not in ("auto", "torch", "keras"):
+        raise ValueError(
+            "head_initializer must be 'auto', 'torch' or 'keras', got "
+            f"'{head_initializer}'."
+        )
+    if head_initializer == "auto":
+        authors = isinstance(backbone, str) and backbone in resnet.ARCHITECTURES
+        head_initializer = "torch" if authors else "keras"
     if isinstance(backbone, str):
         backbone = build_backbone(
             backbone, input_shape, synchronized_bn=synchronized_bn
@@ -227,6 +265,12 @@ def build_classifier(
         )(inputs)
     x = backbone(x)
     x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    initializers = {}
+    if head_initializer == "torch":
+        kernel, bias = resnet.torch_linear_initializers(x.shape[-1])
+        initializers = dict(kernel_initializer=kernel, bias_initializer=bias)
     # Logits stay float32 under mixed precision for a stable softmax.
-    outputs = layers.Dense(num_classes, dtype="float32", name="logits")(x)
+    outputs = layers.Dense(
+        num_classes, dtype="float32", name="logits", **initializers
+    )(x)
     return keras.Model(inputs, outputs, name=name or backbone.name)

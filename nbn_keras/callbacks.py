@@ -1,13 +1,15 @@
 """Keras callbacks of the training run that Keras itself does not provide."""
 
+import csv
 import hashlib
-import json
+import io
+import math
 import os
-import tempfile
 
 import keras
 import numpy as np
 
+from nbn_keras import run_files
 from nbn_keras.conversion import leaf_layers
 from nbn_keras.conversion import select_bn_layers
 from nbn_keras.layers import NBNScale
@@ -42,6 +44,99 @@ class NBNScaleLogger(keras.callbacks.Callback):
             logs[f"nbn_scale/{path}"] = float(np.asarray(variable.numpy()))
 
 
+class RunCheckpoint(keras.callbacks.Callback):
+    """Crash-safe epoch checkpoints, best-model selection and `history.csv`.
+
+    At the end of every epoch, in this order, each file written atomically
+    (`nbn_keras.run_files`):
+
+    1. `best.keras` when `monitor` improved on the best value so far;
+    2. `backup/epoch-NNNN.keras`: the whole model with its optimizer state;
+    3. `backup/state.json`: the epoch reached, the best value and its epoch,
+       and the history of epoch logs; then older backups are removed;
+    4. `history.csv`, rewritten from that history.
+
+    `backup/state.json` always names a complete backup, and the previous one
+    is removed only after the new one is complete, so a process killed at any
+    instant resumes from the last completed epoch (`restore`). A rerun that
+    trains an epoch again (killed after `best.keras` but before the backup)
+    computes the same weights and rewrites the same `best.keras`.
+
+    Keras' `BackupAndRestore` and `ModelCheckpoint` overwrite their files in
+    place, and `CSVLogger` appends, which is why they are not used.
+
+    Args:
+        run_dir: The run directory.
+        monitor: The logged value that selects `best.keras` (maximised).
+    """
+
+    def __init__(self, run_dir, monitor="val_top1"):
+        super().__init__()
+        self.run_dir = run_dir
+        self.monitor = monitor
+        self.backup_dir = os.path.join(run_dir, "backup")
+        self.state = {"epoch": 0, "best": None, "best_epoch": None, "history": []}
+
+    @property
+    def state_path(self):
+        return os.path.join(self.backup_dir, "state.json")
+
+    def restore(self, model):
+        """Loads the last complete backup into `model`; returns its epoch (0 if none).
+
+        Call it on the compiled model before `fit(..., initial_epoch=...)`.
+        """
+        run_files.remove_stale_temporaries(self.backup_dir)
+        run_files.remove_stale_temporaries(self.run_dir)
+        state = run_files.read_json(self.state_path)
+        if state is None:
+            return 0
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        model.load_weights(os.path.join(self.backup_dir, state["checkpoint"]))
+        self.state = state
+        return state["epoch"]
+
+    def on_train_batch_end(self, batch, logs=None):
+        run_files.kill_point("batch")
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = {key: _as_float(value) for key, value in (logs or {}).items()}
+        state = dict(self.state, epoch=epoch + 1,
+                     history=self.state["history"] + [{"epoch": epoch, **logs}])
+        value = logs.get(self.monitor)
+        if value is not None and math.isfinite(value) and (
+                state["best"] is None or value > state["best"]):
+            with run_files.atomic_write(os.path.join(self.run_dir, "best.keras"),
+                                        kill_point_name="best") as tmp:
+                self.model.save(tmp)
+            state.update(best=value, best_epoch=epoch)
+        os.makedirs(self.backup_dir, exist_ok=True)
+        checkpoint = f"epoch-{epoch + 1:04d}.keras"
+        with run_files.atomic_write(os.path.join(self.backup_dir, checkpoint),
+                                    kill_point_name="backup") as tmp:
+            self.model.save(tmp)
+        state["checkpoint"] = checkpoint
+        run_files.write_json(self.state_path, state)
+        for name in os.listdir(self.backup_dir):
+            if name.startswith("epoch-") and name != checkpoint:
+                os.remove(os.path.join(self.backup_dir, name))
+        self.state = state
+        write_history_csv(os.path.join(self.run_dir, "history.csv"), state["history"])
+
+
+def write_history_csv(path, history):
+    """Writes a list of epoch-log dicts as CSV, atomically."""
+    columns = list(dict.fromkeys(key for row in history for key in row))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, columns, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    run_files.write_text(path, text.getvalue())
+
+
+def _as_float(value):
+    return float(np.asarray(value))
 DYNAMICS_FILENAME = "nbn_dynamics.json"
 
 
@@ -109,8 +204,8 @@ class NBNDynamicsLogger(keras.callbacks.Callback):
     that runs meant to start alike did.
 
     The JSON file is replaced atomically at every epoch end. A resumed run
-    (`keras.callbacks.BackupAndRestore`) keeps the start and step-1 records
-    of the file it finds; place this callback before `BackupAndRestore`.
+    (`RunCheckpoint.restore`) keeps the start and step-1 records of the file
+    it finds.
 
     Args:
         path: Path of the JSON file.
@@ -131,9 +226,7 @@ class NBNDynamicsLogger(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self._layers = tracked_bn_layers(self.model)
         self._record = None
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                self._record = json.load(f)
+        self._record = run_files.read_json(self.path)
         if self._record is None or self._record.get("layers") != [
                 l.name for l in self._layers]:
             self._record = {
@@ -177,12 +270,4 @@ class NBNDynamicsLogger(keras.callbacks.Callback):
             entry["layers"][layer.name] = stats
         record["epochs"] = [e for e in record["epochs"] if e["epoch"] < epoch] + [entry]
         record["final"] = _vectors(self._layers)
-        _write_json_atomically(record, self.path)
-
-
-def _write_json_atomically(obj, path):
-    directory = os.path.dirname(os.path.abspath(path))
-    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp",
-                                     delete=False) as f:
-        json.dump(obj, f)
-    os.replace(f.name, path)
+        run_files.write_json(self.path, record)

@@ -3,28 +3,44 @@
 import re
 
 import keras
-import numpy as np
 
+from nbn_keras.layers import GroupedConv2D
 from nbn_keras.layers import NBNScale
 from nbn_keras.layers import NormalizedBatchNormalization
 
 SCALE_LAYER_NAME = "nbn_scale"
 SCALE_SHARING_MODES = ("model", "layer")
-_NBN_ONLY_CONFIG_KEYS = (
-    "shared_scale", "separate_scales", "alpha_initializer",
-    "alpha_regularizer", "norm_epsilon",
-)
 
-# `v2_stack_{stage}_block{block}_{index}_bn`: KerasCV ResNets (v1 and v2)
-# and `nbn_keras.backbones.cifar_resnet`. Index 0 is the shortcut BN, the
-# highest index the block's last BN; blocks count from 1, stages from 0.
-_RESNET_BN_NAME = re.compile(r"(?:^|_)stack_?(\d+)_block(\d+)_(\d+)_bn$")
+# How a ResNet's layer names say which stage and block a layer is in. Each
+# backbone of `nbn_keras.backbones` declares its structure by naming its
+# layers after one of these contracts, and so does KerasCV. Names are what
+# survives `clone_model`, folding and `.keras` round trips unchanged (a layer
+# attribute does not, and a model subclass is lost by `clone_model`). Which
+# BN of a stage the paper converts is read from the graph, not from names:
+# see `paper_selection`.
+RESNET_NAMING = {
+    # `layer{stage}_{block}_...`, stages from 1, blocks from 0: the
+    # torchvision / authors' layout (`nbn_keras.backbones.resnet`), whose
+    # layer names are the PyTorch module paths with "_" for ".".
+    "torchvision": re.compile(r"(?:^|_)layer(\d+)_(\d+)_"),
+    # `..._stack_{stage}_block{block}_...`, stages from 0, blocks from 1:
+    # KerasCV ResNet v1 and v2 (prefix `v2_stack_` for both) and
+    # `nbn_keras.backbones.cifar_resnet`.
+    "keras_cv": re.compile(r"(?:^|_)stack_?(\d+)_block(\d+)_"),
+}
 
 
-def parse_resnet_bn_name(name):
-    """Returns `(stage, block, index)` of a ResNet BN layer name, or `None`."""
-    match = _RESNET_BN_NAME.search(name)
-    return tuple(int(g) for g in match.groups()) if match else None
+def resnet_layer_location(name):
+    """Returns `(naming, stage, block)` of a ResNet layer name, or `None`.
+
+    Args:
+        name: A layer name following one of `RESNET_NAMING`.
+    """
+    for naming, pattern in RESNET_NAMING.items():
+        match = pattern.search(name)
+        if match:
+            return (naming,) + tuple(int(g) for g in match.groups())
+    return None
 
 
 def _is_plain_bn(layer):
@@ -48,48 +64,87 @@ def _walk(model):
             yield layer, model
 
 
+def feeds_residual_sum(layer):
+    """Whether `layer`'s output goes straight into an `Add` layer.
+
+    In a post-activation ResNet (v1, v1.5, ResNeXt) these are exactly the BN
+    that ends each residual branch and the BN of a projection shortcut.
+    """
+    return any(
+        isinstance(node.operation, keras.layers.Add)
+        for node in layer._outbound_nodes
+    )
+
+
 def paper_selection(bn_layers, stages=None):
     """Picks the BN layers NBN converts in the reference ResNets.
 
     In each selected stage: the last BN of every residual block and the BN of
-    the shortcut branch.
+    the shortcut branch, i.e. the BN layers whose output goes straight into
+    the residual sum. Stages come from the layer names (`RESNET_NAMING`),
+    the roles from the model graph, so a model the rule does not describe
+    raises an error instead of being converted by a guess. In particular a
+    pre-activation ResNet (KerasCV `ResNetV2Backbone`), whose residual
+    branches end in a convolution and whose shortcuts have no BN, is refused.
 
     Args:
-        bn_layers: The candidate BN layers.
+        bn_layers: The candidate BN layers (of one model, connected).
         stages: Stage indices (negative counts from the last stage), or
             `None` for the last stage only, as in the paper.
 
     Returns:
         The list of selected layers.
     """
-    parsed = {}
+    options = (
+        "Pass `selection='all'`, a list of layer names, or a predicate "
+        "`fn(layer) -> bool`."
+    )
+    located = []
     for layer in bn_layers:
-        key = parse_resnet_bn_name(layer.name)
-        if key is not None:
-            parsed[id(layer)] = (layer, key)
-    if not parsed:
+        location = resnet_layer_location(layer.name)
+        if location is not None:
+            located.append((layer, location))
+    if not located:
         raise ValueError(
-            "No ResNet BN layer names (`..._stack{s}_block{b}_{i}_bn`) were "
-            "found, so the paper's selection is undefined for this model. "
-            "Pass `selection='all'`, a list of layer names, or a predicate."
+            "The paper's selection is undefined for this model: none of its "
+            "BN layers is named as a ResNet's (the backbones of "
+            "`nbn_keras.backbones`, KerasCV's ResNetBackbone). " + options
         )
-    all_stages = sorted({key[0] for _, key in parsed.values()})
-    wanted = set()
+    namings = sorted({naming for _, (naming, _, _) in located})
+    if len(namings) > 1:
+        raise ValueError(
+            f"The model's BN layers mix the ResNet naming contracts {namings}, "
+            "so its stages are ambiguous. " + options
+        )
+    all_stages = sorted({stage for _, (_, stage, _) in located})
+    wanted = []
     for stage in [-1] if stages is None else stages:
         if not -len(all_stages) <= stage < len(all_stages):
             raise ValueError(
                 f"Stage {stage} does not exist: the model's stages are "
                 f"{all_stages}."
             )
-        wanted.add(all_stages[stage])
-    last_index = {}
-    for _, (stage, block, index) in parsed.values():
-        last_index[stage, block] = max(index, last_index.get((stage, block), 0))
-    return [
-        layer
-        for layer, (stage, block, index) in parsed.values()
-        if stage in wanted and (index == 0 or index == last_index[stage, block])
-    ]
+        wanted.append(all_stages[stage])
+    selected = []
+    for stage in wanted:
+        in_stage = [
+            layer for layer, (_, s, _) in located
+            if s == stage and feeds_residual_sum(layer)
+        ]
+        if not in_stage:
+            raise ValueError(
+                f"No BN layer of stage {stage} feeds a residual sum, so the "
+                "paper's rule (the BN ending each residual branch and the "
+                "shortcut BN) does not apply: this is not a post-activation "
+                "ResNet. A pre-activation ResNet (e.g. KerasCV's "
+                "ResNetV2Backbone) ends its branches with a convolution. "
+                + options
+            )
+        already = [l.name for l in in_stage if not _is_plain_bn(l)]
+        if already:
+            raise ValueError(f"Layers {already} are already NBN layers.")
+        selected.extend(in_stage)
+    return selected
 
 
 def select_bn_layers(model, selection="paper", stages=None):
@@ -110,7 +165,11 @@ def select_bn_layers(model, selection="paper", stages=None):
     if stages is not None and selection != "paper":
         raise ValueError("`stages` only applies to selection='paper'.")
     if selection == "paper":
-        selected = paper_selection(bn_layers, stages)
+        selected = paper_selection(
+            [layer for layer in leaf_layers(model)
+             if isinstance(layer, keras.layers.BatchNormalization)],
+            stages,
+        )
     elif selection == "all":
         selected = bn_layers
     elif callable(selection):
@@ -228,9 +287,10 @@ def convert_to_nbn(
             )
 
     def make_nbn(layer):
-        config = layer.get_config()
-        config.update(shared_scale=shared, separate_scales=separate_scales)
-        return NormalizedBatchNormalization.from_config(config)
+        return NormalizedBatchNormalization.from_batch_normalization(
+            layer, shared_scale=shared, separate_scales=separate_scales,
+            preserve_outputs=preserve_outputs,
+        )
 
     scale_tensors = []
 
@@ -244,21 +304,17 @@ def convert_to_nbn(
             kwargs["scale"] = scale_tensors[0]
         return layer(*args, **kwargs)
 
-    converted, pairs = _clone(
+    converted = _clone(
         model,
         lambda layer: make_nbn(layer) if id(layer) in selected_ids else None,
         call_with_shared_scale if shared else None,
     )
-    converted_count = 0
-    for old, new in pairs:
-        if isinstance(new, NormalizedBatchNormalization):
-            _copy_bn_to_nbn(old, new, preserve_outputs)
-            if beta_initializer is not None and new.center:
-                initializer = _offset_seed(beta_initializer, converted_count)
-                new.beta.assign(initializer(new.beta.shape, new.beta.dtype))
-            converted_count += 1
-        else:
-            new.set_weights(old.get_weights())
+    if beta_initializer is not None:
+        nbn_layers = [l for l in leaf_layers(converted)
+                      if isinstance(l, NormalizedBatchNormalization) and l.center]
+        for position, layer in enumerate(nbn_layers):
+            initializer = _offset_seed(beta_initializer, position)
+            layer.beta.assign(initializer(layer.beta.shape, layer.beta.dtype))
     return converted
 
 
@@ -268,7 +324,8 @@ def fold_nbn(model):
     A trained NBN layer is exactly a BatchNormalization layer whose gamma and
     beta are NBN's effective ones, so the result gives the same inference
     outputs and contains stock Keras layers only. This is the model to export
-    and serve. `NBNScale` layers disappear.
+    and serve. `NBNScale` layers disappear, and `GroupedConv2D` layers become
+    the stock `Conv2D` they are equal to.
 
     Args:
         model: A functional or Sequential Keras model.
@@ -283,29 +340,18 @@ def fold_nbn(model):
     """
     model = _as_functional(model)
 
-    def make_bn(layer):
-        if not isinstance(layer, NormalizedBatchNormalization):
-            return None
-        config = layer.get_config()
-        for key in _NBN_ONLY_CONFIG_KEYS:
-            config.pop(key)
-        return keras.layers.BatchNormalization.from_config(config)
+    def make_stock(layer):
+        if isinstance(layer, NormalizedBatchNormalization):
+            return layer.to_batch_normalization(_shared_scale_value(layer))
+        if isinstance(layer, GroupedConv2D):
+            return layer.to_conv2d()
+        return None
 
     def call_without_scale(layer, *args, **kwargs):
         kwargs.pop("scale", None)
         return layer(*args, **kwargs)
 
-    folded, pairs = _clone(model, make_bn, call_without_scale)
-    for old, new in pairs:
-        if not isinstance(old, NormalizedBatchNormalization):
-            new.set_weights(old.get_weights())
-            continue
-        gamma, beta = old.effective_parameters(_shared_scale_value(old))
-        new.set_weights(
-            [np.asarray(w) for w in (gamma, beta) if w is not None]
-            + [np.asarray(old.moving_mean), np.asarray(old.moving_variance)]
-        )
-    return folded
+    return _clone(model, make_stock, call_without_scale)
 
 
 def _shared_scale_value(nbn_layer):
@@ -355,11 +401,11 @@ def _check_single_graph(model, selected_ids):
 
 
 def _clone(model, replace, call_function):
-    """`clone_model` with per-layer replacement; returns the clone and pairs.
+    """`clone_model` with per-layer replacement and every weight carried over.
 
-    `replace(layer)` returns a new layer, or `None` to clone it unchanged.
-    The pairs `(old, new)` of leaf layers are returned because `clone_model`
-    copies no weights.
+    `replace(layer)` returns a new layer holding its own weights, or `None`
+    to clone `layer` unchanged (`clone_model` copies no weights, so they are
+    copied here).
     """
     pairs = []
 
@@ -367,7 +413,7 @@ def _clone(model, replace, call_function):
         new = replace(layer)
         if new is None:
             new = layer.__class__.from_config(layer.get_config())
-        pairs.append((layer, new))
+            pairs.append((layer, new))
         return new
 
     clone = keras.models.clone_model(
@@ -376,21 +422,9 @@ def _clone(model, replace, call_function):
         call_function=call_function,
         recursive=True,
     )
-    return clone, pairs
-
-
-def _copy_bn_to_nbn(bn, nbn, preserve_outputs):
-    nbn.moving_mean.assign(bn.moving_mean)
-    nbn.moving_variance.assign(bn.moving_variance)
-    if bn.scale:
-        nbn.gamma.assign(bn.gamma)
-    if bn.center:
-        nbn.beta.assign(bn.beta)
-    if preserve_outputs:
-        if bn.scale:
-            nbn.gamma_alpha.assign(_norm(bn.gamma) + nbn.norm_epsilon)
-        if bn.center:
-            nbn.beta_alpha.assign(_norm(bn.beta) + nbn.norm_epsilon)
+    for old, new in pairs:
+        new.set_weights(old.get_weights())
+    return clone
 
 
 def _offset_seed(initializer, offset):
@@ -406,7 +440,3 @@ def _offset_seed(initializer, offset):
     if isinstance(config.get("seed"), int):
         config["seed"] += offset
     return initializer.__class__.from_config(config)
-
-
-def _norm(variable):
-    return float(np.linalg.norm(np.asarray(variable, dtype=np.float64)))

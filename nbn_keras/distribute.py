@@ -1,6 +1,5 @@
 """Choosing the tf.distribute strategy of a training run, and fitting to it."""
 
-import json
 import os
 
 import tensorflow as tf
@@ -8,14 +7,13 @@ import tensorflow as tf
 
 def cluster_workers():
     """Number of workers `TF_CONFIG` describes (1 when it is unset)."""
-    config = os.environ.get("TF_CONFIG")
-    if not config:
-        return 1
     try:
-        cluster = json.loads(config).get("cluster", {})
-    except json.JSONDecodeError as error:
-        raise ValueError(f"TF_CONFIG is not valid JSON: {error}") from None
-    return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
+        cluster = tf.distribute.cluster_resolver.TFConfigClusterResolver().cluster_spec()
+    except ValueError as error:
+        raise ValueError(f"TF_CONFIG is not valid: {error}") from None
+    jobs = cluster.as_dict()
+    return max(1, sum(len(cluster.job_tasks(job)) for job in ("worker", "chief")
+                      if job in jobs))
 
 
 def make_strategy(single_device=False):
@@ -57,14 +55,13 @@ def make_strategy(single_device=False):
 
 
 def is_chief(strategy):
-    """Whether this worker writes the run's files (exports, reports)."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.task_type:
-        return True
-    return resolver.task_type == "chief" or (
-        resolver.task_type == "worker" and resolver.task_id == 0
-        and "chief" not in resolver.cluster_spec().as_dict()
-    )
+    """Whether this worker writes the run's files (selection, report, export)."""
+    return strategy.extended.should_checkpoint
+
+
+def worker_dir(run_dir, strategy):
+    """The directory of a non-chief worker's own files, inside `run_dir`."""
+    return os.path.join(run_dir, "workers", str(strategy.cluster_resolver.task_id))
 
 
 def adapt_to_multi_worker(model, sample_batch):

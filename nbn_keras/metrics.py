@@ -59,9 +59,9 @@ def long_tail_report(y_true, y_pred, class_counts, many_threshold=100, few_thres
         few_threshold: See `class_groups`.
 
     Returns:
-        A dict with `top1`, `many_acc`, `medium_acc`, `few_acc`,
-        `balanced_acc` (floats) and `per_class_acc` (array, NaN for classes
-        absent from `y_true`).
+        A dict with `top1`, `many`, `medium`, `few`, `balanced` (floats)
+        and `per_class` (array, NaN for classes absent from `y_true`): the
+        names the compiled metrics of `long_tail_metrics` have.
     """
     y_true = np.asarray(y_true).reshape(-1)
     y_pred = np.asarray(y_pred)
@@ -75,9 +75,9 @@ def long_tail_report(y_true, y_pred, class_counts, many_threshold=100, few_thres
     report = {"top1": correct.sum() / max(total.sum(), 1)}
     for group, mask in class_groups(class_counts, many_threshold, few_threshold).items():
         members = mask & seen
-        report[f"{group}_acc"] = per_class[members].mean() if members.any() else np.nan
-    report["balanced_acc"] = per_class[seen].mean() if seen.any() else np.nan
-    report["per_class_acc"] = per_class
+        report[group] = per_class[members].mean() if members.any() else np.nan
+    report["balanced"] = per_class[seen].mean() if seen.any() else np.nan
+    report["per_class"] = per_class
     return report
 
 
@@ -129,30 +129,6 @@ class _ClassHits(keras.metrics.Metric):
 
 
 @keras.saving.register_keras_serializable(package="nbn_keras")
-class Top1Accuracy(_ClassHits):
-    """Overall top-1 accuracy (0 before any example is seen).
-
-    Args:
-        num_classes: Number of classes.
-        name: Metric name.
-        dtype: Dtype of the state and result.
-
-    Example:
-
-    >>> m = Top1Accuracy(num_classes=3)
-    >>> m.update_state([0, 1, 2, 2], [[1, 0, 0], [1, 0, 0], [0, 0, 1], [0, 1, 0]])
-    >>> float(m.result())
-    0.5
-    """
-
-    def __init__(self, num_classes, name="top1", dtype=None):
-        super().__init__(num_classes, name=name, dtype=dtype)
-
-    def result(self):
-        return ops.sum(self.correct) / ops.maximum(ops.sum(self.total), 1e-12)
-
-
-@keras.saving.register_keras_serializable(package="nbn_keras")
 class PerClassAccuracy(_ClassHits):
     """Accuracy of each class: a `(num_classes,)` vector, NaN for unseen classes.
 
@@ -162,7 +138,7 @@ class PerClassAccuracy(_ClassHits):
         dtype: Dtype of the state and result.
     """
 
-    def __init__(self, num_classes, name="per_class_acc", dtype=None):
+    def __init__(self, num_classes, name="per_class", dtype=None):
         super().__init__(num_classes, name=name, dtype=dtype)
 
     def result(self):
@@ -179,7 +155,7 @@ class BalancedAccuracy(_ClassHits):
         dtype: Dtype of the state and result.
     """
 
-    def __init__(self, num_classes, name="balanced_acc", dtype=None):
+    def __init__(self, num_classes, name="balanced", dtype=None):
         super().__init__(num_classes, name=name, dtype=dtype)
 
     def result(self):
@@ -195,7 +171,7 @@ class GroupAccuracy(_ClassHits):
         group: `"many"`, `"medium"` or `"few"`.
         many_threshold: Classes with more training images are "many".
         few_threshold: Classes with fewer training images are "few".
-        name: Metric name; defaults to `"{group}_acc"`.
+        name: Metric name; defaults to `group`.
         dtype: Dtype of the state and result.
 
     Returns NaN when no class of the group has been seen.
@@ -214,7 +190,7 @@ class GroupAccuracy(_ClassHits):
             raise ValueError(f"`group` must be one of {GROUPS}. Received: {group!r}")
         counts = [int(c) for c in np.asarray(class_counts).reshape(-1)]
         mask = class_groups(counts, many_threshold, few_threshold)[group]
-        super().__init__(len(counts), name=name or f"{group}_acc", dtype=dtype)
+        super().__init__(len(counts), name=name or group, dtype=dtype)
         self.class_counts = counts
         self.group = group
         self.many_threshold = many_threshold
@@ -245,9 +221,11 @@ def long_tail_metrics(class_counts, many_threshold=100, few_threshold=20):
         few_threshold: See `class_groups`.
 
     Returns:
-        `[Top1Accuracy, GroupAccuracy("many"), GroupAccuracy("medium"),
-        GroupAccuracy("few"), BalancedAccuracy]`, named `top1`, `many_acc`,
-        `medium_acc`, `few_acc`, `balanced_acc`.
+        `[SparseCategoricalAccuracy, GroupAccuracy("many"),
+        GroupAccuracy("medium"), GroupAccuracy("few"), BalancedAccuracy]`,
+        named `top1`, `many`, `medium`, `few`, `balanced`: the one
+        vocabulary of the progress bar, `history.csv`, TensorBoard and
+        `test_metrics.json`.
 
     Example:
 
@@ -255,6 +233,6 @@ def long_tail_metrics(class_counts, many_threshold=100, few_threshold=20):
     ...               metrics=long_tail_metrics(data.class_counts))
     """
     num_classes = len(class_counts)
-    return [Top1Accuracy(num_classes)] + [
+    return [keras.metrics.SparseCategoricalAccuracy(name="top1")] + [
         GroupAccuracy(class_counts, group, many_threshold, few_threshold) for group in GROUPS
     ] + [BalancedAccuracy(num_classes)]

@@ -5,6 +5,7 @@ returns its path. Figures are drawn on matplotlib's Agg canvas without
 pyplot, so nothing here touches global matplotlib state or needs a display.
 """
 
+import itertools
 import os
 
 import numpy as np
@@ -41,7 +42,9 @@ def last_stage_bn_layers(model, stages=None):
     if _has_nbn(model):
         model = conversion.fold_nbn(model)
     layers = conversion.select_bn_layers(model, "paper", stages)
-    return sorted(layers, key=lambda l: conversion.parse_resnet_bn_name(l.name))
+    return sorted(
+        layers, key=lambda l: (conversion.resnet_layer_location(l.name), l.name)
+    )
 
 
 def effective_bn_parameters(model, stages=None):
@@ -103,7 +106,7 @@ def plot_bn_magnitudes(models, path, layer_name=None, stages=None):
         models = {models.name: models}
     figure = Figure(figsize=(8, 3.2))
     axes = figure.subplots(1, 2)
-    for color, (label, model) in zip(_cycle(_COLORS), models.items()):
+    for color, (label, model) in zip(itertools.cycle(_COLORS), models.items()):
         parameters = effective_bn_parameters(model, stages)
         name = layer_name or list(parameters)[-1]
         if name not in parameters:
@@ -158,15 +161,15 @@ def plot_per_class_accuracy(figures, path):
     ax.set_zorder(sizes.get_zorder() + 1)
     ax.patch.set_visible(False)
     width = 0.8 / max(len(figures), 1)
-    for i, (color, (label, runs)) in enumerate(zip(_cycle(_COLORS), figures.items())):
+    for i, (color, (label, runs)) in enumerate(zip(itertools.cycle(_COLORS), figures.items())):
         if any(np.any(np.asarray(r["class_counts"]) != counts) for r in runs):
             raise ValueError("All figures need the same `class_counts`.")
         mean, std = _mean_std(runs, "per_class")
-        overall, _ = _mean_std(runs, "overall")
+        top1, _ = _mean_std(runs, "top1")
         ax.errorbar(x + (i - (len(figures) - 1) / 2) * width, mean[order],
                     yerr=std[order] if len(runs) > 1 else None, color=color,
                     marker="o", markersize=4, capsize=2,
-                    label=f"{label} (overall {float(overall):.1f}%)")
+                    label=f"{label} (top-1 {float(top1):.1f}%)")
     ax.set_xticks(x)
     ax.set_xticklabels([f"{c}\n{n}" for c, n in zip(order, counts[order])], fontsize=8)
     ax.set_xlabel("class / training images (head to tail)")
@@ -303,11 +306,6 @@ def write_to_tensorboard(paths, logdir, step=0):
             tf.summary.image(os.path.splitext(os.path.basename(path))[0],
                              image[None], step=step)
     writer.close()
-
-
-def _cycle(items):
-    while True:
-        yield from items
 
 
 def _save(figure, path):

@@ -1,11 +1,12 @@
 """Final figures of a run: test-split accuracy overall, by group and class."""
 
-import json
 import os
 
 import numpy as np
 
+from nbn_keras import run_files
 from nbn_keras.data import make_eval_dataset
+from nbn_keras.metrics import GROUPS
 from nbn_keras.metrics import class_groups
 from nbn_keras.metrics import long_tail_report
 
@@ -23,7 +24,7 @@ def evaluate(model, data, many_threshold=100, few_threshold=20, split="test"):
         split: The split to evaluate; `"test"` for the final report.
 
     Returns:
-        A dict: `overall`, `many`, `medium`, `few`, `balanced` (floats),
+        A dict: `top1`, `many`, `medium`, `few`, `balanced` (floats),
         `per_class` (list), the group sizes `classes_per_group`, the training
         `class_counts`, and `split`.
     """
@@ -35,22 +36,17 @@ def evaluate(model, data, many_threshold=100, few_threshold=20, split="test"):
     percent = lambda value: float(100.0 * value)
     return {
         "split": split,
-        "overall": percent(report["top1"]),
-        "many": percent(report["many_acc"]),
-        "medium": percent(report["medium_acc"]),
-        "few": percent(report["few_acc"]),
-        "balanced": percent(report["balanced_acc"]),
-        "per_class": [percent(v) for v in report["per_class_acc"]],
+        **{key: percent(report[key]) for key in ("top1", *GROUPS, "balanced")},
+        "per_class": [percent(v) for v in report["per_class"]],
         "classes_per_group": {g: int(m.sum()) for g, m in groups.items()},
         "class_counts": [int(c) for c in data.class_counts],
     }
 
 
 def write(figures, run_dir):
-    """Writes `figures` as JSON to `<run_dir>/test_metrics.json`."""
+    """Writes `figures` as JSON to `<run_dir>/test_metrics.json`, atomically."""
     path = os.path.join(run_dir, FIGURES_FILENAME)
-    with open(path, "w") as f:
-        json.dump(figures, f, indent=2, allow_nan=True)
+    run_files.write_json(path, figures)
     return path
 
 
@@ -58,8 +54,8 @@ def table(figures):
     """A plain-text table of the group figures and the per-class ones."""
     groups = figures["classes_per_group"]
     lines = [
-        f"{'split':<8}{'overall':>9}{'many':>9}{'medium':>9}{'few':>9}",
-        f"{figures['split']:<8}{figures['overall']:>9.2f}{figures['many']:>9.2f}"
+        f"{'split':<8}{'top1':>9}{'many':>9}{'medium':>9}{'few':>9}",
+        f"{figures['split']:<8}{figures['top1']:>9.2f}{figures['many']:>9.2f}"
         f"{figures['medium']:>9.2f}{figures['few']:>9.2f}",
         f"{'classes':<8}{sum(groups.values()):>9}{groups['many']:>9}"
         f"{groups['medium']:>9}{groups['few']:>9}",

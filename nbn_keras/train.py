@@ -5,19 +5,21 @@ Usage:
     python -m nbn_keras.train --flagfile=configs/digits_lt_nbn.cfg \
         [--flag=value ...]
 
-Everything the run writes goes to `--run_dir`: the resolved flags
-(`flags.cfg`, usable as a flagfile), the long-tailed subset
-(`class_counts.json`), checkpoints (`backup/` to resume a killed run by
-rerunning the same command, `best.keras` chosen on the validation split),
-`model.keras`, TensorBoard logs, `history.csv`, the test figures
-(`test_metrics.json`) and pictures. The serving export lands in
-`<--export_dir>/<--model_name>/<version>/`.
+A run goes through phases recorded in `<run_dir>/run_state.json`: `train`
+(epochs, each ending in an atomic checkpoint), `select` (`model.keras` from
+the best validation epoch), `evaluate` (`test_metrics.json` and pictures),
+`export` (a SavedModel for TF Serving) and `done`. Every file is written
+atomically, so a run killed at any instant is completed by running the same
+command again: it resumes the phase it stopped in, training from the last
+completed epoch with exactly the batches the uninterrupted run would have
+seen. One process at a time may use a run directory, and a resumed run must
+have the flags in its `flags.cfg` (`--allow_changed_flags` overrides).
 """
 
-import csv
 import os
 import shutil
 import sys
+import uuid
 
 import keras
 import tensorflow as tf
@@ -26,406 +28,311 @@ from absl import flags
 from absl import logging
 
 from nbn_keras import callbacks as nbn_callbacks
+from nbn_keras import config as config_lib
 from nbn_keras import data as data_lib
 from nbn_keras import distribute
 from nbn_keras import losses
 from nbn_keras import metrics
 from nbn_keras import plots
 from nbn_keras import report
+from nbn_keras import run_files
 from nbn_keras import schedules
-from nbn_keras.backbones import BACKBONES
 from nbn_keras.backbones import build_classifier
-from nbn_keras.conversion import SCALE_SHARING_MODES
 from nbn_keras.conversion import convert_to_nbn
-from nbn_keras.data.samplers import SAMPLERS
 from nbn_keras.export import export_for_serving
-from nbn_keras.losses import LOSS_NAMES
 from nbn_keras.optimizers import CoupledSGD
 
-DATA_SETS = ("digits_lt", "synthetic_lt", "cifar10_lt", "cifar100_lt",
-             "imagenet_lt", "places_lt", "inaturalist")
-LIST_FILE_DATA_SETS = ("imagenet_lt", "places_lt", "inaturalist")
-
-# Data.
-flags.DEFINE_enum("data", "digits_lt", DATA_SETS, "Long-tailed data set.")
-flags.DEFINE_float("imbalance_factor", 10.0,
-                   "Largest over smallest class size (CIFAR-LT, digits, synthetic).")
-flags.DEFINE_integer("n_max", None,
-                     "Training images of the largest class (default: the data "
-                     "set's standard, e.g. 5000 for CIFAR-10-LT, 500 for CIFAR-100-LT).")
-flags.DEFINE_enum("imbalance_profile", "exp", ["exp", "step"],
-                  "Class-size profile of the long-tailed subset.")
-flags.DEFINE_integer("data_seed", 0, "Seed choosing the long-tailed subset.")
-flags.DEFINE_integer("image_size", None,
-                     "Image size of digits-LT and the synthetic set (default: 32).")
-flags.DEFINE_string("data_dir", None,
-                    "TFDS data directory (CIFAR-LT). Must exist when given.")
-flags.DEFINE_string("manual_dir", None,
-                    "Directory with a manually downloaded TFDS archive (CIFAR-LT).")
-flags.DEFINE_boolean("download", True,
-                     "Let TFDS download CIFAR when it is not prepared in --data_dir.")
-flags.DEFINE_string("image_root", None, "Image root of list-file data sets.")
-flags.DEFINE_string("train_list", None, "`path label` training list file.")
-flags.DEFINE_string("val_list", None, "`path label` validation list file.")
-flags.DEFINE_string("test_list", None,
-                    "`path label` test list file (default: the validation list).")
-flags.DEFINE_enum("on_bad_image", "error", ["error", "skip"],
-                  "List-file images that are missing or undecodable: fail, "
-                  "or skip and count them.")
-flags.DEFINE_enum("sampler", "instance", SAMPLERS, "Training sampler.")
-flags.DEFINE_integer("many_threshold", 100,
-                     "Classes with more training images than this are 'many'.")
-flags.DEFINE_integer("few_threshold", 20,
-                     "Classes with fewer training images than this are 'few'.")
-
-# Model.
-flags.DEFINE_enum("backbone", "resnet32", BACKBONES, "Backbone network.")
-flags.DEFINE_boolean("nbn", True, "Convert the selected BN layers to NBN.")
-flags.DEFINE_string("nbn_selection", "paper",
-                    "'paper' (last stage: last BN of each block and shortcut "
-                    "BN), 'all', or comma-separated BN layer names.")
-flags.DEFINE_list("nbn_stages", None,
-                  "With --nbn_selection=paper: stage indices to convert "
-                  "instead of the last stage.")
-flags.DEFINE_enum("nbn_scale_sharing", "model", SCALE_SHARING_MODES,
-                  "One NBN scale for the model (the paper's) or one per layer.")
-flags.DEFINE_boolean("nbn_separate_scales", False,
-                     "Separate scales for gamma and beta.")
-flags.DEFINE_float("nbn_beta_init_std", 0.0,
-                   "Start NBN's raw beta from N(0, std^2) instead of BN's zeros "
-                   "(0: the reference's zero start).")
-flags.DEFINE_boolean("nbn_dynamics", False,
-                     "Write the raw gamma/beta norms, directions and scales of "
-                     "the NBN (or would-be NBN) layers per epoch to "
-                     "<run_dir>/nbn_dynamics.json.")
-
-# Optimisation.
-flags.DEFINE_integer("epochs", 200, "Training epochs.")
-flags.DEFINE_integer("global_batch_size", 128,
-                     "Batch size summed over all replicas and workers.")
-flags.DEFINE_float("base_lr", 0.2,
-                   "Learning rate for a global batch of 256; the run uses "
-                   "base_lr * global_batch_size / 256.")
-flags.DEFINE_float("learning_rate", None,
-                   "Explicit learning rate; overrides --base_lr scaling.")
-flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
-flags.DEFINE_float("weight_decay", 5e-4, "Weight decay.")
-flags.DEFINE_enum("weight_decay_mode", "coupled", ["coupled", "decoupled"],
-                  "'coupled': L2 added to the gradient before momentum, like "
-                  "the reference (PyTorch SGD); 'decoupled': Keras' own.")
-flags.DEFINE_boolean("decay_nbn_scale", True,
-                     "Apply weight decay to the NBN scale too (the reference does).")
-flags.DEFINE_enum("schedule", "warmup_steps", ["warmup_steps", "cosine"],
-                  "'warmup_steps' (CIFAR-LT recipe) or 'cosine' (ImageNet-LT).")
-flags.DEFINE_integer("warmup_epochs", 5, "Linear warmup epochs.")
-flags.DEFINE_list("lr_drop_epochs", ["160", "180"],
-                  "Epochs of the step drops ('warmup_steps' schedule).")
-flags.DEFINE_list("lr_drop_factors", ["0.01", "0.001"],
-                  "Learning-rate factors from each drop epoch on.")
-flags.DEFINE_enum("loss", "cross_entropy", LOSS_NAMES, "Training loss.")
-flags.DEFINE_float("logit_adjust_tau", 1.0, "tau of the logit-adjusted loss.")
-flags.DEFINE_integer("drw_epoch", 160, "Epoch deferred re-weighting starts (ldam_drw).")
-flags.DEFINE_integer("steps_per_epoch", None,
-                     "Steps per epoch (default: training images / global batch).")
-flags.DEFINE_integer("seed", 0, "Seed of initialisation, sampling and augmentation.")
-
-# Execution.
-flags.DEFINE_enum("mixed_precision", "none", ["none", "float16", "bfloat16"],
-                  "Mixed-precision compute dtype.")
-flags.DEFINE_boolean("xla", False,
-                     "XLA-compile the training step (single device only).")
-flags.DEFINE_string("run_dir", "runs/default", "Directory of the run's files.")
-flags.DEFINE_string("export_dir", "saved_models",
-                    "TF Serving base directory of the export.")
-flags.DEFINE_string("model_name", None,
-                    "Name of the served model (default: the run directory's name).")
-flags.DEFINE_boolean("export", True, "Export a SavedModel for TF Serving at the end.")
-flags.DEFINE_integer("verbose", 1, "Keras progress output: 0, 1 (bar) or 2.")
-flags.DEFINE_boolean("pictures", True,
-                     "Write pictures of the trained model (BN magnitudes, "
-                     "per-class accuracy, Grad-CAM) to <run_dir>/pictures and "
-                     "TensorBoard.")
-
+config_lib.define_flags()
 FLAGS = flags.FLAGS
 
-
-def _positive(name):
-    flags.register_validator(name, lambda v: v is None or v > 0,
-                             message=f"--{name} must be positive.")
-
-
-flags.register_validator(
-    "imbalance_factor", lambda v: v >= 1,
-    message="--imbalance_factor must be >= 1 (largest / smallest class size).")
-
-for _name in ("n_max", "epochs", "global_batch_size", "base_lr",
-              "learning_rate", "steps_per_epoch"):
-    _positive(_name)
+PHASES = ("train", "select", "evaluate", "export", "done")
+STATE_FILENAME = "run_state.json"
+FLAGS_FILENAME = "flags.cfg"
 
 
-@flags.validator("data_dir", message="--data_dir does not exist.")
-def _data_dir_exists(value):
-    return value is None or os.path.isdir(value)
+class RunError(RuntimeError):
+    """A run that cannot go on; the message says why and what to do."""
 
 
-@flags.validator("manual_dir", message="--manual_dir does not exist.")
-def _manual_dir_exists(value):
-    return value is None or os.path.isdir(value)
-
-
-@flags.multi_flags_validator(
-    ["data", "image_root", "train_list", "val_list"],
-    message="List-file data sets need an existing --image_root, --train_list "
-            "and --val_list.")
-def _list_files_given(values):
-    if values["data"] not in LIST_FILE_DATA_SETS:
-        return True
-    paths = [values["image_root"], values["train_list"], values["val_list"]]
-    return all(paths) and os.path.isdir(paths[0]) and all(
-        os.path.isfile(p) for p in paths[1:])
-
-
-@flags.multi_flags_validator(
-    ["few_threshold", "many_threshold"],
-    message="Need 0 <= --few_threshold <= --many_threshold.")
-def _thresholds_ordered(values):
-    return 0 <= values["few_threshold"] <= values["many_threshold"]
-
-
-@flags.multi_flags_validator(
-    ["lr_drop_epochs", "lr_drop_factors"],
-    message="--lr_drop_epochs and --lr_drop_factors need the same number of "
-            "numeric entries, epochs increasing.")
-def _drops_consistent(values):
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    if FLAGS["verbosity"].using_default_value:
+        # TensorFlow's INFO lines (strategy, saving, export) drown what the
+        # run prints.
+        logging.set_verbosity(logging.WARNING)
+        tf.get_logger().setLevel("WARNING")
     try:
-        epochs = [int(e) for e in values["lr_drop_epochs"]]
-        factors = [float(f) for f in values["lr_drop_factors"]]
-    except ValueError:
-        return False
-    return len(epochs) == len(factors) and epochs == sorted(epochs)
+        train_and_evaluate(config_lib.from_flags(FLAGS))
+    except (ValueError, FileNotFoundError, RunError, run_files.RunDirectoryLocked) as error:
+        # Bad options or data found once loading starts: one clear line
+        # (the traceback with --verbosity=1).
+        logging.debug("Traceback:", exc_info=True)
+        print(f"Error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # Read-only or full disk: name the path.
+        logging.debug("Traceback:", exc_info=True)
+        where = f": {error.filename}" if error.filename else ""
+        print(f"Error: {error.strerror or error}{where}. The last complete checkpoint "
+              "is kept; run the same command again once this is fixed.", file=sys.stderr)
+        return 1
+    return 0
 
 
-def load_data():
-    """Loads the data set the flags name."""
-    if FLAGS.data in LIST_FILE_DATA_SETS:
-        options = dict(train_list=FLAGS.train_list, val_list=FLAGS.val_list,
-                       test_list=FLAGS.test_list, image_root=FLAGS.image_root,
-                       on_bad_image=FLAGS.on_bad_image)
+def train_and_evaluate(config):
+    """Runs, or resumes, every phase of a run; returns the test figures.
+
+    Args:
+        config: A `nbn_keras.config.TrainConfig`.
+
+    Returns:
+        The test figures (`report.evaluate`), or `None` on a non-chief worker.
+    """
+    config_lib.validate(config)
+    strategy = distribute.make_strategy(single_device=config.xla)
+    replicas = strategy.num_replicas_in_sync
+    if config.global_batch_size % replicas:
+        raise config_lib.ConfigError(
+            f"--global_batch_size={config.global_batch_size} is not divisible by the "
+            f"{replicas} replicas.")
+    chief = distribute.is_chief(strategy)
+    run_dir = config.run_dir if chief else distribute.worker_dir(config.run_dir, strategy)
+    os.makedirs(run_dir, exist_ok=True)
+    with run_files.RunLock(run_dir):
+        state = open_run(config, run_dir)
+        if config.mixed_precision != "none":
+            keras.mixed_precision.set_global_policy(f"mixed_{config.mixed_precision}")
+        keras.utils.set_random_seed(config.seed)
+        data = load_data(config) if state["phase"] in PHASES[:3] else None
+        if state["phase"] == "train":
+            data.write_subset(run_dir)
+            print(f"{data.name}: {len(data.train_split)} training images in "
+                  f"{data.num_classes} classes, {epoch_steps(config, data)} steps per "
+                  f"epoch, {replicas} replica(s); run directory {run_dir}", flush=True)
+            steps_trained = train(config, data, strategy, run_dir)
+            if not chief:
+                return None  # The chief selects, reports and exports.
+            state = advance(run_dir, state, "select", steps_trained=steps_trained)
+        if state["phase"] == "select":
+            select_model(run_dir)
+            state = advance(run_dir, state, "evaluate")
+        if state["phase"] == "evaluate":
+            evaluate(config, data, run_dir, state["steps_trained"])
+            state = advance(run_dir, state, "export")
+        if state["phase"] == "export":
+            path = export(config, run_dir, state) if config.export else None
+            run_files.kill_point("exported")
+            state = advance(run_dir, state, "done", export_path=path)
+        shutil.rmtree(os.path.join(run_dir, "backup"), ignore_errors=True)
+    return run_files.read_json(os.path.join(run_dir, report.FIGURES_FILENAME))
+
+
+def open_run(config, run_dir):
+    """Checks the run directory against `config`; returns the run's state.
+
+    A new run gets `flags.cfg` and a state in phase `train`. A run that
+    exists must have been started with the same flags (else `RunError`
+    lists the differences) and must not be finished.
+    """
+    flags_path = os.path.join(run_dir, FLAGS_FILENAME)
+    state = run_files.read_json(os.path.join(run_dir, STATE_FILENAME))
+    if os.path.exists(flags_path):
+        changes = config_lib.changed_fields(config_lib.from_flagfile(flags_path), config)
+        if changes and not config.allow_changed_flags:
+            listed = "; ".join(f"--{name}: {old!r} in the run, {new!r} now"
+                               for name, old, new in changes)
+            raise RunError(
+                f"--run_dir={run_dir} holds a run started with other flags ({listed}). "
+                f"Rerun with --flagfile={flags_path}, choose another --run_dir, or pass "
+                "--allow_changed_flags to resume anyway.")
+        if changes:
+            logging.warning("Resuming with changed flags: %s", changes)
     else:
-        options = dict(imbalance_factor=FLAGS.imbalance_factor,
-                       profile=FLAGS.imbalance_profile, seed=FLAGS.data_seed)
-        if FLAGS.n_max:
-            options["n_max"] = FLAGS.n_max
-        if FLAGS.image_size:
-            options["image_size"] = FLAGS.image_size
-        if FLAGS.data in ("cifar10_lt", "cifar100_lt"):
-            options.update(data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir,
-                           download=FLAGS.download)
-    return data_lib.load(FLAGS.data, **options)
+        run_files.write_text(flags_path, config_lib.to_flagfile(config))
+    if state is None:
+        state = {"phase": "train", "run_id": uuid.uuid4().hex}
+        run_files.write_json(os.path.join(run_dir, STATE_FILENAME), state)
+    if state["phase"] == "done":
+        # Training again there would mix logs and could keep the old best
+        # checkpoint; a killed run resumes instead.
+        raise RunError(
+            f"--run_dir={run_dir} holds a finished run ({state.get('export_path') or 'not exported'}). "
+            "Choose another --run_dir, or move that one away.")
+    if state["phase"] != "train":
+        print(f"Resuming the run in {run_dir} at phase '{state['phase']}'.", flush=True)
+    return state
 
 
-def build_model(data):
-    """The classifier of the flags, converted to NBN when asked."""
+def advance(run_dir, state, phase, **facts):
+    """Records that the run reached `phase` (atomically); returns the new state."""
+    state = {**state, **facts, "phase": phase}
+    run_files.write_json(os.path.join(run_dir, STATE_FILENAME), state)
+    return state
+
+
+def load_data(config):
+    """Loads the data set `config` names."""
+    if data_lib.uses_list_files(config.data):
+        options = dict(train_list=config.train_list, val_list=config.val_list,
+                       test_list=config.test_list, image_root=config.image_root,
+                       on_bad_image=config.on_bad_image)
+    else:
+        options = dict(imbalance_factor=config.imbalance_factor,
+                       profile=config.imbalance_profile, seed=config.data_seed)
+        if config.n_max:
+            options["n_max"] = config.n_max
+        if config.image_size:
+            options["image_size"] = config.image_size
+        if data_lib.uses_tfds(config.data):
+            options.update(data_dir=config.data_dir, manual_dir=config.manual_dir,
+                           download=config.download)
+    return data_lib.load(config.data, **options)
+
+
+def epoch_steps(config, data):
+    return config.steps_per_epoch or data_lib.steps_per_epoch(data, config.global_batch_size)
+
+
+def build_model(config, data):
+    """The classifier of `config`, converted to NBN when asked."""
     model = build_classifier(
-        FLAGS.backbone, data.num_classes, data.image_shape, mean=data.mean,
-        std=data.std, synchronized_bn=True, name=FLAGS.backbone)
-    if not FLAGS.nbn:
+        config.backbone, data.num_classes, data.image_shape, mean=data.mean,
+        std=data.std, synchronized_bn=config.synchronized_bn, name=config.backbone)
+    if not config.nbn:
         return model
-    selection = FLAGS.nbn_selection
+    selection = config.nbn_selection
     if selection not in ("paper", "all"):
         selection = [name.strip() for name in selection.split(",")]
-    stages = [int(s) for s in FLAGS.nbn_stages] if FLAGS.nbn_stages else None
     return convert_to_nbn(
-        model, selection, stages=stages, scale_sharing=FLAGS.nbn_scale_sharing,
-        separate_scales=FLAGS.nbn_separate_scales,
-        beta_initializer=(keras.initializers.RandomNormal(stddev=FLAGS.nbn_beta_init_std)
-                          if FLAGS.nbn_beta_init_std else None))
+        model, selection, stages=list(config.nbn_stages) or None,
+        scale_sharing=config.nbn_scale_sharing, separate_scales=config.nbn_separate_scales,
+        beta_initializer=(keras.initializers.RandomNormal(stddev=config.nbn_beta_init_std)
+                          if config.nbn_beta_init_std else None))
 
 
-def learning_rate_schedule(steps_per_epoch):
-    lr = FLAGS.learning_rate or schedules.scaled_learning_rate(
-        FLAGS.base_lr, FLAGS.global_batch_size)
-    if FLAGS.schedule == "cosine":
-        return schedules.WarmupCosineDecay(
-            lr, total_steps=FLAGS.epochs * steps_per_epoch,
-            warmup_steps=FLAGS.warmup_epochs * steps_per_epoch)
-    return schedules.WarmupStepDecay(
-        lr, steps_per_epoch, warmup_epochs=FLAGS.warmup_epochs,
-        boundaries=[int(e) for e in FLAGS.lr_drop_epochs],
-        factors=[float(f) for f in FLAGS.lr_drop_factors])
-
-
-def build_optimizer(steps_per_epoch):
-    schedule = learning_rate_schedule(steps_per_epoch)
-    exclude = [] if FLAGS.decay_nbn_scale else ["alpha"]
-    if FLAGS.weight_decay_mode == "coupled":
-        return CoupledSGD(schedule, momentum=FLAGS.momentum,
-                          coupled_weight_decay=FLAGS.weight_decay,
+def build_optimizer(config, steps_per_epoch):
+    """SGD with the run's schedule and weight decay."""
+    lr = config.learning_rate or schedules.scaled_learning_rate(
+        config.base_lr, config.global_batch_size)
+    if config.schedule == "cosine":
+        schedule = schedules.WarmupCosineDecay(
+            lr, total_steps=config.epochs * steps_per_epoch,
+            warmup_steps=config.warmup_epochs * steps_per_epoch)
+    else:
+        schedule = schedules.WarmupStepDecay(
+            lr, steps_per_epoch, warmup_epochs=config.warmup_epochs,
+            boundaries=list(config.lr_drop_epochs), factors=list(config.lr_drop_factors))
+    exclude = [] if config.decay_nbn_scale else ["alpha"]
+    if config.weight_decay_mode == "coupled":
+        return CoupledSGD(schedule, momentum=config.momentum,
+                          coupled_weight_decay=config.weight_decay,
                           exclude_from_coupled_decay=exclude)
-    optimizer = keras.optimizers.SGD(schedule, momentum=FLAGS.momentum,
-                                     weight_decay=FLAGS.weight_decay)
+    optimizer = keras.optimizers.SGD(schedule, momentum=config.momentum,
+                                     weight_decay=config.weight_decay)
     if exclude:
         optimizer.exclude_from_weight_decay(var_names=exclude)
     return optimizer
 
 
-def build_loss(class_counts):
+def build_loss(config, class_counts):
     options = {}
-    if FLAGS.loss == "logit_adjusted":
-        options["tau"] = FLAGS.logit_adjust_tau
-    elif FLAGS.loss == "ldam_drw":
+    if config.loss == "logit_adjusted":
+        options["tau"] = config.logit_adjust_tau
+    elif config.loss == "ldam_drw":
         # The head is a plain linear layer, so margins are subtracted from
         # unscaled logits, as in the reference code (not s * logits).
-        options.update(drw_start_epoch=FLAGS.drw_epoch, scale_logits=False)
-    return losses.build_loss(FLAGS.loss, class_counts, **options)
+        options.update(drw_start_epoch=config.drw_epoch, scale_logits=False)
+    return losses.build_loss(config.loss, class_counts, **options)
 
 
-def fit_metrics(class_counts):
-    return metrics.long_tail_metrics(
-        class_counts, many_threshold=FLAGS.many_threshold,
-        few_threshold=FLAGS.few_threshold)
-
-
-def best_so_far(csv_path, monitor):
-    """The best `monitor` value of a resumed run's log, or `None`."""
-    if not os.path.exists(csv_path):
-        return None
-    with open(csv_path, newline="") as f:
-        values = [float(row[monitor]) for row in csv.DictReader(f)
-                  if row.get(monitor) not in (None, "", "nan")]
-    return max(values) if values else None
-
-
-def make_callbacks(run_dir, class_counts):
-    monitor = "val_top1"
-    csv_path = os.path.join(run_dir, "history.csv")
-    callbacks = [
-        # Raising (rather than stopping) skips the epoch-end backup, so the
-        # last good checkpoint in backup/ survives a NaN loss.
-        keras.callbacks.TerminateOnNaN(raise_error=True),
-        keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup")),
-        keras.callbacks.ModelCheckpoint(
-            os.path.join(run_dir, "best.keras"), monitor=monitor, mode="max",
-            save_best_only=True,
-            initial_value_threshold=best_so_far(csv_path, monitor)),
-        nbn_callbacks.NBNScaleLogger(),
-        keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard")),
-        keras.callbacks.CSVLogger(csv_path, append=True),
-    ]
-    if FLAGS.nbn_dynamics:  # First, so that it sees the weights before a restore.
-        callbacks.insert(0, nbn_callbacks.NBNDynamicsLogger(
-            os.path.join(run_dir, nbn_callbacks.DYNAMICS_FILENAME)))
-    if FLAGS.loss == "ldam_drw":
-        callbacks.append(losses.DeferredReweighting())
-    return callbacks
-
-
-def write_flags(run_dir):
-    with open(os.path.join(run_dir, "flags.cfg"), "w") as f:
-        f.write(FLAGS.flags_into_string())
-
-
-def run(run_dir):
-    """Trains, selects on validation, reports on test, saves and exports."""
-    strategy = distribute.make_strategy(single_device=FLAGS.xla)
-    replicas = strategy.num_replicas_in_sync
-    if FLAGS.global_batch_size % replicas:
-        raise app.UsageError(
-            f"--global_batch_size={FLAGS.global_batch_size} is not divisible "
-            f"by the {replicas} replicas.")
-    chief = distribute.is_chief(strategy)
-    if not chief:
-        run_dir = os.path.join(run_dir, "workers", f"{strategy.cluster_resolver.task_id}")
-    finished = os.path.join(run_dir, report.FIGURES_FILENAME)
-    if os.path.exists(finished):
-        # Training again there would mix logs and could keep the old best
-        # checkpoint; a killed run (no report yet) resumes instead.
-        raise app.UsageError(
-            f"--run_dir={run_dir} holds a finished run ({finished}). Choose "
-            "another --run_dir, or move that one away.")
-    os.makedirs(run_dir, exist_ok=True)
-    write_flags(run_dir)
-    if FLAGS.mixed_precision != "none":
-        keras.mixed_precision.set_global_policy(f"mixed_{FLAGS.mixed_precision}")
-    keras.utils.set_random_seed(FLAGS.seed)
-
-    data = load_data()
-    data.write_subset(run_dir)
-    class_counts = data.class_counts
-    steps = FLAGS.steps_per_epoch or data_lib.steps_per_epoch(
-        data, FLAGS.global_batch_size)
-    train_ds = data_lib.make_train_dataset(
-        data, FLAGS.global_batch_size, sampler=FLAGS.sampler,
-        epochs=FLAGS.epochs if FLAGS.sampler == "progressive" else None,
-        seed=FLAGS.seed)
-    val_ds = data_lib.make_eval_dataset(data, "val", FLAGS.global_batch_size)
-    logging.info("%s: %d training images in %d classes, %d steps per epoch, "
-                 "%d replica(s).", data.name, len(data.train_split),
-                 data.num_classes, steps, replicas)
-
+def train(config, data, strategy, run_dir):
+    """The `train` phase: fits from the last checkpoint; returns the optimizer steps."""
+    steps = epoch_steps(config, data)
     with strategy.scope():
-        model = build_model(data)
-        model.compile(optimizer=build_optimizer(steps),
-                      loss=build_loss(class_counts),
-                      metrics=fit_metrics(class_counts),
-                      jit_compile=FLAGS.xla)
+        model = build_model(config, data)
+        model.compile(optimizer=build_optimizer(config, steps),
+                      loss=build_loss(config, data.class_counts),
+                      metrics=metrics.long_tail_metrics(
+                          data.class_counts, config.many_threshold, config.few_threshold),
+                      jit_compile=config.xla)
+        checkpoint = nbn_callbacks.RunCheckpoint(run_dir, monitor="val_top1")
+        initial_epoch = checkpoint.restore(model)
+    if initial_epoch:
+        print(f"Resuming training at epoch {initial_epoch}.", flush=True)
+    train_ds = data_lib.make_train_dataset(
+        data, config.global_batch_size, sampler=config.sampler, epochs=config.epochs,
+        seed=config.seed, steps_per_epoch=steps, initial_epoch=initial_epoch)
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         with strategy.scope():
             distribute.adapt_to_multi_worker(model, next(iter(train_ds)))
+    callbacks = [
+        # Raising (rather than stopping) skips the epoch-end checkpoint, so
+        # the last good one survives a NaN loss.
+        keras.callbacks.TerminateOnNaN(raise_error=True),
+        nbn_callbacks.NBNScaleLogger(),
+        checkpoint,
+        keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard")),
+    ]
+    if config.nbn_dynamics:  # First: it reads the weights each step begins with.
+        callbacks.insert(0, nbn_callbacks.NBNDynamicsLogger(
+            os.path.join(run_dir, nbn_callbacks.DYNAMICS_FILENAME)))
+    if config.loss == "ldam_drw":
+        callbacks.append(losses.DeferredReweighting())
     try:
-        model.fit(train_ds, epochs=FLAGS.epochs, steps_per_epoch=steps,
-                  validation_data=val_ds, shuffle=False,
-                  callbacks=make_callbacks(run_dir, class_counts),
-                  verbose=FLAGS.verbose)
+        model.fit(train_ds, epochs=config.epochs, steps_per_epoch=steps,
+                  initial_epoch=initial_epoch, shuffle=False, callbacks=callbacks,
+                  validation_data=data_lib.make_eval_dataset(
+                      data, "val", config.global_batch_size),
+                  verbose=config.verbose)
     except RuntimeError as error:
         if "NaN" not in str(error) and "Inf" not in str(error):
             raise
-        raise SystemExit(
-            f"Training stopped: {error}. The last good checkpoint is kept in "
-            f"{os.path.join(run_dir, 'backup')} and the best model so far in "
-            f"{os.path.join(run_dir, 'best.keras')}.") from None
+        kept = [os.path.join(run_dir, name) for name in ("backup", "best.keras")
+                if os.path.exists(os.path.join(run_dir, name))]
+        raise RunError(
+            f"Training stopped: {error}. The last good checkpoint is kept "
+            f"({', '.join(kept) or 'none: the first epoch did not finish'}); lower "
+            "the learning rate and run the same command with --allow_changed_flags "
+            "to resume from it.") from None
+    return int(model.optimizer.iterations.numpy())
 
-    if not chief:
-        return None  # The chief reports and exports.
-    steps_trained = int(model.optimizer.iterations.numpy())
-    best_path = os.path.join(run_dir, "best.keras")
-    model_path = os.path.join(run_dir, "model.keras")
-    if os.path.exists(best_path):
-        model = keras.models.load_model(best_path)
-        shutil.copyfile(best_path, model_path)
-    else:
-        model.save(model_path)
-    figures = report.evaluate(model, data, FLAGS.many_threshold, FLAGS.few_threshold)
+
+def select_model(run_dir):
+    """The `select` phase: `model.keras` = the best validation epoch's model."""
+    best = os.path.join(run_dir, "best.keras")
+    if not os.path.exists(best):  # No finite validation score: the last epoch.
+        backup = os.path.join(run_dir, "backup")
+        best = os.path.join(backup, run_files.read_json(
+            os.path.join(backup, "state.json"))["checkpoint"])
+    with run_files.atomic_write(os.path.join(run_dir, "model.keras")) as tmp:
+        shutil.copyfile(best, tmp)
+
+
+def evaluate(config, data, run_dir, steps_trained):
+    """The `evaluate` phase: test figures and pictures of `model.keras`."""
+    model = keras.models.load_model(os.path.join(run_dir, "model.keras"), compile=False)
+    run_files.kill_point("evaluate")
+    figures = report.evaluate(model, data, config.many_threshold, config.few_threshold)
     figures["steps_trained"] = steps_trained
-    report.write(figures, run_dir)
-    print(report.table(figures))
-    if FLAGS.pictures:
+    if config.pictures:
         try:  # Pictures are a by-product: they must not fail a finished run.
             plots.write_run_pictures(
                 model, data, figures, run_dir, step=steps_trained,
                 tensorboard_dir=os.path.join(run_dir, "tensorboard", "pictures"))
         except Exception as error:  # pylint: disable=broad-except
             logging.warning("Could not write the run's pictures: %s", error)
-    if FLAGS.export:
-        model_name = FLAGS.model_name or os.path.basename(os.path.normpath(run_dir))
-        path = export_for_serving(model, base_dir=FLAGS.export_dir,
-                                  model_name=model_name)
-        print(f"Exported for TF Serving to {path}")
+    report.write(figures, run_dir)
+    print(report.table(figures))
     return figures
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        run(FLAGS.run_dir)
-    except (ValueError, FileNotFoundError) as error:
-        # Bad data or options found once loading starts: one clear line
-        # (the traceback with --verbosity=1).
-        logging.debug("Traceback:", exc_info=True)
-        print(f"Error: {error}", file=sys.stderr)
-        return 1
-    return 0
+def export(config, run_dir, state):
+    """The `export` phase: the folded model as a new TF Serving version."""
+    model = keras.models.load_model(os.path.join(run_dir, "model.keras"), compile=False)
+    path = export_for_serving(model, base_dir=config.export_dir,
+                              model_name=config.served_model_name, run_id=state["run_id"])
+    print(f"Exported for TF Serving to {path}")
+    return path
 
 
 if __name__ == "__main__":

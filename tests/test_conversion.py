@@ -18,10 +18,16 @@ RNG = np.random.default_rng(0)
 # The layers the paper converts, read off each architecture by hand: in the
 # last stage, the last BN of every block and the shortcut BN.
 EXPECTED_PAPER_LAYERS = {
-    "resnet18": ["v2_stack_3_block1_0_bn", "v2_stack_3_block1_2_bn",
-                 "v2_stack_3_block2_2_bn"],
-    "resnet50": ["v2_stack_3_block1_0_bn", "v2_stack_3_block1_3_bn",
-                 "v2_stack_3_block2_3_bn", "v2_stack_3_block3_3_bn"],
+    # The authors' layout: torchvision module paths (layer4.0.bn3, ...).
+    "resnet18": ["layer4_0_bn2", "layer4_0_downsample_1", "layer4_1_bn2"],
+    "resnet50": ["layer4_0_bn3", "layer4_0_downsample_1", "layer4_1_bn3",
+                 "layer4_2_bn3"],
+    "resnext50": ["layer4_0_bn3", "layer4_0_downsample_1", "layer4_1_bn3",
+                  "layer4_2_bn3"],
+    "keras_cv_resnet18_v1": ["v2_stack_3_block1_0_bn", "v2_stack_3_block1_2_bn",
+                             "v2_stack_3_block2_2_bn"],
+    "keras_cv_resnet50_v1": ["v2_stack_3_block1_0_bn", "v2_stack_3_block1_3_bn",
+                             "v2_stack_3_block2_3_bn", "v2_stack_3_block3_3_bn"],
     # Zero-padding shortcuts have no BN.
     "resnet32": [f"v2_stack_2_block{b}_2_bn" for b in range(1, 6)],
     # One block per stage: the last stage has a single BN to convert.
@@ -82,10 +88,55 @@ def test_selection_by_stages():
     model = build_backbone("resnet18", (32, 32, 3))
     converted = nbn_keras.convert_to_nbn(model, stages=[1, -1])
     assert nbn_names(converted) == sorted(
-        ["v2_stack_1_block1_0_bn", "v2_stack_1_block1_2_bn", "v2_stack_1_block2_2_bn"]
+        ["layer2_0_bn2", "layer2_0_downsample_1", "layer2_1_bn2"]
         + EXPECTED_PAPER_LAYERS["resnet18"])
     with pytest.raises(ValueError, match="Stage 4 does not exist"):
         nbn_keras.convert_to_nbn(model, stages=[4])
+
+
+def test_paper_selection_survives_clone_and_save(tmp_path):
+    # Stages come from layer names, roles from the graph: both must survive.
+    model = build_classifier("resnet18", num_classes=3, input_shape=(32, 32, 3))
+    model.save(tmp_path / "plain.keras")
+    for copy in (keras.models.clone_model(model),
+                 keras.models.load_model(tmp_path / "plain.keras")):
+        assert nbn_names(nbn_keras.convert_to_nbn(copy)) == sorted(
+            EXPECTED_PAPER_LAYERS["resnet18"])
+
+
+def keras_cv_resnet_v2(block_type):
+    import keras_cv
+
+    return keras_cv.models.ResNetV2Backbone(
+        stackwise_filters=[64, 128], stackwise_blocks=[2, 2],
+        stackwise_strides=[1, 2], block_type=block_type,
+        include_rescaling=False, input_shape=(32, 32, 3))
+
+
+@pytest.mark.parametrize("block_type", ["basic_block", "block"])
+@pytest.mark.parametrize("stages", [None, [0, 1]])
+def test_pre_activation_resnet_is_refused(block_type, stages):
+    # KerasCV's ResNetV2 uses the v1 names (`v2_stack_1_block1_2_bn`, ...)
+    # for BNs that precede a ReLU and a conv: the paper's rule has no
+    # counterpart there, so the conversion must refuse, not guess.
+    backbone = keras_cv_resnet_v2(block_type)
+    with pytest.raises(ValueError, match="pre-activation.*selection='all'"):
+        nbn_keras.convert_to_nbn(backbone, stages=stages)
+    assert nbn_names(nbn_keras.convert_to_nbn(backbone, ["post_bn"])) == ["post_bn"]
+
+
+def test_resnet_names_without_residual_structure_are_refused():
+    inputs = keras.Input((8, 8, 4))
+    x = keras.layers.Conv2D(4, 3, name="layer4_0_conv3")(inputs)
+    x = keras.layers.BatchNormalization(name="layer4_0_bn3")(x)
+    with pytest.raises(ValueError, match="feeds a residual sum"):
+        nbn_keras.convert_to_nbn(keras.Model(inputs, x))
+
+
+def test_converting_twice_is_refused():
+    converted = nbn_keras.convert_to_nbn(build_backbone("resnet18", (32, 32, 3)))
+    with pytest.raises(ValueError, match="already NBN layers"):
+        nbn_keras.convert_to_nbn(converted)
 
 
 def test_selection_all_predicate_and_names():

@@ -11,7 +11,9 @@ LABELS = np.random.RandomState(0).permutation(np.repeat(np.arange(len(COUNTS)), 
 
 def _draw(sampler, draws, **kwargs):
     stream = samplers.index_stream(LABELS, sampler, **kwargs).take(draws).batch(draws)
-    return next(iter(stream)).numpy()
+    positions, indices = next(iter(stream))
+    np.testing.assert_array_equal(positions, np.arange(draws))
+    return indices.numpy()
 
 
 def _assert_frequencies(indices, target):
@@ -19,6 +21,22 @@ def _assert_frequencies(indices, target):
     observed = np.bincount(LABELS[indices], minlength=len(target)) / draws
     sigma = np.sqrt(target * (1 - target) / draws)
     assert np.all(np.abs(observed - target) <= 4.5 * sigma + 1e-9), (observed, target)
+
+
+@pytest.mark.parametrize("sampler", samplers.SAMPLERS)
+def test_a_resumed_stream_continues_the_uninterrupted_one(sampler):
+    # Exact resume: the stream started at epoch 2 is the tail of the stream
+    # started at epoch 0, positions (augmentation seeds) included.
+    kwargs = dict(examples_per_epoch=100, epochs=5, seed=3)
+    whole = list(samplers.index_stream(LABELS, sampler, **kwargs).as_numpy_iterator())
+    resumed = list(samplers.index_stream(LABELS, sampler, initial_epoch=2, **kwargs)
+                   .as_numpy_iterator())
+    assert len(whole) == 500 and resumed == whole[200:]
+    # Epochs differ from each other, and the seed matters.
+    assert whole[:100] != whole[100:200]
+    other_seed = list(samplers.index_stream(LABELS, sampler, **{**kwargs, "seed": 4})
+                      .as_numpy_iterator())
+    assert other_seed != whole
 
 
 def test_instance_sees_every_example_once_per_pass():
@@ -95,3 +113,22 @@ def test_batch_size_errors(data):
         nbn_data.make_train_dataset(data, 0)
     with pytest.raises(ValueError, match="global_batch_size"):
         nbn_data.make_train_dataset(data, 10 ** 6)
+
+
+def test_steps_per_epoch_and_initial_epoch_reach_the_pipeline(data):
+    # Two steps per epoch (not the data set's own epoch length): the
+    # progressive sampler's epochs, and a resumed pipeline, follow them.
+    make = lambda initial_epoch: nbn_data.make_train_dataset(
+        data, 8, sampler="progressive", epochs=3, seed=1, steps_per_epoch=2,
+        initial_epoch=initial_epoch)
+    whole = list(make(0).as_numpy_iterator())
+    resumed = list(make(1).as_numpy_iterator())
+    assert len(whole) == 6 and len(resumed) == 4
+    for (x1, y1), (x2, y2) in zip(whole[2:], resumed):
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(y1, y2)
+    # The last epoch is class-balanced: labels drawn as the sampler says.
+    expected = samplers.epoch_indices(data.train_split.labels, "progressive", 2, 16,
+                                      epochs=3, seed=1)
+    np.testing.assert_array_equal(np.concatenate([y for _, y in whole[4:]]),
+                                  data.train_split.labels[expected])

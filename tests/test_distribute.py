@@ -16,7 +16,7 @@ def test_cluster_workers_reads_tf_config(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", TWO_WORKERS)
     assert distribute.cluster_workers() == 2
     monkeypatch.setenv("TF_CONFIG", "{not json")
-    with pytest.raises(ValueError, match="TF_CONFIG is not valid JSON"):
+    with pytest.raises(ValueError, match="TF_CONFIG is not valid"):
         distribute.cluster_workers()
 
 

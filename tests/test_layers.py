@@ -225,6 +225,77 @@ def test_config_round_trip():
         assert config[key] == value
 
 
+def random_bn(input_shape, **kwargs):
+    """A built plain BN with random parameters and statistics, as if trained."""
+    bn = keras.layers.BatchNormalization(**kwargs)
+    bn.build(input_shape)
+    channels = input_shape[bn.axis]
+    bn.set_weights([RNG.normal(1.0, 0.5, channels), RNG.normal(0.0, 0.5, channels),
+                    RNG.normal(0.0, 1.0, channels), RNG.uniform(0.5, 2.0, channels)])
+    return bn
+
+
+BN_ARGUMENTS = dict(
+    axis=1, momentum=0.8, epsilon=1e-4, synchronized=True, name="bn",
+    beta_initializer="ones", gamma_initializer=keras.initializers.Constant(2.0),
+    moving_mean_initializer="ones", moving_variance_initializer="zeros",
+    gamma_regularizer=keras.regularizers.L2(1e-3),
+    beta_constraint=keras.constraints.NonNeg(), dtype="float64",
+)
+
+
+def test_from_and_to_batch_normalization_keep_every_bn_argument():
+    bn = keras.layers.BatchNormalization(**BN_ARGUMENTS)
+    nbn = NormalizedBatchNormalization.from_batch_normalization(
+        bn, shared_scale=True, separate_scales=True, norm_epsilon=1e-7)
+    assert not nbn.built
+    assert (nbn.shared_scale, nbn.separate_scales, nbn.norm_epsilon) == (True, True, 1e-7)
+    assert nbn.to_batch_normalization().get_config() == bn.get_config()
+
+
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_from_batch_normalization_copies_state_and_preserves_outputs(axis):
+    bn = random_bn((4, 3, 3, 6), axis=axis, epsilon=1e-5)
+    x = RNG.normal(size=(4, 3, 3, 6)).astype("float32")
+    fresh = NormalizedBatchNormalization.from_batch_normalization(bn)
+    for attr in ("gamma", "beta", "moving_mean", "moving_variance"):
+        np.testing.assert_array_equal(getattr(fresh, attr), getattr(bn, attr))
+    assert float(fresh.alpha.numpy()) == 1.0
+    # Inference outputs follow the NBN formula with alpha = 1 ...
+    mean, variance = bn.moving_mean.numpy(), bn.moving_variance.numpy()
+    np.testing.assert_allclose(fresh(x), reference(fresh, x, mean, variance), atol=1e-5)
+    # ... and with preserve_outputs those of the BN layer.
+    preserved = NormalizedBatchNormalization.from_batch_normalization(
+        bn, separate_scales=True, preserve_outputs=True)
+    np.testing.assert_allclose(preserved(x), bn(x), atol=1e-5)
+    with pytest.raises(ValueError, match="separate_scales=True"):
+        NormalizedBatchNormalization.from_batch_normalization(bn, preserve_outputs=True)
+
+
+def test_to_batch_normalization_folds_the_effective_parameters():
+    x = RNG.normal(size=(5, 4, 4, 6)).astype("float32")
+    nbn = random_layer((5, 4, 4, 6), separate_scales=True)
+    bn = nbn.to_batch_normalization()
+    assert type(bn) is keras.layers.BatchNormalization
+    mean, variance = nbn.moving_mean.numpy(), nbn.moving_variance.numpy()
+    np.testing.assert_allclose(bn(x), reference(nbn, x, mean, variance), atol=1e-5)
+    # A shared scale is given as a value.
+    shared = NormalizedBatchNormalization.from_batch_normalization(
+        bn, shared_scale=True)
+    np.testing.assert_allclose(
+        shared.to_batch_normalization(2.5).gamma,
+        2.5 * bn.gamma.numpy() / (np.linalg.norm(bn.gamma.numpy()) + 1e-6), rtol=1e-6)
+
+
+def test_from_batch_normalization_rejects_other_layers():
+    with pytest.raises(TypeError, match="Dense 'dense_x'"):
+        NormalizedBatchNormalization.from_batch_normalization(
+            keras.layers.Dense(2, name="dense_x"))
+    with pytest.raises(TypeError, match="NormalizedBatchNormalization"):
+        NormalizedBatchNormalization.from_batch_normalization(
+            NormalizedBatchNormalization())
+
+
 @pytest.mark.parametrize("cls, kwargs", [
     (NormalizedBatchNormalization, {"shared_scale": True}),
     (NBNScale, {"separate_scales": True}),
@@ -318,3 +389,29 @@ def test_first_sgd_step_from_zero_beta_is_finite():
     history = model.fit(x, y, epochs=2, batch_size=16, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
     assert all(np.all(np.isfinite(w)) for w in model.get_weights())
+
+
+@pytest.mark.parametrize("strides, padding", [(1, "same"), (2, "valid")])
+def test_grouped_conv_matches_keras_conv2d_with_gradients(strides, padding):
+    from nbn_keras.layers import GroupedConv2D
+
+    grouped = GroupedConv2D(16, 3, strides=strides, padding=padding, groups=4)
+    x = tf.constant(RNG.normal(size=(2, 9, 9, 8)).astype("float32"))
+    grouped.build(x.shape)
+    stock = keras.layers.Conv2D.from_config(grouped.get_config())
+    stock.build(x.shape)
+    stock.set_weights(grouped.get_weights())
+    weight = tf.constant(RNG.normal(size=grouped(x).shape).astype("float32"))
+    results = []
+    for layer in (grouped, stock):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x) * weight)
+        results.append([layer(x)] + tape.gradient(loss, [x, layer.kernel, layer.bias]))
+    for ours, theirs in zip(*results, strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(grouped.to_conv2d()(x), stock(x))
+    assert type(grouped.to_conv2d()) is keras.layers.Conv2D
+    restored = keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(grouped))
+    assert type(restored) is GroupedConv2D and restored.get_config() == grouped.get_config()

@@ -12,7 +12,9 @@ from nbn_keras import backbones
 from nbn_keras import gradcam
 from nbn_keras import plots
 from nbn_keras import report
+from nbn_keras.callbacks import scale_variables
 from nbn_keras.data import load_synthetic_lt
+from nbn_keras.data import make_eval_dataset
 from nbn_keras.layers import NBNScale
 from nbn_keras.layers import NormalizedBatchNormalization
 
@@ -146,6 +148,49 @@ def test_picture_functions_write_pngs(models, data, tmp_path):
         assert_png(path)
 
 
+@pytest.fixture
+def drawn(monkeypatch):
+    """The matplotlib figures the plot functions save, by path."""
+    figures = {}
+    save = plots._save
+
+    def capture(figure, path):
+        figures[path] = figure
+        return save(figure, path)
+
+    monkeypatch.setattr(plots, "_save", capture)
+    return figures
+
+
+def test_magnitude_plot_draws_the_effective_parameters(models, drawn, tmp_path):
+    path = plots.plot_bn_magnitudes(models, str(tmp_path / "mag.png"))
+    gamma_ax, beta_ax = drawn[path].axes[:2]
+    for line, model in zip(gamma_ax.get_lines(), models.values()):
+        name = plots.last_stage_bn_layers(model)[-1].name
+        (layer,) = [l for l in leaf_layers(model) if l.name == name]  # Unfolded.
+        gamma = np.asarray(layer.gamma)
+        if isinstance(layer, NormalizedBatchNormalization):
+            # The NBN formula, with the model's one shared scale.
+            (alpha,) = [float(np.asarray(v)) for v in scale_variables(model).values()]
+            gamma = alpha * gamma / (np.linalg.norm(gamma) + 1e-6)
+        np.testing.assert_allclose(line.get_ydata(), np.sort(np.abs(gamma))[::-1], rtol=1e-5)
+    assert len(beta_ax.get_lines()) == len(models)
+
+
+def test_accuracy_plot_draws_per_class_accuracy_head_to_tail(models, data, drawn, tmp_path):
+    figures = {label: report.evaluate(model, data, 6, 3) for label, model in models.items()}
+    path = plots.plot_per_class_accuracy(figures, str(tmp_path / "acc.png"))
+    accuracy_ax = [ax for ax in drawn[path].axes if ax.get_ylabel() == "test accuracy (%)"][0]
+    order = np.argsort(-np.asarray(data.class_counts), kind="stable")
+    lines = [line for line in accuracy_ax.get_lines() if len(line.get_ydata()) == len(order)]
+    assert len(lines) == len(models)
+    labels = data.get_split("test").labels
+    for line, model in zip(lines, models.values()):
+        predicted = model.predict(make_eval_dataset(data, "test"), verbose=0).argmax(-1)
+        expected = [100.0 * np.mean(predicted[labels == c] == c) for c in order]
+        np.testing.assert_allclose(line.get_ydata(), expected, rtol=1e-6)
+
+
 def test_write_run_pictures_for_one_model(models, data, tmp_path):
     figures = report.evaluate(models["NBN"], data, 6, 3)
     logdir = str(tmp_path / "tensorboard")
@@ -166,18 +211,19 @@ def test_write_run_pictures_for_one_model(models, data, tmp_path):
 def quick_run(tmp_path):
     """Runs the training driver for one step on a tiny synthetic set."""
     from absl import flags
+    from nbn_keras import config as config_lib
     from nbn_keras import train
 
     def run(*extra, run_dir=tmp_path):
-        flags.FLAGS.unparse_flags()
-        flags.FLAGS(["train", "--data=synthetic_lt", "--n_max=8", "--imbalance_factor=4",
+        flag_values = flags.FlagValues()
+        config_lib.define_flags(flag_values)
+        flag_values(["train", "--data=synthetic_lt", "--n_max=8", "--imbalance_factor=4",
                      "--backbone=resnet20",
                      "--epochs=1", "--steps_per_epoch=1", "--global_batch_size=8",
-                     "--noexport", "--verbose=0", *extra])
-        return train.run(str(run_dir))
+                     "--noexport", "--verbose=0", f"--run_dir={run_dir}", *extra])
+        return train.train_and_evaluate(config_lib.from_flags(flag_values))
 
-    yield run
-    flags.FLAGS.unparse_flags()
+    return run
 
 
 @pytest.mark.slow
@@ -196,5 +242,7 @@ def test_training_writes_pictures_and_survives_their_failure(quick_run, tmp_path
     warnings = []
     monkeypatch.setattr(plots, "write_run_pictures", fail)
     monkeypatch.setattr(logging, "warning", lambda msg, *a: warnings.append(msg % a))
-    assert quick_run(run_dir=tmp_path / "second")["overall"] >= 0
+    figures = quick_run(run_dir=tmp_path / "second")
+    assert figures["steps_trained"] == 1 and 0 <= figures["top1"] <= 100
+    assert not (tmp_path / "second" / "pictures").exists()
     assert warnings == ["Could not write the run's pictures: no pictures today"]

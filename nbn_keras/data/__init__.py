@@ -51,6 +51,18 @@ LOADERS = {
     "places_lt": _list_files("places_lt", "imagenet"),
     "inaturalist": _list_files("inaturalist", "inaturalist", INATURALIST_MEAN, INATURALIST_STD),
 }
+TFDS_DATA_SETS = ("cifar10_lt", "cifar100_lt")
+LIST_FILE_DATA_SETS = ("imagenet_lt", "places_lt", "inaturalist")
+
+
+def uses_list_files(name):
+    """Whether data set `name` is read from `path label` list files."""
+    return name in LIST_FILE_DATA_SETS
+
+
+def uses_tfds(name):
+    """Whether data set `name` comes from TensorFlow Datasets."""
+    return name in TFDS_DATA_SETS
 
 
 def load(name, **options):
@@ -79,7 +91,8 @@ def load(name, **options):
 
 
 __all__ = [
-    "LOADERS", "LongTailSubset", "LongTailedData", "SAMPLERS", "Split", "class_counts",
+    "LIST_FILE_DATA_SETS", "LOADERS", "LongTailSubset", "TFDS_DATA_SETS", "LongTailedData", "SAMPLERS", "Split", "class_counts",
     "load", "load_cifar_lt", "load_digits_lt", "load_list_file_lt", "load_synthetic_lt",
     "make_eval_dataset", "make_train_dataset", "read_subset", "steps_per_epoch",
+    "uses_list_files", "uses_tfds",
 ]

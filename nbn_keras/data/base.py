@@ -13,6 +13,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from nbn_keras import run_files
 from nbn_keras.data import transforms
 
 CLASS_COUNTS_FILENAME = "class_counts.json"
@@ -130,6 +131,12 @@ class LongTailedData:
         """
         part = self.get_split(split)
         decode = transforms.eval_transform(self.recipe, self.image_shape)
+        if transforms.is_file_recipe(self.recipe):
+            records, labels = tf.constant(part.records), tf.constant(part.labels)
+            return transforms.map_image_files(
+                tf.data.Dataset.range(len(part)).map(lambda i: (i, i)), part.records,
+                lambda position, index: (decode(records[index]), labels[index]),
+            )
         ds = tf.data.Dataset.from_tensor_slices((part.records, part.labels))
         return ds.map(
             lambda record, label: (decode(record), label),
@@ -165,8 +172,7 @@ class LongTailedData:
             "skipped": self.skipped,
             "info": self.info,
         }
-        with open(path, "w") as f:
-            json.dump(record, f, indent=1, default=str)
+        run_files.write_text(path, json.dumps(record, indent=1, default=str))
         paths = [path]
         if self.subset is not None:
             paths.append(self.subset.write(run_dir))

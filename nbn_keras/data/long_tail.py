@@ -17,6 +17,8 @@ import os
 
 import numpy as np
 
+from nbn_keras import run_files
+
 PROFILES = ("exp", "step")
 SUBSET_FILENAME = "data_subset.json"
 
@@ -152,8 +154,7 @@ class LongTailSubset:
         """Writes the subset as JSON into `run_dir`; returns the file path."""
         os.makedirs(run_dir, exist_ok=True)
         path = os.path.join(run_dir, filename)
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f)
+        run_files.write_text(path, json.dumps(self.to_dict()))
         return path
 
 

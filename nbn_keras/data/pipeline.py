@@ -49,6 +49,11 @@ def steps_per_epoch(data, global_batch_size):
     Returns:
         A positive int.
     """
+    return _full_batches(data, global_batch_size)
+
+
+def _full_batches(data, global_batch_size):
+    # `make_train_dataset` has an argument named `steps_per_epoch`.
     global_batch_size = _check_batch(global_batch_size)
     num_train = len(data.train_split)
     if num_train < global_batch_size:
@@ -60,7 +65,7 @@ def steps_per_epoch(data, global_batch_size):
 
 
 def make_train_dataset(data, global_batch_size, sampler="instance", epochs=None,
-                       seed=0, augment=True):
+                       seed=0, augment=True, steps_per_epoch=None, initial_epoch=0):
     """The training pipeline: sample, decode, augment, batch, prefetch.
 
     Args:
@@ -72,17 +77,23 @@ def make_train_dataset(data, global_batch_size, sampler="instance", epochs=None,
             `epochs * steps_per_epoch(data, global_batch_size)` batches;
             otherwise it repeats forever. Required by `"progressive"`, whose
             class weights change every `steps_per_epoch` batches.
-        seed: Seed of sampling and augmentation: a pipeline built again with
-            the same seed yields the same batches (iterating one pipeline
-            object a second time reshuffles).
+        seed: Seed of sampling and augmentation. Batch `i` of epoch `e` is
+            a function of `(seed, e, i)` only: a pipeline built again with the
+            same arguments yields the same batches.
         augment: Apply the data set's training augmentation; `False` applies
             the evaluation transform instead.
+        steps_per_epoch: Batches per epoch; defaults to
+            `steps_per_epoch(data, global_batch_size)`. Pass the same number
+            to `model.fit`.
+        initial_epoch: Start at this epoch (a resumed run): the batches are
+            those the uninterrupted pipeline yields from this epoch on.
 
     Returns:
         A `tf.data.Dataset` of `(float32 images, int32 labels)` batches with
         static shapes `(global_batch_size, *data.image_shape)` and
         `(global_batch_size,)`. Call `model.fit(ds, epochs=epochs,
-        steps_per_epoch=steps_per_epoch(data, global_batch_size))`.
+        steps_per_epoch=steps_per_epoch(data, global_batch_size),
+        initial_epoch=initial_epoch)`.
 
     Example:
 
@@ -94,11 +105,11 @@ def make_train_dataset(data, global_batch_size, sampler="instance", epochs=None,
     """
     global_batch_size = _check_batch(global_batch_size)
     samplers_lib.check_sampler(sampler)
-    steps = steps_per_epoch(data, global_batch_size)
+    steps = steps_per_epoch or _full_batches(data, global_batch_size)
     split = data.train_split
     indices = samplers_lib.index_stream(
         split.labels, sampler, examples_per_epoch=steps * global_batch_size,
-        epochs=epochs, seed=seed,
+        epochs=epochs, seed=seed, initial_epoch=initial_epoch,
     )
     records = tf.constant(split.records)
     labels = tf.constant(split.labels)
@@ -112,7 +123,11 @@ def make_train_dataset(data, global_batch_size, sampler="instance", epochs=None,
         example_seed = tf.stack([tf.constant(seed, tf.int64), position])
         return transform(records[index], example_seed), labels[index]
 
-    ds = indices.enumerate().map(load_example, num_parallel_calls=tf.data.AUTOTUNE)
+    if transforms.is_file_recipe(data.recipe):
+        # A file that fails to decode is named in the error.
+        ds = transforms.map_image_files(indices, split.records, load_example)
+    else:
+        ds = indices.map(load_example, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(global_batch_size, drop_remainder=True)
     return _with_options(ds.prefetch(tf.data.AUTOTUNE))
 

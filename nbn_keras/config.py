@@ -1,0 +1,311 @@
+"""The training run's configuration: one dataclass, its flags and its checks.
+
+`TrainConfig` is the single description of a run. Its fields define the
+command-line flags of `python -m nbn_keras.train` (`define_flags`), are read
+back from parsed flags (`from_flags`) or from a run's `flags.cfg`
+(`from_flagfile`), and are checked together (`validate`) before the run
+writes anything. Only `main` touches absl's global flags; every phase of the
+driver takes a `TrainConfig`.
+"""
+
+import dataclasses
+import math
+import os
+import re
+from typing import Optional
+
+from absl import flags
+
+from nbn_keras import data as data_lib
+from nbn_keras.backbones import BACKBONES
+from nbn_keras.conversion import SCALE_SHARING_MODES
+from nbn_keras.data.samplers import SAMPLERS
+from nbn_keras.losses import LOSS_NAMES
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the flags."""
+
+
+class _NumberListParser(flags.ArgumentParser):
+    """Comma-separated numbers, e.g. `--lr_drop_epochs=160,180`."""
+
+    def __init__(self, number_type):
+        super().__init__()
+        self.number_type = number_type
+
+    def parse(self, argument):
+        if isinstance(argument, (list, tuple)):
+            return [self.number_type(value) for value in argument]
+        text = str(argument).strip()
+        if not text:
+            return []
+        try:
+            return [self.number_type(value) for value in text.split(",")]
+        except ValueError:
+            raise ValueError(
+                f"expected comma-separated {self.number_type.__name__} values") from None
+
+    def flag_type(self):
+        return f"comma-separated {self.number_type.__name__} list"
+
+
+def _field(default, help_text, kind, choices=None, resume_may_change=False):
+    return dataclasses.field(default=default, metadata={
+        "help": help_text, "kind": kind, "choices": choices,
+        "resume_may_change": resume_may_change})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on (see `--helpfull` for each field)."""
+
+    # Data.
+    data: str = _field("digits_lt", "Long-tailed data set.", "enum",
+                       tuple(data_lib.LOADERS))
+    imbalance_factor: float = _field(
+        10.0, "Largest over smallest class size (CIFAR-LT, digits, synthetic).", "float")
+    n_max: Optional[int] = _field(
+        None, "Training images of the largest class (default: the data set's "
+        "standard, e.g. 5000 for CIFAR-10-LT, 500 for CIFAR-100-LT).", "int")
+    imbalance_profile: str = _field("exp", "Class-size profile of the long-tailed subset.",
+                                    "enum", ("exp", "step"))
+    data_seed: int = _field(0, "Seed choosing the long-tailed subset.", "int")
+    image_size: Optional[int] = _field(None, "Image size of digits-LT and the synthetic "
+                                       "set (default: 32).", "int")
+    data_dir: Optional[str] = _field(None, "TFDS data directory (CIFAR-LT). Must exist "
+                                     "when given.", "string")
+    manual_dir: Optional[str] = _field(None, "Directory with a manually downloaded TFDS "
+                                       "archive (CIFAR-LT).", "string")
+    download: bool = _field(True, "Let TFDS download CIFAR when it is not prepared in "
+                            "--data_dir.", "bool")
+    image_root: Optional[str] = _field(None, "Image root of list-file data sets.", "string")
+    train_list: Optional[str] = _field(None, "`path label` training list file.", "string")
+    val_list: Optional[str] = _field(None, "`path label` validation list file.", "string")
+    test_list: Optional[str] = _field(None, "`path label` test list file (default: the "
+                                      "validation list).", "string")
+    on_bad_image: str = _field("error", "List-file images that are missing or undecodable: "
+                               "fail, or skip and count them.", "enum", ("error", "skip"))
+    sampler: str = _field("instance", "Training sampler.", "enum", SAMPLERS)
+    many_threshold: int = _field(100, "Classes with more training images than this are "
+                                 "'many'.", "int")
+    few_threshold: int = _field(20, "Classes with fewer training images than this are "
+                                "'few'.", "int")
+
+    # Model.
+    backbone: str = _field("resnet32", "Backbone network.", "enum", BACKBONES)
+    nbn: bool = _field(True, "Convert the selected BN layers to NBN.", "bool")
+    nbn_selection: str = _field(
+        "paper", "'paper' (last stage: last BN of each block and shortcut BN), 'all', "
+        "or comma-separated BN layer names.", "string")
+    nbn_stages: tuple = _field((), "With --nbn_selection=paper: stage indices to convert "
+                               "instead of the last stage.", "int_list")
+    nbn_scale_sharing: str = _field("model", "One NBN scale for the model (the paper's) or "
+                                    "one per layer.", "enum", SCALE_SHARING_MODES)
+    nbn_separate_scales: bool = _field(False, "Separate scales for gamma and beta.", "bool")
+    nbn_beta_init_std: float = _field(
+        0.0, "Start NBN's raw beta from N(0, std^2) instead of BN's zeros (0: the "
+        "reference's zero start).", "float")
+    nbn_dynamics: bool = _field(
+        False, "Write the raw gamma/beta norms, directions and scales of the NBN (or "
+        "would-be NBN) layers per epoch to <run_dir>/nbn_dynamics.json.", "bool")
+    synchronized_bn: bool = _field(
+        True, "Synchronise BN batch statistics across replicas; off = per-replica "
+        "statistics, as in PyTorch DDP without SyncBatchNorm.", "bool")
+
+    # Optimisation.
+    epochs: int = _field(200, "Training epochs.", "int")
+    global_batch_size: int = _field(128, "Batch size summed over all replicas and workers.",
+                                    "int")
+    base_lr: float = _field(0.2, "Learning rate for a global batch of 256; the run uses "
+                            "base_lr * global_batch_size / 256.", "float")
+    learning_rate: Optional[float] = _field(None, "Explicit learning rate; overrides "
+                                            "--base_lr scaling.", "float")
+    momentum: float = _field(0.9, "SGD momentum.", "float")
+    weight_decay: float = _field(5e-4, "Weight decay.", "float")
+    weight_decay_mode: str = _field(
+        "coupled", "'coupled': L2 added to the gradient before momentum, like the "
+        "reference (PyTorch SGD); 'decoupled': Keras' own.", "enum", ("coupled", "decoupled"))
+    decay_nbn_scale: bool = _field(True, "Apply weight decay to the NBN scale too (the "
+                                   "reference does).", "bool")
+    schedule: str = _field("warmup_steps", "'warmup_steps' (CIFAR-LT recipe) or 'cosine' "
+                           "(ImageNet-LT).", "enum", ("warmup_steps", "cosine"))
+    warmup_epochs: int = _field(5, "Linear warmup epochs.", "int")
+    lr_drop_epochs: tuple = _field((160, 180), "Epochs of the step drops ('warmup_steps' "
+                                   "schedule).", "int_list")
+    lr_drop_factors: tuple = _field((0.01, 0.001), "Learning-rate factors from each drop "
+                                    "epoch on.", "float_list")
+    loss: str = _field("cross_entropy", "Training loss.", "enum", LOSS_NAMES)
+    logit_adjust_tau: float = _field(1.0, "tau of the logit-adjusted loss.", "float")
+    drw_epoch: int = _field(160, "Epoch deferred re-weighting starts (ldam_drw).", "int")
+    steps_per_epoch: Optional[int] = _field(None, "Steps per epoch (default: training "
+                                            "images / global batch).", "int")
+    seed: int = _field(0, "Seed of initialisation, sampling and augmentation.", "int")
+
+    # Execution.
+    mixed_precision: str = _field("none", "Mixed-precision compute dtype.", "enum",
+                                  ("none", "float16", "bfloat16"))
+    xla: bool = _field(False, "XLA-compile the training step (single device only).", "bool")
+    run_dir: str = _field("runs/default", "Directory of the run's files.", "string",
+                          resume_may_change=True)
+    export_dir: str = _field("saved_models", "TF Serving base directory of the export.",
+                             "string")
+    model_name: Optional[str] = _field(None, "Name of the served model (default: the run "
+                                       "directory's name).", "string")
+    export: bool = _field(True, "Export a SavedModel for TF Serving at the end.", "bool")
+    verbose: int = _field(1, "Keras progress output: 0, 1 (bar) or 2.", "int",
+                          resume_may_change=True)
+    pictures: bool = _field(True, "Write pictures of the trained model (BN magnitudes, "
+                            "per-class accuracy, Grad-CAM) to <run_dir>/pictures and "
+                            "TensorBoard.", "bool")
+    allow_changed_flags: bool = _field(
+        False, "Resume a run although flags differ from its flags.cfg (which is kept "
+        "as it is).", "bool", resume_may_change=True)
+
+    @property
+    def served_model_name(self):
+        return self.model_name or os.path.basename(os.path.normpath(self.run_dir))
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+_DEFINE = {
+    "string": flags.DEFINE_string,
+    "int": flags.DEFINE_integer,
+    "float": flags.DEFINE_float,
+    "bool": flags.DEFINE_boolean,
+}
+
+
+def define_flags(flag_values=flags.FLAGS):
+    """Defines one absl flag per `TrainConfig` field in `flag_values`."""
+    for field in dataclasses.fields(TrainConfig):
+        meta = field.metadata
+        kind, default = meta["kind"], field.default
+        if kind == "enum":
+            flags.DEFINE_enum(field.name, default, meta["choices"], meta["help"],
+                              flag_values=flag_values)
+        elif kind.endswith("_list"):
+            number_type = int if kind == "int_list" else float
+            flags.DEFINE(_NumberListParser(number_type), field.name, list(default),
+                         meta["help"], flag_values=flag_values,
+                         serializer=flags.CsvListSerializer(","))
+        else:
+            _DEFINE[kind](field.name, default, meta["help"], flag_values=flag_values)
+
+
+def from_flags(flag_values=flags.FLAGS):
+    """The `TrainConfig` of parsed flags."""
+    values = {}
+    for field in dataclasses.fields(TrainConfig):
+        value = flag_values[field.name].value
+        values[field.name] = tuple(value) if isinstance(value, list) else value
+    return TrainConfig(**values)
+
+
+def from_flagfile(path):
+    """The `TrainConfig` a flagfile (such as a run's `flags.cfg`) describes."""
+    flag_values = flags.FlagValues()
+    define_flags(flag_values)
+    flag_values(["train", f"--flagfile={path}"])
+    return from_flags(flag_values)
+
+
+def to_flagfile(config):
+    """`config` as flagfile text: every field, one `--flag=value` per line."""
+    flag_values = flags.FlagValues()
+    define_flags(flag_values)
+    lines = []
+    for field in dataclasses.fields(TrainConfig):
+        flag = flag_values[field.name]
+        value = getattr(config, field.name)
+        flag.value = list(value) if isinstance(value, tuple) else value
+        if value is not None:
+            lines.append(flag.serialize())
+    return "\n".join(lines) + "\n"
+
+
+def changed_fields(saved, current):
+    """Names of the fields that differ and matter on resume, with both values."""
+    return [
+        (field.name, getattr(saved, field.name), getattr(current, field.name))
+        for field in dataclasses.fields(TrainConfig)
+        if not field.metadata["resume_may_change"]
+        and getattr(saved, field.name) != getattr(current, field.name)
+    ]
+
+
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def validate(config):
+    """Checks `config` as a whole; raises `ConfigError` naming every problem.
+
+    Runs before the run writes anything: numbers finite and in range, files
+    and directories that must exist, names usable as paths, the run and
+    export directories writable.
+    """
+    problems = []
+    for field in dataclasses.fields(TrainConfig):
+        value = getattr(config, field.name)
+        numbers = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            problems.append(f"--{field.name}={value} is not a finite number.")
+    positive = ("n_max", "image_size", "epochs", "global_batch_size", "base_lr",
+                "learning_rate", "steps_per_epoch")
+    for name in positive:
+        value = getattr(config, name)
+        if value is not None and not value > 0:
+            problems.append(f"--{name} must be positive (got {value}).")
+    for name in ("momentum", "weight_decay", "warmup_epochs", "drw_epoch", "logit_adjust_tau",
+                 "nbn_beta_init_std"):
+        if not getattr(config, name) >= 0:
+            problems.append(f"--{name} must be >= 0 (got {getattr(config, name)}).")
+    if not config.momentum < 1:
+        problems.append(f"--momentum must be < 1 (got {config.momentum}).")
+    if not config.imbalance_factor >= 1:
+        problems.append("--imbalance_factor must be >= 1 (largest / smallest class size).")
+    if not 0 <= config.few_threshold <= config.many_threshold:
+        problems.append("Need 0 <= --few_threshold <= --many_threshold.")
+    if (len(config.lr_drop_epochs) != len(config.lr_drop_factors)
+            or list(config.lr_drop_epochs) != sorted(config.lr_drop_epochs)):
+        problems.append("--lr_drop_epochs and --lr_drop_factors need the same number of "
+                        "entries, epochs increasing.")
+    for name in ("data_dir", "manual_dir"):
+        path = getattr(config, name)
+        if path is not None and not os.path.isdir(path):
+            problems.append(f"--{name} does not exist: {path}")
+    if data_lib.uses_list_files(config.data):
+        paths = [config.image_root, config.train_list, config.val_list]
+        if not (all(paths) and os.path.isdir(paths[0])
+                and all(os.path.isfile(p) for p in paths[1:])):
+            problems.append("List-file data sets need an existing --image_root, "
+                            "--train_list and --val_list.")
+        if config.test_list and not os.path.isfile(config.test_list):
+            problems.append(f"--test_list does not exist: {config.test_list}")
+    if config.export and not _MODEL_NAME.match(config.served_model_name):
+        problems.append(
+            f"--model_name={config.served_model_name!r} is not usable as a directory "
+            "name (letters, digits, '_', '-', '.'; not starting with '.').")
+    directories = [("run_dir", config.run_dir)]
+    if config.export:
+        directories.append(("export_dir", config.export_dir))
+    for name, path in directories:
+        problem = _not_writable(path)
+        if problem:
+            problems.append(f"--{name}={path}: {problem}")
+    if problems:
+        raise ConfigError(" ".join(problems))
+
+
+def _not_writable(path):
+    """Why files cannot be created under `path`, or `None` when they can."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is not a directory."
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable."
+    return None

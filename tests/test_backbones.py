@@ -1,0 +1,113 @@
+"""The authors' networks: layout, sizes and initialisation, without PyTorch.
+
+Their logits against a PyTorch definition are checked in
+`test_import_torch.py`; here the expectations are published figures
+(torchvision's parameter counts, which the authors' networks share) and the
+initialisation formulas of their code.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+import nbn_keras
+from nbn_keras.backbones import BACKBONES
+from nbn_keras.backbones import build_backbone
+from nbn_keras.backbones import build_classifier
+from nbn_keras.conversion import leaf_layers
+
+# torchvision's trainable parameters with a 1000-class head.
+TORCHVISION_PARAMETERS = {
+    "resnet18": 11_689_512,
+    "resnet34": 21_797_672,
+    "resnet50": 25_557_032,
+    "resnet101": 44_549_160,
+    "resnext50": 25_028_904,  # resnext50_32x4d
+}
+
+
+def trainable_count(model):
+    return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=pytest.mark.slow) if name == "resnet101" else name
+    for name in sorted(TORCHVISION_PARAMETERS)])
+def test_parameter_counts_and_output_are_torchvisions(name):
+    model = build_classifier(name, 1000, (224, 224, 3))
+    assert trainable_count(model) == TORCHVISION_PARAMETERS[name]
+    channels = 512 if name in ("resnet18", "resnet34") else 2048
+    assert model.get_layer(name).output.shape == (None, 7, 7, channels)
+
+
+def test_stride_is_in_the_3x3_conv_and_padding_is_symmetric():
+    backbone = build_backbone("resnet50", (64, 64, 3))
+    strides = {l.name: l.strides for l in backbone.layers
+               if isinstance(l, keras.layers.Conv2D)}
+    assert strides["layer2_0_conv1"] == (1, 1)
+    assert strides["layer2_0_conv2"] == (2, 2)
+    assert strides["layer2_0_downsample_0"] == (2, 2)
+    # A strided 3x3 conv pads one pixel on each side, as PyTorch does.
+    pad = backbone.get_layer("layer2_0_conv2_pad")
+    assert tuple(map(tuple, pad.padding)) == ((1, 1), (1, 1))
+    assert backbone.get_layer("conv1_pad").padding == ((3, 3), (3, 3))
+    basic = build_backbone("resnet18", (64, 64, 3))
+    assert basic.get_layer("layer2_0_conv1").strides == (2, 2)
+    assert basic.get_layer("layer1_0_conv1").strides == (1, 1)
+    assert "layer1_0_downsample_0" not in [l.name for l in basic.layers]
+
+
+@pytest.mark.slow
+def test_resnext_uses_32_groups_of_4_channels_and_folds_to_stock_layers():
+    model = build_classifier("resnext50", 10, (64, 64, 3))
+    conv = model.get_layer("resnext50").get_layer("layer1_0_conv2")
+    assert (conv.groups, conv.filters, tuple(conv.kernel.shape)) == (32, 128, (3, 3, 4, 128))
+    # Exported models hold stock layers only.
+    folded = nbn_keras.fold_nbn(model)
+    assert not [l for l in leaf_layers(folded) if type(l).__module__.startswith("nbn_keras")]
+    x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    np.testing.assert_allclose(folded.predict(x, verbose=0), model.predict(x, verbose=0),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_bn_layers_use_pytorchs_defaults():
+    for name in ("resnet50", "resnext50"):
+        bns = [l for l in leaf_layers(build_backbone(name, (64, 64, 3)))
+               if isinstance(l, keras.layers.BatchNormalization)]
+        assert len(bns) == 53
+        assert {(l.momentum, l.epsilon) for l in bns} == {(0.9, 1e-5)}
+
+
+def test_the_authors_initialisation():
+    keras.utils.set_random_seed(0)
+    resnet = build_classifier("resnet50", 1000, (64, 64, 3))
+    # Their ResNet: N(0, sqrt(2 / (k * k * out))) for every conv.
+    for conv_name in ("conv1", "layer3_0_conv2", "layer4_0_conv3"):
+        kernel = np.asarray(resnet.get_layer("resnet50").get_layer(conv_name).kernel)
+        k, _, _, out = kernel.shape
+        assert kernel.std() == pytest.approx(np.sqrt(2 / (k * k * out)), rel=0.05)
+        assert abs(kernel.mean()) < 0.05 * kernel.std()
+    # Their head is nn.Linear's default: kernel and bias U(-1/sqrt(in), 1/sqrt(in)).
+    bound = 1 / np.sqrt(2048)
+    for weights in resnet.get_layer("logits").get_weights():
+        assert np.abs(weights).max() <= bound
+        assert np.abs(weights).max() > 0.95 * bound
+    # Their ResNeXt keeps PyTorch's conv default, U(-1/sqrt(fan_in), ...).
+    resnext = build_backbone("resnext50", (64, 64, 3))
+    kernel = np.asarray(resnext.get_layer("layer3_0_conv2").kernel)
+    bound = 1 / np.sqrt(3 * 3 * kernel.shape[2])
+    assert bound * 0.95 < np.abs(kernel).max() <= bound
+    assert kernel.std() == pytest.approx(bound / np.sqrt(3), rel=0.05)
+
+
+def test_other_backbones_keep_the_keras_head():
+    head = build_classifier("resnet20", 10, (32, 32, 3)).get_layer("logits")
+    np.testing.assert_array_equal(head.bias, np.zeros(10))
+
+
+def test_names():
+    assert {"resnet50", "resnext50", "keras_cv_resnet50_v1", "resnet32"} <= set(BACKBONES)
+    with pytest.raises(ValueError, match="Unknown backbone 'resnet51'.*resnext50"):
+        build_backbone("resnet51", (32, 32, 3))
+    with pytest.raises(ValueError, match="head_initializer"):
+        build_classifier("resnet20", 10, (32, 32, 3), head_initializer="zeros")

@@ -1,0 +1,324 @@
+"""The authors' checkpoints in Keras, against a PyTorch definition of their nets.
+
+The PyTorch networks below are written here from the architecture of the
+authors' `models/ResNet_NBN.py` and `models/ResNext_NBN.py` (torchvision v1.5
+bottlenecks, ResNeXt 32x4d, NBN on the last BN of every `layer4` block and
+on its shortcut BN, one alpha = `scale_factor[0]`), with their module names,
+so their state dicts have the keys of the authors' checkpoints.
+"""
+
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import nbn_keras
+from nbn_keras import import_torch
+from nbn_keras.conversion import leaf_layers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+STD = np.array([0.229, 0.224, 0.225], np.float32)
+SIZE = 64
+NUM_CLASSES = 5
+# arch: (groups, width per group, NBN)
+ARCHS = {
+    "resnet50": (1, 64, False),
+    "resnet50_nbn": (1, 64, True),
+    "resnext50": (32, 4, False),
+    "resnext50_nbn": (32, 4, True),
+}
+
+
+class ScalableBN(nn.BatchNorm2d):
+    """BN2d that, when switched on, uses alpha * w / (|w| + 1e-6) (same for b)."""
+
+    def __init__(self, channels):
+        super().__init__(channels)
+        self.alpha_source = None  # a callable returning the shared alpha
+
+    def forward(self, x):
+        weight, bias = self.weight, self.bias
+        if self.alpha_source is not None:
+            alpha = self.alpha_source()
+            weight = alpha * weight / (weight.norm() + 1e-6)
+            bias = alpha * bias / (bias.norm() + 1e-6)
+        return F.batch_norm(x, self.running_mean, self.running_var, weight, bias,
+                            self.training, self.momentum, self.eps)
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, in_channels, planes, stride, groups, width_per_group):
+        super().__init__()
+        width = int(planes * width_per_group / 64) * groups
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, planes * 4, 1, bias=False)
+        self.bn3 = ScalableBN(planes * 4)
+        self.downsample = None
+        if stride != 1 or in_channels != planes * 4:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, planes * 4, 1, stride, bias=False),
+                ScalableBN(planes * 4))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + shortcut)
+
+
+class TorchResNet50(nn.Module):
+    def __init__(self, num_classes, groups=1, width_per_group=64, nbn=False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        in_channels = 64
+        for index, (planes, blocks) in enumerate(zip([64, 128, 256, 512], [3, 4, 6, 3])):
+            stage = []
+            for block in range(blocks):
+                stride = 2 if index > 0 and block == 0 else 1
+                stage.append(Bottleneck(in_channels, planes, stride, groups, width_per_group))
+                in_channels = planes * 4
+            setattr(self, f"layer{index + 1}", nn.Sequential(*stage))
+        self.fc = nn.Linear(2048, num_classes)
+        if nbn:
+            scalable = [m for m in self.modules() if isinstance(m, ScalableBN)]
+            # One entry per scalable BN, as in the authors' code; only [0] is used.
+            self.scale_factor = nn.Parameter(torch.ones(len(scalable)))
+            for module in self.layer4.modules():
+                if isinstance(module, ScalableBN):
+                    module.alpha_source = lambda: self.scale_factor[0]
+
+    def forward(self, x):
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        for index in range(1, 5):
+            x = getattr(self, f"layer{index}")(x)
+        # Global average pooling: their AvgPool2d(7) at 224x224 inputs.
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def randomized_torch_model(arch, seed=0):
+    groups, width_per_group, nbn = ARCHS[arch]
+    torch.manual_seed(seed)
+    model = TorchResNet50(NUM_CLASSES, groups, width_per_group, nbn)
+    generator = torch.Generator().manual_seed(seed)
+
+    def normal(shape, std, mean=0.0):
+        return mean + std * torch.randn(shape, generator=generator)
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                fan_in = module.weight[0].numel()
+                module.weight.copy_(normal(module.weight.shape, (2 / fan_in) ** 0.5))
+            elif isinstance(module, nn.BatchNorm2d):
+                c = module.num_features
+                module.weight.copy_(normal(c, 0.2, 1.0))
+                module.bias.copy_(normal(c, 0.2))
+                module.running_mean.copy_(normal(c, 0.2))
+                module.running_var.copy_(0.5 + torch.rand(c, generator=generator))
+                module.num_batches_tracked.fill_(1234)
+            elif isinstance(module, nn.Linear):
+                module.weight.copy_(normal(module.weight.shape, 0.05))
+                module.bias.copy_(normal(module.bias.shape, 0.1))
+        if nbn:
+            model.scale_factor.copy_(0.5 + 2 * torch.rand(model.scale_factor.shape,
+                                                          generator=generator))
+    return model.eval()
+
+
+def save_authors_checkpoint(model, arch, path):
+    """As the authors' `main.py` saves under DDP.
+
+    The optimizer and scheduler entries are written as their state dicts
+    look (creating `torch.optim.SGD` here would import torch._dynamo, which
+    crashes in a process that has loaded TensorFlow).
+    """
+    parameters = list(range(len(list(model.parameters()))))
+    torch.save({
+        "epoch": 90,
+        "arch": arch,
+        "state_dict": {"module." + k: v for k, v in model.state_dict().items()},
+        "best_acc1": torch.tensor(42.0),
+        "optimizer": {"state": {0: {"momentum_buffer": torch.zeros(3)}},
+                      "param_groups": [{"lr": 0.0, "momentum": 0.9,
+                                        "weight_decay": 5e-4, "nesterov": False,
+                                        "params": parameters}]},
+        "scheduler": {"T_max": 90, "eta_min": 0, "base_lrs": [0.2],
+                      "last_epoch": 90, "_last_lr": [0.0]},
+    }, path)
+
+
+def images(n=2, seed=0):
+    return np.random.default_rng(seed).uniform(0, 255, (n, SIZE, SIZE, 3)).astype("float32")
+
+
+def torch_logits(model, x):
+    nchw = ((x / 255.0 - MEAN) / STD).transpose(0, 3, 1, 2)
+    with torch.no_grad():
+        return model(torch.from_numpy(np.ascontiguousarray(nchw))).numpy()
+
+
+def run_importer(*flags):
+    return subprocess.run(
+        [sys.executable, "-m", "nbn_keras.import_torch", *flags],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": REPO})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_imported_checkpoint_gives_the_authors_logits(arch, tmp_path):
+    theirs = randomized_torch_model(arch)
+    checkpoint = tmp_path / "model_best.pth.tar"
+    save_authors_checkpoint(theirs, arch, checkpoint)
+    output = tmp_path / f"{arch}.keras"
+    result = run_importer(f"--checkpoint={checkpoint}", f"--arch={arch}",
+                          f"--num_classes={NUM_CLASSES}", f"--output={output}",
+                          f"--image_size={SIZE}")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    ours = keras.models.load_model(output)
+    x = images()
+    expected = torch_logits(theirs, x)
+    got = ours.predict(x, verbose=0)
+    # 1e-4 relative to the logits' scale (float32 through 50 layers).
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    assert np.abs(expected).max() > 0.1  # not a trivially small output
+
+    # Trainable parameters: PyTorch's, less the 19 entries of scale_factor
+    # their forward never reads (one shared alpha remains).
+    torch_trainable = sum(p.numel() for p in theirs.parameters())
+    if ARCHS[arch][2]:
+        torch_trainable -= theirs.scale_factor.numel() - 1
+    assert sum(int(np.prod(w.shape)) for w in ours.trainable_weights) == torch_trainable
+    running = sum(b.numel() for n, b in theirs.named_buffers()
+                  if not n.endswith("num_batches_tracked"))
+    assert sum(int(np.prod(w.shape)) for w in ours.non_trainable_weights) == running
+    nbn_layers = [l.name for l in leaf_layers(ours)
+                  if isinstance(l, nbn_keras.NormalizedBatchNormalization)]
+    assert len(nbn_layers) == (4 if ARCHS[arch][2] else 0)
+
+
+@pytest.fixture(scope="module")
+def nbn_state_dict():
+    model = randomized_torch_model("resnet50_nbn", seed=1)
+    return model, {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def keras_models():
+    return {arch: import_torch.build_model(arch, NUM_CLASSES, SIZE)
+            for arch in ("resnet50", "resnet50_nbn")}
+
+
+def test_bare_state_dict_without_prefix(nbn_state_dict, tmp_path):
+    theirs, state_dict = nbn_state_dict
+    torch.save(theirs.state_dict(), tmp_path / "bare.pth")
+    read, arch = import_torch.read_checkpoint(str(tmp_path / "bare.pth"))
+    assert arch is None
+    assert sorted(read) == sorted(state_dict)
+    np.testing.assert_array_equal(read["layer4.2.bn3.running_var"],
+                                  state_dict["layer4.2.bn3.running_var"])
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda sd: sd.pop("layer4.2.bn3.running_var"),
+     r"missing keys: layer4\.2\.bn3\.running_var"),
+    (lambda sd: sd.update({"layer5.0.conv1.weight": np.zeros(3)}),
+     r"unexpected keys: layer5\.0\.conv1\.weight"),
+    (lambda sd: sd.update({"layer2.0.conv2.weight": np.zeros((128, 128, 1, 3))}),
+     r"mis-shaped keys: layer2\.0\.conv2\.weight \(128, 128, 1, 3\) "
+     r"\(expected \(128, 128, 3, 3\)\)"),
+    (lambda sd: sd.update({"scale_factor": np.ones(4)}),
+     r"mis-shaped keys: scale_factor \(4,\) \(expected \(20,\)\)"),
+    (lambda sd: sd.update({"fc.weight": np.zeros((7, 2048)), "fc.bias": np.zeros(7)}),
+     r"with 5 classes: mis-shaped keys: fc\.bias \(7,\) \(expected \(5,\)\), "
+     r"fc\.weight \(7, 2048\) \(expected \(5, 2048\)\)"),
+])
+def test_bad_keys_are_named_and_nothing_is_loaded(
+        nbn_state_dict, keras_models, change, message):
+    model = keras_models["resnet50_nbn"]
+    before = [w.numpy() for w in model.weights]
+    state_dict = dict(nbn_state_dict[1])
+    change(state_dict)
+    with pytest.raises(ValueError, match=message):
+        import_torch.load_state_dict(model, state_dict)
+    for old, new in zip(before, model.weights, strict=True):
+        np.testing.assert_array_equal(old, new)
+
+
+def test_nbn_and_plain_checkpoints_are_told_apart(nbn_state_dict, keras_models):
+    state_dict = nbn_state_dict[1]
+    with pytest.raises(ValueError, match=r"unexpected keys: scale_factor.*"
+                                         r"is it arch 'resnet50_nbn'"):
+        import_torch.load_state_dict(keras_models["resnet50"], state_dict)
+    plain = {k: v for k, v in state_dict.items() if k != "scale_factor"}
+    with pytest.raises(ValueError, match=r"missing keys: scale_factor.*"
+                                         r"is it arch 'resnet50'"):
+        import_torch.load_state_dict(keras_models["resnet50_nbn"], plain)
+
+
+def test_errors_keep_existing_files(nbn_state_dict, tmp_path):
+    checkpoint = tmp_path / "ckpt.pth.tar"
+    save_authors_checkpoint(nbn_state_dict[0], "resnet50_nbn", checkpoint)
+    output = tmp_path / "out.keras"
+    output.write_text("precious")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        import_torch.import_checkpoint(str(checkpoint), "resnet50_nbn",
+                                       NUM_CLASSES, output=str(output))
+    with pytest.raises(ValueError, match="trained as arch 'resnet50_nbn', not "
+                                         "'resnext50_nbn'"):
+        import_torch.import_checkpoint(str(checkpoint), "resnext50_nbn",
+                                       NUM_CLASSES, output=str(tmp_path / "b.keras"))
+    with pytest.raises(ValueError, match="must be a .keras file"):
+        import_torch.import_checkpoint(str(checkpoint), "resnet50_nbn",
+                                       NUM_CLASSES, output=str(tmp_path / "b.h5"))
+    with pytest.raises(FileNotFoundError, match="No checkpoint file"):
+        import_torch.import_checkpoint(str(tmp_path / "none.pth"), "resnet50_nbn",
+                                       NUM_CLASSES)
+    assert output.read_text() == "precious"
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pth.tar", "out.keras"]
+
+
+@pytest.mark.slow
+def test_command_line_reports_errors_without_a_traceback(tmp_path):
+    output = tmp_path / "out.keras"
+    output.write_text("precious")
+    result = run_importer(f"--checkpoint={tmp_path / 'none.pth'}", "--arch=resnet50",
+                          "--num_classes=5", f"--output={output}")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"nbn_keras.import_torch: error: '{output}' exists; pass "
+        "overwrite=True (--overwrite) to replace it.")
+    assert output.read_text() == "precious"
+
+
+@pytest.mark.slow
+def test_imported_model_exports_for_serving(nbn_state_dict, tmp_path):
+    import tensorflow as tf
+
+    from nbn_keras.export import export_keras_file
+
+    theirs = nbn_state_dict[0]
+    checkpoint = tmp_path / "ckpt.pth.tar"
+    save_authors_checkpoint(theirs, "resnet50_nbn", checkpoint)
+    import_torch.import_checkpoint(str(checkpoint), "resnet50_nbn", NUM_CLASSES,
+                                   output=str(tmp_path / "nbn.keras"), image_size=SIZE)
+    path = export_keras_file(str(tmp_path / "nbn.keras"), str(tmp_path / "served"))
+    served = tf.saved_model.load(path).signatures["serving_default"]
+    x = images(seed=3)
+    expected = torch_logits(theirs, x)
+    got = served(images=tf.constant(x))["logits"].numpy()
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
