@@ -183,7 +183,7 @@ def write_all(args, records, stats, out_dir):
         for r in runs:
             if r["arm"] in ("bn", "nbn"):
                 per_arm.setdefault(labels[r["arm"]], []).append(
-                    r["figures"] | {"overall": r["figures"]["top1"]})
+                    r["figures"])
         paths.append(plots.plot_per_class_accuracy(
             per_arm, os.path.join(out_dir, f"per_class_accuracy_{tag}.png")))
     # Magnitudes and Grad-CAM of the first seed at the hardest digits cell.

@@ -76,7 +76,7 @@ LABELS = {
 }
 TINY_FLAGS = ["--epochs=2", "--steps_per_epoch=4", "--warmup_epochs=1",
               "--lr_drop_epochs=1,2"]
-# Metric names before the rename of `overall` to `top1`.
+# Runs trained before `overall` was renamed `top1` (the committed study's runs).
 _OLD_NAMES = {"top1": "overall"}
 
 
