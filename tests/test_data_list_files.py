@@ -158,6 +158,12 @@ def test_file_pipelines_keep_order_and_seeds(image_root):
     from nbn_keras.data import samplers, transforms
 
     data = _load(image_root)
+    # tf.data knows the lengths, as for in-memory data (Keras counts steps).
+    assert int(data.split_dataset("train").cardinality()) == 6
+    assert int(nbn_data.make_eval_dataset(data, "val", 1).cardinality()) == 2
+    assert int(nbn_data.make_train_dataset(data, 2, epochs=2).cardinality()) == 6
+    assert (nbn_data.make_train_dataset(data, 2).cardinality()
+            == tf.data.INFINITE_CARDINALITY)
     # Evaluation: the records in list order, each through the transform.
     decode = transforms.eval_transform(data.recipe, data.image_shape)
     for (image, label), path, expected_label in zip(

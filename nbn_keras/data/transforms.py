@@ -161,11 +161,18 @@ def map_image_files(indices, paths, fn, num_parallel_calls=tf.data.AUTOTUNE):
         return position + 1, (index, element)
 
     checked = mapped.scan(tf.constant(0, tf.int64), check)
+    # `ignore_errors` makes the length unknown to tf.data; it is restored
+    # (Keras counts steps from it) and checked.
     if count >= 0:
-        return checked.take(count)  # Drops the end marker.
+        checked = checked.take(count)  # Drops the end marker.
+        return checked.apply(tf.data.experimental.assert_cardinality(count))
     if finite:  # A finite stream of unknown length.
         checked = checked.filter(lambda index, element: index >= 0)
-    return checked.map(lambda index, element: element)
+    checked = checked.map(lambda index, element: element)
+    if not finite:
+        checked = checked.apply(
+            tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
+    return checked
 
 
 def _decode_full(data):
