@@ -51,6 +51,7 @@ def custom_objects():
         optimizers.CoupledSGD,
         schedules.WarmupCosineDecay,
         schedules.WarmupStepDecay,
+        schedules.EpochCosineAnnealing,
         losses.LogitAdjustedCrossEntropy,
         losses.BalancedSoftmaxCrossEntropy,
         losses.LDAMLoss,

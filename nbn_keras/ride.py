@@ -27,6 +27,7 @@ Reference:
 """
 
 import re
+import threading
 
 import keras
 from keras import layers
@@ -45,16 +46,19 @@ HEAD_TYPES = ("Linear", "Linear_fcbn_notaffine")
 # The BN layers of expert `e`'s last stage: `layer4s_{e}_...`.
 LAST_STAGE = re.compile(r"^layer4s_(\d+)_")
 SCALE_NAME = "nbn_scale_expert{}"
+# A transient tensor of the step being traced or run, per thread.
+_recorded = threading.local()
 
 
 @keras.saving.register_keras_serializable(package="nbn_keras")
 class ExpertAverage(keras.layers.Layer):
     """The mean over experts of stacked logits `[batch, experts, classes]`.
 
-    The layer also keeps the tensor it was last called on, so that a loss
-    computed in the same step (`nbn_keras.ride_loss.RIDELoss`) can use the
-    per-expert logits while the model keeps a single logits output, the one
-    training metrics, evaluation and the serving export use.
+    The layer also records the tensor it was called on (per thread: each
+    replica of a `tf.distribute` strategy runs in its own thread), so that a
+    loss computed in the same step (`nbn_keras.ride_loss.RIDELoss`) can use
+    the per-expert logits while the model keeps a single logits output, the
+    one training metrics, evaluation and the serving export use.
 
     Call arguments:
         inputs: The stacked expert logits, `[batch, experts, classes]`.
@@ -64,12 +68,21 @@ class ExpertAverage(keras.layers.Layer):
     """
 
     def call(self, inputs):
-        # Not a tracked attribute: a transient tensor of the current trace.
-        object.__setattr__(self, "expert_logits", inputs)
+        _recorded.expert_logits = inputs
         return ops.mean(inputs, axis=1)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], input_shape[2])
+
+
+def take_recorded_expert_logits():
+    """The expert logits an `ExpertAverage` last recorded in this thread, once.
+
+    Returns `None` when none was recorded since the last call.
+    """
+    experts = getattr(_recorded, "expert_logits", None)
+    _recorded.expert_logits = None
+    return experts
 
 
 def _normalize(inputs, mean, std):
@@ -178,10 +191,11 @@ def build_ride_classifier(
                 scale=False, synchronized=synchronized_bn, dtype="float32",
                 name=f"linears_{e}_bn",
             )(y)
-        expert_logits.append(layers.Reshape((1, num_classes), name=f"expert_{e}")(y))
+        expert_logits.append(
+            layers.Reshape((1, num_classes), dtype="float32", name=f"expert_{e}")(y))
     stacked = (
         expert_logits[0] if len(expert_logits) == 1
-        else layers.Concatenate(axis=1, name="expert_logits")(expert_logits)
+        else layers.Concatenate(axis=1, dtype="float32", name="expert_logits")(expert_logits)
     )
     outputs = ExpertAverage(dtype="float32", name="logits")(stacked)
     return keras.Model(inputs, outputs, name=name or arch)

@@ -46,16 +46,21 @@ def diversity_temperature_weights(class_counts, reweight_factor=0.05):
     return weights
 
 
+def _is_shape_inference(graph):
+    # Keras' TensorFlow `compute_output_spec` traces in graphs of this name.
+    return getattr(graph, "name", "").startswith("scratch_graph")
+
+
 @keras.saving.register_keras_serializable(package="nbn_keras")
 class RIDELoss(keras.losses.Loss):
     """The RIDE loss: per-expert LDAM-DRW plus a diversity term.
 
     `y_pred` is either the stacked expert logits `[batch, experts, classes]`
     or a RIDE model's mean logits `[batch, classes]`; in the latter case the
-    per-expert logits are read from the model's `ExpertAverage` layer
-    (`nbn_keras.ride`), which records them in the same step. `RIDEEpochHook`
-    binds the loss to the model and sets the epoch, like their
-    `_hook_before_epoch`.
+    per-expert logits are those the model's `ExpertAverage` layer
+    (`nbn_keras.ride`) recorded in the same step, so the loss works in
+    `fit` on a model with a single logits output. `RIDEEpochHook` sets the
+    epoch, like their `_hook_before_epoch`.
 
     Args:
         class_counts: Number of training examples of each class.
@@ -118,17 +123,6 @@ class RIDELoss(keras.losses.Loss):
             0.0, dtype="float32", trainable=False, name="reweight_active")
         self._source = None
 
-    def bind(self, model):
-        """Reads the per-expert logits of `model` (a RIDE model) from now on."""
-        from nbn_keras import ride
-
-        layer = ride.expert_average_layer(model)
-        if layer is None:
-            raise ValueError(
-                f"RIDELoss needs a RIDE model (an ExpertAverage output layer); "
-                f"'{model.name}' has none. Use --backbone=resnet50_ride.")
-        self._source = layer
-
     def set_epoch(self, epoch):
         """Switches re-weighting on or off for the (0-based) `epoch`."""
         active = self.reweight_epoch is not None and epoch > self.reweight_epoch
@@ -137,13 +131,23 @@ class RIDELoss(keras.losses.Loss):
     def _expert_logits(self, y_pred):
         if len(y_pred.shape) == 3:
             return y_pred
-        experts = getattr(self._source, "expert_logits", None)
-        if experts is None:
-            raise ValueError(
-                "RIDELoss got mean logits but is bound to no RIDE model: pass "
-                "the stacked expert logits [batch, experts, classes], or call "
-                "`bind(model)` (the RIDEEpochHook callback does).")
-        return experts
+        from nbn_keras import ride
+
+        experts = ride.take_recorded_expert_logits()
+        graph = getattr(experts, "graph", None)
+        if experts is not None and tuple(experts.shape[::2]) == tuple(y_pred.shape):
+            if graph is getattr(y_pred, "graph", None):
+                return experts
+            if _is_shape_inference(graph) and _is_shape_inference(y_pred.graph):
+                # Keras' symbolic build infers the loss' output spec from
+                # placeholders in a graph apart from the model's call: only
+                # the shape of the result matters there.
+                return ops.repeat(ops.expand_dims(y_pred, 1), experts.shape[1], axis=1)
+        raise ValueError(
+            "RIDELoss got logits [batch, classes] that are not the output of a "
+            "RIDE model (nbn_keras.ride) computed just before: pass the stacked "
+            "expert logits [batch, experts, classes], or train a RIDE model "
+            "(--backbone=resnet50_ride).")
 
     def call(self, y_true, y_pred):
         experts = ops.cast(self._expert_logits(y_pred), "float32")
@@ -188,11 +192,11 @@ class RIDELoss(keras.losses.Loss):
 
 
 class RIDEEpochHook(keras.callbacks.Callback):
-    """Binds `RIDELoss` to the trained model and sets its epoch each epoch.
+    """Sets the epoch of a `RIDELoss` at the start of every epoch.
 
-    The epoch-hook of their training loop (`_hook_before_epoch`); because
-    the state is set from the epoch number, resuming with `initial_epoch`
-    gives the right state.
+    The epoch hook of their training loop (`_hook_before_epoch`); because the
+    state is set from the epoch number, resuming with `initial_epoch` gives
+    the right state.
 
     Args:
         loss: The `RIDELoss`, or `None` to take the compiled model's loss.
@@ -202,14 +206,8 @@ class RIDEEpochHook(keras.callbacks.Callback):
         super().__init__()
         self.loss = loss
 
-    def _loss(self):
+    def on_epoch_begin(self, epoch, logs=None):
         loss = self.loss if self.loss is not None else getattr(self.model, "loss", None)
         if not isinstance(loss, RIDELoss):
             raise ValueError(f"RIDEEpochHook needs a RIDELoss, got {loss!r}.")
-        return loss
-
-    def on_train_begin(self, logs=None):
-        self._loss().bind(self.model)
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._loss().set_epoch(epoch)
+        loss.set_epoch(epoch)

@@ -1,13 +1,18 @@
 """RIDE: the multi-expert classifier, its NBN selection, folding and loss."""
 
+import math
+
 import numpy as np
 import pytest
 
 import keras
+import tensorflow as tf
+
 import nbn_keras
 from nbn_keras import ride
 from nbn_keras.ride_loss import RIDEEpochHook
 from nbn_keras.ride_loss import RIDELoss
+from nbn_keras.schedules import EpochCosineAnnealing
 
 
 # ---------------------------------------------------------------- the loss
@@ -76,28 +81,31 @@ def test_ride_loss_never_reweights_without_reweight_epoch():
     np.testing.assert_allclose(float(loss(labels, experts)), want, rtol=1e-5)
 
 
-def test_ride_loss_needs_a_model_for_mean_logits():
+def test_ride_loss_refuses_logits_not_from_a_ride_model():
     loss = RIDELoss([5, 3])
-    with pytest.raises(ValueError, match="bind"):
+    with pytest.raises(ValueError, match="not the output of a RIDE model"):
         loss(np.array([0]), np.zeros((1, 2), "float32"))
-    with pytest.raises(ValueError, match="RIDE model"):
-        loss.bind(keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)]))
 
 
 def test_ride_loss_reads_expert_logits_of_the_model_in_fit():
-    """Mean-logits output, per-expert loss: fit matches the loss on the experts."""
-    inputs = keras.Input((4,), name="images")
-    heads = [keras.layers.Dense(3, name=f"h{e}")(inputs) for e in range(2)]
-    stacked = keras.layers.Concatenate(axis=1)(
-        [keras.layers.Reshape((1, 3))(h) for h in heads])
-    model = keras.Model(inputs, ride.ExpertAverage(name="logits")(stacked))
-    experts = keras.Model(inputs, stacked)
+    """Mean-logits output, per-expert loss: fit matches the loss on the experts.
+
+    Under a (one-device) MirroredStrategy, as the training command runs.
+    """
+    strategy = tf.distribute.MirroredStrategy(["CPU:0"])
+    with strategy.scope():
+        inputs = keras.Input((4,), name="images")
+        heads = [keras.layers.Dense(3, name=f"h{e}")(inputs) for e in range(2)]
+        stacked = keras.layers.Concatenate(axis=1)(
+            [keras.layers.Reshape((1, 3))(h) for h in heads])
+        model = keras.Model(inputs, ride.ExpertAverage(name="logits")(stacked))
+        experts = keras.Model(inputs, stacked)
+        loss = RIDELoss([30, 10, 2], reweight_epoch=0)
+        model.compile(keras.optimizers.SGD(0.0), loss=loss)
     x = np.random.default_rng(2).normal(size=(8, 4)).astype("float32")
     y = np.array([0, 1, 2, 0, 1, 2, 0, 0])
-    loss = RIDELoss([30, 10, 2], reweight_epoch=0)
-    model.compile(keras.optimizers.SGD(0.0), loss=loss)
-    history = model.fit(x, y, batch_size=8, epochs=2, verbose=0,
-                        callbacks=[RIDEEpochHook()])
+    history = model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(8), epochs=2,
+                        verbose=0, callbacks=[RIDEEpochHook()])
     per_epoch = [ride_loss_numpy(np.asarray(experts(x), np.float64), y, [30, 10, 2],
                                  epoch, 0) for epoch in (0, 1)]
     np.testing.assert_allclose(history.history["loss"], per_epoch, rtol=1e-4)
@@ -175,3 +183,31 @@ def test_ride_selection_refuses_plain_models():
         nbn_keras.convert_to_nbn(model, selection="ride")
     with pytest.raises(ValueError, match="separate_scales"):
         nbn_keras.convert_to_nbn(model, selection="ride", scale_sharing="layer")
+
+
+
+def torch_cosine_annealing_lrs(base, t_max, epochs, eta_min=0.0):
+    """PyTorch's `CosineAnnealingLR.get_lr` recursion, stepped once per epoch.
+
+    (torch.optim is not imported: it crashes in a process with TensorFlow.)
+    """
+    lrs = [base]
+    for epoch in range(1, epochs):
+        last = lrs[-1]
+        if (epoch - 1 - t_max) % (2 * t_max) == 0:
+            lr = last + (base - eta_min) * (1 - math.cos(math.pi / t_max)) / 2
+        else:
+            lr = ((1 + math.cos(math.pi * epoch / t_max))
+                  / (1 + math.cos(math.pi * (epoch - 1) / t_max))
+                  * (last - eta_min) + eta_min)
+        lrs.append(lr)
+    return np.asarray(lrs)
+
+
+def test_epoch_cosine_annealing_is_pytorchs_over_200_epochs():
+    schedule = EpochCosineAnnealing(0.1, steps_per_epoch=3, t_max_epochs=90)
+    got = np.asarray([float(schedule(k)) for k in range(200 * 3)])
+    want = np.repeat(torch_cosine_annealing_lrs(0.1, 90, 200), 3)
+    np.testing.assert_allclose(got, want, atol=1e-7)
+    assert got[90 * 3] < 1e-9 and got[180 * 3] == pytest.approx(0.1)
+    assert got[-1] > 0.08  # their 200-epoch run ends at a high rate
