@@ -211,3 +211,20 @@ def test_epoch_cosine_annealing_is_pytorchs_over_200_epochs():
     np.testing.assert_allclose(got, want, atol=1e-7)
     assert got[90 * 3] < 1e-9 and got[180 * 3] == pytest.approx(0.1)
     assert got[-1] > 0.08  # their 200-epoch run ends at a high rate
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(loss="ride"), "--loss=ride needs a RIDE backbone"),
+    (dict(nbn_selection="ride"), "--nbn_selection=ride needs a RIDE backbone"),
+    (dict(backbone="resnet50_ride", schedule="cosine_annealing", warmup_epochs=5),
+     "cosine_annealing has no warmup"),
+    (dict(backbone="resnet50_ride", ride_experts=0), "--ride_experts must be positive"),
+])
+def test_ride_flags_are_checked(changes, message, tmp_path):
+    from nbn_keras import config as config_lib
+
+    config = config_lib.TrainConfig(run_dir=str(tmp_path / "run"), export=False)
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.validate(config.replace(**changes))
+    config_lib.validate(config.replace(backbone="resnet50_ride", loss="ride",
+                                       nbn_selection="ride"))

@@ -72,6 +72,11 @@ def write_jpeg_list_files(root, num_classes=3, per_class=2):
 
 def data_overrides(config, tmp_path):
     name = os.path.basename(config)
+    if name.startswith("imagenet_lt_ride"):
+        # float32: from the initial loss scale, float16 skips more than
+        # FLOAT16_STEPS steps of this 3-expert model, each of them slow.
+        return write_jpeg_list_files(str(tmp_path / "images")) + [
+            "--global_batch_size=2", "--mixed_precision=none"]
     if name.startswith("imagenet_lt"):
         return write_jpeg_list_files(str(tmp_path / "images")) + [
             "--global_batch_size=2"]
