@@ -16,6 +16,8 @@ import keras
 from nbn_keras import losses
 from nbn_keras import metrics
 from nbn_keras import optimizers
+from nbn_keras import ride
+from nbn_keras import ride_loss
 from nbn_keras import schedules
 from nbn_keras.conversion import convert_to_nbn
 from nbn_keras.conversion import fold_nbn
@@ -52,9 +54,12 @@ def custom_objects():
         optimizers.CoupledSGD,
         schedules.WarmupCosineDecay,
         schedules.WarmupStepDecay,
+        schedules.EpochCosineAnnealing,
         losses.LogitAdjustedCrossEntropy,
         losses.BalancedSoftmaxCrossEntropy,
         losses.LDAMLoss,
+        ride_loss.RIDELoss,
+        ride.ExpertAverage,
         metrics.PerClassAccuracy,
         metrics.BalancedAccuracy,
         metrics.GroupAccuracy,

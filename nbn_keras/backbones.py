@@ -21,6 +21,7 @@ import keras_cv
 from keras import layers
 
 from nbn_keras import resnet
+from nbn_keras import ride
 
 _KERAS_CV_RESNETS = {
     # name: (blocks per stage, block type)
@@ -35,6 +36,7 @@ BACKBONES = (
     tuple(resnet.ARCHITECTURES)
     + tuple(_KERAS_CV_RESNETS)
     + tuple(f"resnet{depth}" for depth in _CIFAR_RESNET_DEPTHS)
+    + tuple(ride.ARCHITECTURES)
 )
 
 
@@ -207,6 +209,7 @@ def build_classifier(
     synchronized_bn=False,
     name=None,
     head_initializer="auto",
+    ride_options=None,
 ):
     """An image classifier: normalisation, backbone, pooling, linear head.
 
@@ -230,6 +233,11 @@ def build_classifier(
             U(-1/sqrt(in), 1/sqrt(in)), as the authors' networks have),
             `"keras"` (Glorot uniform kernel, zero bias), or `"auto"`:
             `"torch"` for the authors' networks, `"keras"` otherwise.
+        ride_options: For a RIDE backbone (`"resnet50_ride"`), keyword
+            arguments of `nbn_keras.ride.build_ride_classifier`
+            (`num_experts`, `reduce_dimension`, `share_layer3`, `head`).
+            A RIDE classifier has one head per expert and outputs their
+            mean logits.
 
     Returns:
         A functional `keras.Model` with the backbone nested as one layer.
@@ -246,6 +254,14 @@ def build_classifier(
             "head_initializer must be 'auto', 'torch' or 'keras', got "
             f"'{head_initializer}'."
         )
+    if isinstance(backbone, str) and backbone in ride.ARCHITECTURES:
+        return ride.build_ride_classifier(
+            num_classes, input_shape, mean=mean, std=std, arch=backbone,
+            name=name, synchronized_bn=synchronized_bn,
+            **(ride_options or {}),
+        )
+    if ride_options:
+        raise ValueError(f"ride_options need a RIDE backbone, not '{backbone}'.")
     if head_initializer == "auto":
         authors = isinstance(backbone, str) and backbone in resnet.ARCHITECTURES
         head_initializer = "torch" if authors else "keras"

@@ -226,7 +226,8 @@ def convert_to_nbn(
         model: A functional or Sequential Keras model.
         selection: Which BN layers to convert: `"paper"` (default: in the
             last stage, the last BN of each residual block and the shortcut
-            BN), `"all"`, a collection of layer names, or a predicate
+            BN), `"ride"` (a RIDE model's every BN of each expert's last
+            stage, one scale per expert: `nbn_keras.ride`), `"all"`, a collection of layer names, or a predicate
             `fn(layer) -> bool`. See `select_bn_layers`.
         stages: With `selection="paper"`, a list of stage indices to convert
             instead of the last stage (negative indices count from the end).
@@ -275,6 +276,16 @@ def convert_to_nbn(
         )
     if beta_initializer is not None:
         beta_initializer = keras.initializers.get(beta_initializer)
+    if isinstance(selection, str) and selection == "ride":
+        # RIDE groups its BN by expert, one scale each: see `nbn_keras.ride`.
+        if stages is not None or scale_sharing != "model" or preserve_outputs:
+            raise ValueError(
+                "selection='ride' takes only `separate_scales`: it converts "
+                "every BN of each expert's last stage, one scale per expert."
+            )
+        from nbn_keras import ride
+
+        return ride.convert_ride_to_nbn(model, separate_scales=separate_scales)
     model = _as_functional(model)
     selected_ids = {id(layer) for layer in select_bn_layers(model, selection, stages)}
     shared = scale_sharing == "model"

@@ -35,6 +35,8 @@ from nbn_keras import losses
 from nbn_keras import metrics
 from nbn_keras import plots
 from nbn_keras import report
+from nbn_keras import ride
+from nbn_keras import ride_loss
 from nbn_keras import run_files
 from nbn_keras import schedules
 from nbn_keras.backbones import build_classifier
@@ -195,13 +197,19 @@ def epoch_steps(config, data):
 
 def build_model(config, data):
     """The classifier of `config`, converted to NBN when asked."""
+    ride_options = None
+    if config.backbone in ride.ARCHITECTURES:
+        ride_options = dict(
+            num_experts=config.ride_experts, reduce_dimension=config.ride_reduce_dimension,
+            share_layer3=config.ride_share_layer3, head=config.ride_head)
     model = build_classifier(
         config.backbone, data.num_classes, data.image_shape, mean=data.mean,
-        std=data.std, synchronized_bn=config.synchronized_bn, name=config.backbone)
+        std=data.std, synchronized_bn=config.synchronized_bn, name=config.backbone,
+        ride_options=ride_options)
     if not config.nbn:
         return model
     selection = config.nbn_selection
-    if selection not in ("paper", "all"):
+    if selection not in ("paper", "all", "ride"):
         selection = [name.strip() for name in selection.split(",")]
     return convert_to_nbn(
         model, selection, stages=list(config.nbn_stages) or None,
@@ -214,7 +222,10 @@ def build_optimizer(config, steps_per_epoch):
     """SGD with the run's schedule and weight decay."""
     lr = config.learning_rate or schedules.scaled_learning_rate(
         config.base_lr, config.global_batch_size)
-    if config.schedule == "cosine":
+    if config.schedule == "cosine_annealing":
+        schedule = schedules.EpochCosineAnnealing(
+            lr, steps_per_epoch, config.cosine_t_max or config.epochs)
+    elif config.schedule == "cosine":
         schedule = schedules.WarmupCosineDecay(
             lr, total_steps=config.epochs * steps_per_epoch,
             warmup_steps=config.warmup_epochs * steps_per_epoch)
@@ -242,6 +253,9 @@ def build_loss(config, class_counts):
         # The head is a plain linear layer, so margins are subtracted from
         # unscaled logits, as in the reference code (not s * logits).
         options.update(drw_start_epoch=config.drw_epoch, scale_logits=False)
+    elif config.loss == "ride":
+        options.update(reweight_epoch=config.ride_reweight_epoch,
+                       diversity_factor=config.ride_diversity_factor)
     return losses.build_loss(config.loss, class_counts, **options)
 
 
@@ -278,6 +292,8 @@ def train(config, data, strategy, run_dir):
             os.path.join(run_dir, nbn_callbacks.DYNAMICS_FILENAME)))
     if config.loss == "ldam_drw":
         callbacks.append(losses.DeferredReweighting())
+    if config.loss == "ride":
+        callbacks.append(ride_loss.RIDEEpochHook())
     try:
         model.fit(train_ds, epochs=config.epochs, steps_per_epoch=steps,
                   initial_epoch=initial_epoch, shuffle=False, callbacks=callbacks,

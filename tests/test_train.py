@@ -72,6 +72,11 @@ def write_jpeg_list_files(root, num_classes=3, per_class=2):
 
 def data_overrides(config, tmp_path):
     name = os.path.basename(config)
+    if name.startswith("imagenet_lt_ride"):
+        # float32: from the initial loss scale, float16 skips more than
+        # FLOAT16_STEPS steps of this 3-expert model, each of them slow.
+        return write_jpeg_list_files(str(tmp_path / "images")) + [
+            "--global_batch_size=2", "--mixed_precision=none"]
     if name.startswith("imagenet_lt"):
         return write_jpeg_list_files(str(tmp_path / "images")) + [
             "--global_batch_size=2"]
@@ -112,7 +117,9 @@ def test_every_config_trains_and_reports(config, tmp_path):
     assert (run_dir / "class_counts.json").exists()
     # One metric vocabulary; the NBN scale is logged with the metrics.
     header = (run_dir / "history.csv").read_text().splitlines()[0].split(",")
-    assert ("nbn_scale/nbn_scale/alpha" in header) == name.endswith("_nbn.cfg")
+    # (RIDE models have one scale per expert: nbn_scale_expert{e}.)
+    assert any(column.startswith("nbn_scale/nbn_scale") and column.endswith("/alpha")
+               for column in header) == name.endswith("_nbn.cfg")
     assert {"top1", "many", "medium", "few", "val_top1", "val_few"} <= set(header)
     assert list((run_dir / "tensorboard" / "train").glob("events.out.tfevents.*"))
 
