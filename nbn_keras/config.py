@@ -87,6 +87,11 @@ class TrainConfig:
                                       "validation list).", "string")
     on_bad_image: str = _field("error", "List-file images that are missing or undecodable: "
                                "fail, or skip and count them.", "enum", ("error", "skip"))
+    num_classes: Optional[int] = _field(
+        None, "Classes of a list-file data set; labels must be in [0, num_classes) "
+        "(default: inferred from the training list and enforced on the others).", "int")
+    allow_outside_image_root: bool = _field(
+        False, "Accept list-file paths that resolve outside --image_root.", "bool")
     sampler: str = _field("instance", "Training sampler.", "enum", SAMPLERS)
     many_threshold: int = _field(100, "Classes with more training images than this are "
                                  "'many'.", "int")
@@ -173,6 +178,9 @@ class TrainConfig:
     model_name: Optional[str] = _field(None, "Name of the served model (default: the run "
                                        "directory's name).", "string")
     export: bool = _field(True, "Export a SavedModel for TF Serving at the end.", "bool")
+    max_image_pixels: int = _field(
+        4096 * 4096, "Largest height * width the export's `serve_image_bytes` decodes "
+        "(read from the image header; larger images are refused).", "int")
     verbose: int = _field(1, "Keras progress output: 0, 1 (bar) or 2.", "int",
                           resume_may_change=True)
     pictures: bool = _field(True, "Write pictures of the trained model (BN magnitudes, "
@@ -272,8 +280,9 @@ def validate(config):
         numbers = value if isinstance(value, tuple) else (value,)
         if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
             problems.append(f"--{field.name}={value} is not a finite number.")
-    positive = ("n_max", "image_size", "epochs", "global_batch_size", "base_lr",
-                "learning_rate", "steps_per_epoch", "ride_experts", "cosine_t_max")
+    positive = ("n_max", "image_size", "num_classes", "max_image_pixels", "epochs",
+                "global_batch_size", "base_lr", "learning_rate", "steps_per_epoch",
+                "ride_experts", "cosine_t_max")
     for name in positive:
         value = getattr(config, name)
         if value is not None and not value > 0:

@@ -177,7 +177,8 @@ def load_data(config):
     if data_lib.uses_list_files(config.data):
         options = dict(train_list=config.train_list, val_list=config.val_list,
                        test_list=config.test_list, image_root=config.image_root,
-                       on_bad_image=config.on_bad_image)
+                       on_bad_image=config.on_bad_image, num_classes=config.num_classes,
+                       allow_outside_image_root=config.allow_outside_image_root)
     else:
         options = dict(imbalance_factor=config.imbalance_factor,
                        profile=config.imbalance_profile, seed=config.data_seed)
@@ -346,7 +347,8 @@ def export(config, run_dir, state):
     """The `export` phase: the folded model as a new TF Serving version."""
     model = keras.models.load_model(os.path.join(run_dir, "model.keras"), compile=False)
     path = export_for_serving(model, base_dir=config.export_dir,
-                              model_name=config.served_model_name, run_id=state["run_id"])
+                              model_name=config.served_model_name, run_id=state["run_id"],
+                              max_image_pixels=config.max_image_pixels)
     print(f"Exported for TF Serving to {path}")
     return path
 

@@ -163,6 +163,14 @@ def test_bad_flags_fail_before_any_work(tmp_path, argv, message):
     assert not (tmp_path / "run").exists()
 
 
+def test_list_file_flags_reach_the_loader(tmp_path):
+    lists = write_jpeg_list_files(str(tmp_path / "images"))  # labels 0, 1, 2
+    result = run_command(f"--run_dir={tmp_path}/run", "--data=imagenet_lt", *lists,
+                         "--num_classes=2", "--global_batch_size=2", "--verbose=0")
+    assert result.returncode == 1
+    assert "list.txt, line 5: label 2 is not in [0, 2) (num_classes=2)" in result.stderr
+
+
 def test_bad_flagfile_fails_cleanly(tmp_path):
     flagfile = tmp_path / "bad.cfg"
     flagfile.write_text("--data=digits_lt\n--epochs=ten\n")
