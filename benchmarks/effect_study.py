@@ -1,349 +1,603 @@
-"""Does NBN help the tail? NBN against plain BN on small long-tailed sets.
+"""Does NBN help the tail? NBN against plain BN where NBN's directions can learn.
 
-For every data set, imbalance factor and seed, two models are trained with
-`nbn_keras.train.run`, in this process, from the same config file: the
-digits config (`configs/digits_lt_bn.cfg` / `digits_lt_nbn.cfg`, identical
-but for `--nbn`) with only these overrides, the same for both variants:
+Every run is the training command in a subprocess,
 
-    --imbalance_factor=IF --seed=S --data_seed=S --run_dir=... --noexport
-    --nopictures --verbose=0 [--data=synthetic_lt] [--epochs=E]
+    python -m nbn_keras.train --flagfile=configs/effect_study.cfg \
+        --run_dir=<work_dir>/<run> --seed=S --data_seed=S \
+        --imbalance_factor=IF [--data=synthetic_lt] --nbn|--nonbn [ablation]
 
-So the recipe is the digits one (CIFAR ResNet-32, 30 epochs, batch 64, SGD
-lr 0.05 with 2 warmup epochs and drops at 24 and 27, coupled weight decay
-5e-4, instance sampling, cross-entropy, best epoch chosen on the balanced
-validation split) and each seed changes the initialisation, the sampling
-and augmentation order, and the long-tailed subset together. The many /
-few thresholds of the config (more than 60, fewer than 20 training
-images) are kept at every imbalance factor; the table gives how many classes
-fall in each group.
+so the seed draws the long-tailed subset, the initial weights and the
+sampling order, and the BN and NBN runs of a seed share all three (the
+study checks that their convolution kernels start equal). The recipe
+(`configs/effect_study.cfg`: CIFAR ResNet-8 on 16x16 images, batch 32, 400
+SGD steps at lr 0.8 with a one-epoch warmup and drops to 0.1x and 0.01x for
+the last two of 8 epochs, coupled weight decay 5e-4, momentum 0.9) is
+chosen so that weight decay alone would shrink a weight by
+exp(-5e-4 * sum(lr) / 0.1) = 0.32 over a run; the study measures what the
+raw gamma/beta norms and directions actually do.
 
-Besides test accuracy, every trained model's last BN layer of the last stage
-is examined, with NBN folded into its effective gamma and beta: the spread of
-the channel magnitudes |gamma_eff| (coefficient of variation, CV) and a
-direct check of the paper's motivating observation: the mean |gamma_eff| of
-channels whose largest classifier weight goes to a few-shot class, over that
-of channels that go to a many-shot class ("few/many strength").
+Cells: digits-LT at imbalance factors 10, 50, 100 and the synthetic set at
+100, BN and NBN (the paper's selection and shared alpha), seeds 0-4. On
+digits-LT IF 100 the ablations run with seeds 0-2: a small random start of
+beta, separate gamma/beta scales, two stages, and two stages with one
+alpha per layer (ResNet-8's last stage has a single NBN layer, so per-layer
+alpha differs from the shared one only with more stages).
 
-Runs go seed by seed (all settings of seed 0, then seed 1, ...), and a new
-seed is started only if the budget allows it, so every cell of the table has
-the same seeds. A run directory that holds a finished run with the same
-training flags (`flags.cfg`, `test_metrics.json`, `model.keras`) is not
-trained again, so a study stopped by its budget continues where it stopped
-when run again with more seeds.
+Resumable: a run directory with a finished run of the same command line is
+reused; an unfinished one resumes (the training command's backup). Rerun
+the same command after an interruption.
+
+Time: a run is about 60 CPU-seconds (2 runs at a time, 1 TF thread each).
+On the project's shared 2-core machine, at a load of 5 to 10 from other
+work, a run took 106-477 s wall and the first 35 of the 52 runs 94 minutes;
+the full study needs about 2.5 hours there, less on an idle machine.
+`--tiny` (the smoke test) trains 2 runs of 8 steps.
 
 Run (from the repository root):
 
-    python benchmarks/effect_study.py
-    python benchmarks/effect_study.py --seeds 0 1 --budget_minutes 20
+    python benchmarks/effect_study.py              # the full study
+    python benchmarks/effect_study.py --tiny --work_dir /tmp/s --out_dir /tmp/o
 
-Writes `effect_study.md` and `effect_study.json` and the comparison pictures
-to `--out_dir` (default `docs/figures`); run directories go to `--work_dir`.
+Writes `effect_study.md`, `effect_study.json` and the figures to
+`--out_dir` (default `docs/figures`).
 """
 
 import argparse
-import contextlib
+import concurrent.futures
 import json
+import math
 import os
+import shutil
+import subprocess
 import sys
 import time
 
 import common  # noqa: F401  (quiet TensorFlow start-up)
+import effect_stats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = {variant: os.path.join(REPO, "configs", f"digits_lt_{variant}.cfg")
-           for variant in ("bn", "nbn")}
-VARIANTS = ("bn", "nbn")
-LABELS = {"bn": "BN", "nbn": "NBN"}
+RECIPE = os.path.join(REPO, "configs", "effect_study.cfg")
 GROUPS = ("many", "medium", "few")
+METRICS = ("top1",) + GROUPS
+ARMS = {"bn": ["--nonbn"], "nbn": ["--nbn"]}
+ABLATIONS = {
+    "nbn_beta_random": ["--nbn", "--nbn_beta_init_std=0.1"],
+    "nbn_separate_scales": ["--nbn", "--nbn_separate_scales"],
+    "nbn_two_stages": ["--nbn", "--nbn_stages=1,2"],
+    "nbn_two_stages_layer_alpha": ["--nbn", "--nbn_stages=1,2",
+                                   "--nbn_scale_sharing=layer"],
+}
+LABELS = {
+    "bn": "BN", "nbn": "NBN (paper)",
+    "nbn_beta_random": "NBN, beta ~ N(0, 0.1²) start",
+    "nbn_separate_scales": "NBN, separate gamma/beta scales",
+    "nbn_two_stages": "NBN, last two stages",
+    "nbn_two_stages_layer_alpha": "NBN, last two stages, alpha per layer",
+}
+TINY_FLAGS = ["--epochs=2", "--steps_per_epoch=4", "--warmup_epochs=1",
+              "--lr_drop_epochs=1,2"]
+# Runs trained before `overall` was renamed `top1` (the committed study's runs).
+_OLD_NAMES = {"top1": "overall"}
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--imbalance_factors", type=float, nargs="+", default=[10, 50, 100])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--imbalance_factors", type=float, nargs="*", default=[10, 50, 100])
     parser.add_argument("--synthetic_imbalance_factors", type=float, nargs="*",
                         default=[100])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="Override the config's epochs (and LR drops scale "
-                             "with them); default: the config's 30.")
-    parser.add_argument("--budget_minutes", type=float, default=35.0,
-                        help="Start another seed only if it is expected to "
-                             "finish within this wall time.")
+    parser.add_argument("--ablation_seeds", type=int, nargs="*", default=[0, 1, 2])
+    parser.add_argument("--ablation_imbalance_factor", type=float, default=100)
+    parser.add_argument("--ablations", nargs="*", default=list(ABLATIONS),
+                        choices=list(ABLATIONS))
+    parser.add_argument("--workers", type=int, default=2,
+                        help="Training subprocesses at a time.")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="TensorFlow intra- and inter-op threads per run.")
+    parser.add_argument("--extra_flags", nargs="*", default=[],
+                        help="Training flags appended to every run.")
+    parser.add_argument("--tiny", action="store_true",
+                        help="Smoke test: digits IF 100, seed 0, BN and NBN, "
+                             "8 steps, no ablations.")
     parser.add_argument("--work_dir", default=os.path.join(REPO, "runs", "effect_study"))
     parser.add_argument("--out_dir", default=os.path.join(REPO, "docs", "figures"))
-    parser.add_argument("--picture_seed", type=int, default=None,
-                        help="Seed whose models the BN-magnitude and Grad-CAM "
-                             "pictures show (default: the first).")
-    return parser.parse_args()
+    parser.add_argument("--no_pictures", action="store_true",
+                        help="Tables only (no figures).")
+    parser.add_argument("--report_only", action="store_true",
+                        help="Train nothing: tabulate the finished runs in "
+                             "--work_dir (e.g. of a study stopped early).")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.seeds, args.imbalance_factors = [0], [100]
+        args.synthetic_imbalance_factors, args.ablation_seeds = [], []
+        args.extra_flags = TINY_FLAGS + args.extra_flags
+    return args
 
 
-def settings(args):
+# --- Runs --------------------------------------------------------------------
+
+
+def cells(args):
     return ([("digits_lt", f) for f in args.imbalance_factors]
             + [("synthetic_lt", f) for f in args.synthetic_imbalance_factors])
 
 
-def run_name(data, imbalance_factor, variant, seed):
-    return f"{data}_if{imbalance_factor:g}_{variant}_seed{seed}"
+def jobs(args):
+    """`(data, imbalance_factor, arm, seed)` in the order they are trained.
+
+    A study stopped early should hold the most telling runs: the main cells
+    for the first three seeds, then the first ablation (the start of beta),
+    the remaining seeds, and the other ablations.
+    """
+    def main(seeds):
+        return [(data, factor, arm, seed) for seed in seeds
+                for data, factor in cells(args) for arm in ARMS]
+
+    def ablation(arms):
+        return [("digits_lt", args.ablation_imbalance_factor, arm, seed)
+                for seed in args.ablation_seeds for arm in ["bn", "nbn"] + arms]
+
+    order = (main(args.seeds[:3]) + ablation(args.ablations[:1])
+             + main(args.seeds[3:]) + ablation(args.ablations[1:]))
+    return list(dict.fromkeys(order))
 
 
-def train_one(args, data, imbalance_factor, variant, seed):
-    """Trains one model with `nbn_keras.train.run`.
+def run_name(data, imbalance_factor, arm, seed):
+    return f"{data}_if{imbalance_factor:g}_{arm}_seed{seed}"
+
+
+def command(args, data, imbalance_factor, arm, seed, run_dir):
+    flags = ARMS.get(arm) or ABLATIONS[arm]
+    return [sys.executable, "-m", "nbn_keras.train", f"--flagfile={RECIPE}",
+            f"--data={data}", f"--imbalance_factor={imbalance_factor:g}",
+            f"--seed={seed}", f"--data_seed={seed}", f"--run_dir={run_dir}",
+            *flags, *args.extra_flags]
+
+
+def train(args, job):
+    """Trains one run unless a finished one with the same command exists.
 
     Returns:
-        `(figures, run_dir, reused)`.
+        `(run_dir, seconds)`, seconds `None` for a reused run.
     """
-    import keras
-    from absl import flags
-    from nbn_keras import train
-
-    run_dir = os.path.join(args.work_dir, run_name(data, imbalance_factor, variant, seed))
-    argv = [f"--flagfile={CONFIGS[variant]}", f"--data={data}",
-            f"--imbalance_factor={imbalance_factor:g}", f"--seed={seed}",
-            f"--data_seed={seed}", f"--run_dir={run_dir}", "--noexport",
-            "--nopictures", "--verbose=0"]
-    if args.epochs:
-        argv += _scaled_schedule(args.epochs)
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(["train", *argv])
-    finished = _finished_run(run_dir, [
-        f.serialize() for f in flags.FLAGS.get_flags_for_module(train)])
-    if finished is not None:
-        return finished, run_dir, True
-    keras.backend.clear_session()
+    run_dir = os.path.join(args.work_dir, run_name(*job))
+    cmd = command(args, *job, run_dir)
+    marker = os.path.join(run_dir, "study_command.json")
+    recorded = None
+    if os.path.exists(marker):
+        with open(marker) as f:
+            recorded = json.load(f)["command"][1:]
+    if recorded is not None and recorded != cmd[1:]:
+        # Another recipe's run: keep it aside rather than mixing the two.
+        stale = os.path.join(args.work_dir, "stale", f"{run_name(*job)}-{int(time.time())}")
+        os.makedirs(os.path.dirname(stale), exist_ok=True)
+        shutil.move(run_dir, stale)
+        recorded = None
+    if recorded is not None and os.path.exists(os.path.join(run_dir, "test_metrics.json")):
+        return run_dir, None
     os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "train.log"), "w") as log, \
-            contextlib.redirect_stdout(log):
-        figures = train.run(run_dir)
-    return figures, run_dir, False
+    with open(marker, "w") as f:
+        json.dump({"command": cmd}, f)
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2",
+               TF_NUM_INTRAOP_THREADS=str(args.threads),
+               TF_NUM_INTEROP_THREADS=str(args.threads), CUDA_VISIBLE_DEVICES="")
+    start = time.time()
+    with open(os.path.join(run_dir, "train.log"), "a") as log:
+        result = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode:
+        raise RuntimeError(f"{run_name(*job)} failed (exit {result.returncode}); see "
+                           f"{os.path.join(run_dir, 'train.log')}.")
+    end = time.time()
+    seconds = end - start
+    with open(os.path.join(run_dir, "study_timing.json"), "w") as f:
+        json.dump({"seconds": seconds, "start": start, "end": end}, f)
+    return run_dir, seconds
 
 
-def _finished_run(run_dir, flag_lines):
-    """The figures of a finished run with all of `flag_lines`, else `None`."""
-    paths = [os.path.join(run_dir, name)
-             for name in ("flags.cfg", "test_metrics.json", "model.keras")]
-    if not all(os.path.exists(p) for p in paths):
-        return None
-    with open(paths[0]) as f:
-        if not set(flag_lines) - {""} <= set(f.read().splitlines()):
-            return None
-    with open(paths[1]) as f:
-        return json.load(f)
+def finished_runs(args):
+    """`{job: (run_dir, True)}` for the jobs whose run finished with this command."""
+    done = {}
+    for job in jobs(args):
+        run_dir = os.path.join(args.work_dir, run_name(*job))
+        marker = os.path.join(run_dir, "study_command.json")
+        if not (os.path.exists(marker)
+                and os.path.exists(os.path.join(run_dir, "test_metrics.json"))):
+            continue
+        with open(marker) as f:
+            if json.load(f)["command"][1:] == command(args, *job, run_dir)[1:]:
+                done[job] = (run_dir, True)
+    return done
 
 
-def _scaled_schedule(epochs, config_epochs=30, drops=(24, 27)):
-    scaled = []
-    for drop in drops:  # Boundaries must increase strictly.
-        scaled.append(max(round(drop * epochs / config_epochs), scaled[-1] + 1 if scaled else 1))
-    return [f"--epochs={epochs}", f"--lr_drop_epochs={','.join(map(str, scaled))}"]
+def train_all(args):
+    """Trains every job, `args.workers` at a time.
+
+    Returns:
+        `{job: (run_dir, reused)}`.
+    """
+    todo = jobs(args)
+    done = {}
+    with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
+        futures = {pool.submit(train, args, job): job for job in todo}
+        for future in concurrent.futures.as_completed(futures):
+            job = futures[future]
+            try:
+                run_dir, seconds = future.result()
+            except RuntimeError as error:  # One failed run does not stop the rest.
+                print(f"FAILED {error}", file=sys.stderr, flush=True)
+                continue
+            done[job] = (run_dir, seconds is None)
+            state = "reused" if seconds is None else f"{seconds:.0f} s"
+            print(f"[{len(done)}/{len(todo)}] {run_name(*job)}: {state}",
+                  file=sys.stderr, flush=True)
+    return done
 
 
-def channel_analysis(model, class_counts, many_threshold, few_threshold):
-    """Spread and head/tail balance of the last BN layer's |gamma_eff|.
+# --- Reading runs ------------------------------------------------------------
 
-    Each channel of the last BN layer feeds (through the residual sum, ReLU
-    and pooling) the same channel of the pooled features; the class with the
-    largest classifier weight on that channel is its preferred class.
+
+def read_figures(run_dir):
+    with open(os.path.join(run_dir, "test_metrics.json")) as f:
+        raw = json.load(f)
+    figures = dict(raw)
+    for new, old in _OLD_NAMES.items():
+        if new not in figures and old in figures:
+            figures[new] = figures[old]
+    return figures
+
+
+def lr_sum_and_shrink(run_dir):
+    """Sum of the learning rate over the run's steps and the decay formula.
+
+    Returns:
+        `(sum_lr, predicted)`: `predicted = exp(-wd * sum_lr / (1 - momentum))`,
+        the factor coupled weight decay alone shrinks a weight by.
     """
     import numpy as np
-    from nbn_keras import plots
-    from nbn_keras.metrics import class_groups
 
+    from nbn_keras import schedules
+
+    values = {}
+    with open(os.path.join(run_dir, "flags.cfg")) as f:
+        for line in f:
+            if line.startswith("--") and "=" in line:
+                key, value = line[2:].strip().split("=", 1)
+                values[key] = value
+    steps_per_epoch, epochs = int(values["steps_per_epoch"]), int(values["epochs"])
+    lr = float(values["learning_rate"])
+    schedule = schedules.WarmupStepDecay(
+        lr, steps_per_epoch, warmup_epochs=int(values["warmup_epochs"]),
+        boundaries=[int(e) for e in values["lr_drop_epochs"].split(",")],
+        factors=[float(x) for x in values["lr_drop_factors"].split(",")])
+    total = float(np.sum(np.asarray(schedule(np.arange(steps_per_epoch * epochs)))))
+    decay, momentum = float(values["weight_decay"]), float(values["momentum"])
+    return total, math.exp(-decay * total / (1.0 - momentum))
+
+
+# The paper's schedules (configs/*_nbn.cfg): training images, global batch,
+# learning rate, epochs, schedule, warmup epochs, drop epochs and factors.
+PAPER_SCHEDULES = {
+    "ImageNet-LT (ResNet-50, 90 epochs)": (115846, 512, 0.2, 90, "cosine", 0, (), ()),
+    "CIFAR-100-LT IF 100 (200 epochs)": (10847, 128, 0.1, 200, "warmup_steps", 5,
+                                         (160, 180), (0.01, 0.001)),
+    "CIFAR-10-LT IF 100 (200 epochs)": (12406, 128, 0.1, 200, "warmup_steps", 5,
+                                        (160, 180), (0.01, 0.001)),
+}
+
+
+def paper_shrinks(weight_decay=5e-4, momentum=0.9):
+    """`{name: (steps, sum_lr, predicted shrink)}` of the paper's schedules."""
+    import numpy as np
+
+    from nbn_keras import schedules
+
+    out = {}
+    for name, (images, batch, lr, epochs, kind, warmup, drops, factors) in \
+            PAPER_SCHEDULES.items():
+        steps_per_epoch = -(-images // batch)
+        total = steps_per_epoch * epochs
+        if kind == "cosine":
+            schedule = schedules.WarmupCosineDecay(lr, total_steps=total,
+                                                   warmup_steps=warmup * steps_per_epoch)
+        else:
+            schedule = schedules.WarmupStepDecay(lr, steps_per_epoch, warmup_epochs=warmup,
+                                                 boundaries=drops, factors=factors)
+        sum_lr = float(np.sum(np.asarray(schedule(np.arange(total)))))
+        out[name] = (total, sum_lr, math.exp(-weight_decay * sum_lr / (1 - momentum)))
+    return out
+
+
+def read_run(job, run_dir, reused=False):
+    """One run's record: test figures, mechanics and the served-class check."""
+    import keras
+    import numpy as np
+
+    import nbn_keras  # noqa: F401  (registers the NBN layers for loading)
+    from nbn_keras import plots
+    from nbn_keras.callbacks import scale_variables
+
+    data, imbalance_factor, arm, seed = job
+    figures = read_figures(run_dir)
+    with open(os.path.join(run_dir, "nbn_dynamics.json")) as f:
+        dynamics = json.load(f)
+    model = keras.models.load_model(os.path.join(run_dir, "model.keras"), compile=False)
     parameters = plots.effective_bn_parameters(model)
-    name = list(parameters)[-1]
-    gamma, beta = parameters[name]
-    kernel = np.asarray(model.get_layer("logits").kernel)
-    if kernel.shape[0] != len(gamma):
-        raise ValueError(f"{name} has {len(gamma)} channels but the head "
-                         f"{kernel.shape[0]} inputs.")
-    preferred = kernel.argmax(axis=1)
-    groups = class_groups(class_counts, many_threshold, few_threshold)
-    magnitude = np.abs(gamma)
-    strength = {}
-    for group, mask in groups.items():
-        channels = mask[preferred]
-        strength[group] = (float(magnitude[channels].mean() / magnitude.mean())
-                           if channels.any() else float("nan"))
-        strength[f"{group}_channels"] = int(channels.sum())
-    gamma_summary = plots.magnitude_summary(gamma)
+    last_bn = list(parameters)[-1]
+    gamma, beta = parameters[last_bn]
+    served = effect_stats.served_class_strength(
+        gamma, beta, model.get_layer("logits").kernel, figures["class_counts"])
+    timing_path = os.path.join(run_dir, "study_timing.json")
+    timing = {}
+    if os.path.exists(timing_path):
+        with open(timing_path) as f:
+            timing = json.load(f)
+        if "end" not in timing:  # Written without timestamps: the file's time.
+            timing["end"] = os.path.getmtime(timing_path)
+            timing["start"] = timing["end"] - timing["seconds"]
     return {
-        "layer": name,
-        "gamma": gamma_summary,
-        "beta": plots.magnitude_summary(beta),
-        "relative_strength": strength,
-        "few_over_many": strength["few"] / strength["many"],
+        "data": data, "imbalance_factor": imbalance_factor, "arm": arm, "seed": seed,
+        "run_dir": os.path.relpath(run_dir, REPO),
+        "figures": {k: figures[k] for k in METRICS + ("balanced", "per_class",
+                                                        "class_counts",
+                                                        "classes_per_group")},
+        "steps_trained": figures.get("steps_trained"),
+        "conv_kernel_fingerprint": dynamics["conv_kernel_fingerprint"],
+        "tracked_layers": dynamics["layers"],
+        "mechanics": effect_stats.dynamics_summary(dynamics),
+        "trajectory": [{"step": e["step"], "scales": e["scales"],
+                        "layers": e["layers"]} for e in dynamics["epochs"]],
+        "scales_selected_model": {p: float(np.asarray(v))
+                                  for p, v in scale_variables(model).items()},
+        "served": served | {"layer": last_bn},
+        "seconds": timing.get("seconds"),
+        "start": timing.get("start"),
+        "end": timing.get("end"),
+        "reused": reused,
     }
 
 
-def mean_std(values):
+# --- Tables ------------------------------------------------------------------
+
+
+def by_cell(records, data, imbalance_factor, arm):
+    return {r["seed"]: r for r in records if r["data"] == data
+            and r["imbalance_factor"] == imbalance_factor and r["arm"] == arm}
+
+
+def paired(records, data, imbalance_factor, arm, reference, key):
+    """`paired_interval` of `key(record)` for `arm - reference` over shared seeds."""
+    a = by_cell(records, data, imbalance_factor, arm)
+    b = by_cell(records, data, imbalance_factor, reference)
+    seeds = sorted(set(a) & set(b))
+    return effect_stats.paired_interval([key(a[s]) for s in seeds],
+                                        [key(b[s]) for s in seeds]) | {"seeds": seeds}
+
+
+def metric(name):
+    return lambda record: record["figures"][name]
+
+
+def mean_sd(values):
     import numpy as np
 
-    values = np.asarray([v for v in values if v == v], dtype=float)
+    values = np.asarray([v for v in values if v is not None and not math.isnan(v)])
     if not len(values):
-        return float("nan"), float("nan")
-    return float(values.mean()), float(values.std())
-
-
-def fmt(values, digits=1):
-    mean, std = mean_std(values)
-    if mean != mean:
         return "n/a"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    sd = values.std(ddof=1) if len(values) > 1 else float("nan")
+    return f"{values.mean():.1f} ± {sd:.1f}"
 
 
-def summarise(records, seeds):
-    """Markdown tables of the study from its per-run records."""
-    keys = sorted({(r["data"], r["imbalance_factor"]) for r in records},
-                  key=lambda k: (k[0] != "digits_lt", k[0], k[1]))
-    lines = [
-        f"Test accuracy (%), mean ± std over seeds {seeds} (population std).",
-        "",
-        "| data | IF | classes many/med/few | train counts | variant "
-        "| overall | many | medium | few |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    deltas = ["", "Paired difference NBN − BN (same seed, same subset), points:", "",
-              "| data | IF | overall | many | medium | few | NBN better on few (seeds) |",
-              "|---|---|---|---|---|---|---|"]
-    channels = ["", "Last BN of the last stage, effective gamma (NBN folded): "
-                "CV of |gamma_eff| over channels, mean |gamma_eff|, and the "
-                "few/many strength ratio (mean |gamma_eff| of channels whose "
-                "top classifier weight goes to a few-shot class over those "
-                "going to a many-shot class; 1 = even):", "",
-                "| data | IF | variant | CV | mean abs gamma_eff | few/many strength | NBN alpha |",
-                "|---|---|---|---|---|---|---|"]
-    for data, imbalance_factor in keys:
-        runs = {v: sorted((r for r in records if r["data"] == data
-                           and r["imbalance_factor"] == imbalance_factor
-                           and r["variant"] == v), key=lambda r: r["seed"])
-                for v in VARIANTS}
-        first = runs["bn"][0]["figures"]
-        groups = first["classes_per_group"]
-        group_text = "/".join(str(groups[g]) for g in GROUPS)
-        counts = ",".join(str(c) for c in sorted(first["class_counts"], reverse=True))
-        for variant in VARIANTS:
-            figs = [r["figures"] for r in runs[variant]]
-            cells = [fmt([f[k] for f in figs]) for k in ("overall",) + GROUPS]
-            lines.append(f"| {data} | {imbalance_factor:g} | {group_text} | {counts} | "
-                         f"{LABELS[variant]} | " + " | ".join(cells) + " |")
-            stats = [r["channels"] for r in runs[variant]]
-            alphas = [r.get("alpha") for r in runs[variant] if r.get("alpha") is not None]
-            channels.append(
-                f"| {data} | {imbalance_factor:g} | {LABELS[variant]} | "
-                f"{fmt([s['gamma']['cv'] for s in stats], 2)} | "
-                f"{fmt([s['gamma']['mean'] for s in stats], 3)} | "
-                f"{fmt([s['few_over_many'] for s in stats], 2)} | "
-                f"{fmt(alphas, 2) if alphas else '–'} |")
-        pairs = list(zip(runs["bn"], runs["nbn"]))
-        diff = {k: [n["figures"][k] - b["figures"][k] for b, n in pairs]
-                for k in ("overall",) + GROUPS}
-        better = sum(d > 0 for d in diff["few"])
-        deltas.append(f"| {data} | {imbalance_factor:g} | "
-                      + " | ".join(fmt(diff[k]) for k in ("overall",) + GROUPS)
-                      + f" | {better}/{len(pairs)} |")
-    return "\n".join(lines + deltas + channels)
-
-
-def write_pictures(args, records, out_dir):
-    """Comparison pictures of BN against NBN into `out_dir`."""
-    import keras
-    from nbn_keras import data as data_lib
-    from nbn_keras import plots
-
-    paths = []
-    seed = args.picture_seed if args.picture_seed is not None else args.seeds[0]
-    for data, imbalance_factor in sorted({(r["data"], r["imbalance_factor"])
-                                          for r in records}):
-        tag = f"{data.removesuffix('_lt')}_if{imbalance_factor:g}"
-        runs = [r for r in records if r["data"] == data
-                and r["imbalance_factor"] == imbalance_factor]
-        paths.append(plots.plot_per_class_accuracy(
-            {LABELS[v]: [r["figures"] for r in runs if r["variant"] == v]
-             for v in VARIANTS},
-            os.path.join(out_dir, f"per_class_accuracy_{tag}.png")))
-        if data != "digits_lt" or imbalance_factor != max(args.imbalance_factors):
-            continue
-        models = {LABELS[r["variant"]]: keras.models.load_model(
-                      os.path.join(r["run_dir"], "model.keras"), compile=False)
-                  for r in runs if r["seed"] == seed}
-        paths.append(plots.plot_bn_magnitudes(
-            models, os.path.join(out_dir, f"bn_magnitudes_{tag}.png")))
-        loaded = data_lib.load(data, imbalance_factor=imbalance_factor, seed=seed)
-        images, labels = plots.tail_test_examples(loaded, num_images=4)
-        paths.append(plots.plot_gradcam(
-            models, images, labels, os.path.join(out_dir, f"gradcam_{tag}.png"),
-            class_counts=loaded.class_counts, class_names=loaded.class_names))
-    return paths
-
-
-def main():
-    args = parse_args()
-    from absl import flags
-    from absl import logging
-
-    import keras
+def median_range(values, digits=2, scientific=False):
     import numpy as np
-    from nbn_keras.callbacks import scale_variables
 
-    import tensorflow as tf
+    values = np.asarray([v for v in values if v is not None and not math.isnan(v)])
+    if not len(values):
+        return "n/a"
+    spec = f".{digits}e" if scientific else f".{digits}f"
+    return (f"{np.median(values):{spec}} ({values.min():{spec}}–{values.max():{spec}})")
 
-    logging.set_verbosity(logging.WARNING)
-    tf.get_logger().setLevel("ERROR")  # Retracing notes of repeated runs.
-    os.makedirs(args.out_dir, exist_ok=True)
-    budget = 60.0 * args.budget_minutes
+
+def statistics(args, records):
+    """Every table's numbers, as a JSON-able dict."""
+    out = {"cells": [], "ablations": []}
+    for data, factor in cells(args):
+        bn = by_cell(records, data, factor, "bn")
+        nbn = by_cell(records, data, factor, "nbn")
+        if not bn or not nbn:
+            continue
+        cell = {"data": data, "imbalance_factor": factor,
+                "seeds": sorted(set(bn) & set(nbn)),
+                "classes_per_group": next(iter(bn.values()))["figures"]["classes_per_group"],
+                "paired_nbn_minus_bn": {m: paired(records, data, factor, "nbn", "bn",
+                                                  metric(m)) for m in METRICS},
+                "same_initial_convs": sum(
+                    bn[s]["conv_kernel_fingerprint"] == nbn[s]["conv_kernel_fingerprint"]
+                    for s in set(bn) & set(nbn))}
+        out["cells"].append(cell)
+    for arm in args.ablations:
+        factor = args.ablation_imbalance_factor
+        if not by_cell(records, "digits_lt", factor, arm):
+            continue
+        out["ablations"].append({
+            "arm": arm, "data": "digits_lt", "imbalance_factor": factor,
+            "minus_nbn": {m: paired(records, "digits_lt", factor, arm, "nbn", metric(m))
+                          for m in METRICS},
+            "minus_bn": {m: paired(records, "digits_lt", factor, arm, "bn", metric(m))
+                         for m in METRICS}})
+    return out
+
+
+def _layer_values(records, key, layer_filter=None):
+    values = []
+    for r in records:
+        for name, entry in r["mechanics"].items():
+            if layer_filter is None or layer_filter(name):
+                values.append(entry.get(key))
+    return values
+
+
+def _final_scales(record):
+    last = record["trajectory"][-1]["scales"] if record["trajectory"] else {}
+    return list(last.values())
+
+
+def tables(args, records, stats, shrink):
+    """The Markdown tables of the study."""
+    arms_in_order = ["bn", "nbn"] + args.ablations
+    lines = ["## Test accuracy", "",
+             "Test accuracy (%) on the balanced test split, mean ± sample standard "
+             "deviation (ddof 1) over the seeds given; best-validation epoch. Groups: "
+             "many > 60, few < 20 training images.", "",
+             "| data | IF | classes many/med/few | arm | seeds | top1 | many | medium | few |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for data, factor in _all_cells(args):
+        for arm in arms_in_order:
+            runs = by_cell(records, data, factor, arm)
+            if not runs:
+                continue
+            groups = next(iter(runs.values()))["figures"]["classes_per_group"]
+            lines.append(
+                f"| {data} | {factor:g} | {'/'.join(str(groups[g]) for g in GROUPS)} | "
+                f"{LABELS[arm]} | {len(runs)} | "
+                + " | ".join(mean_sd([r["figures"][m] for r in runs.values()])
+                             for m in METRICS) + " |")
+    lines += ["", "## Paired difference NBN − BN", "",
+              "Per seed, NBN minus BN (same subset, same initial convolutions), in "
+              "accuracy points: mean [95 % t-interval, t with n − 1 df], and the "
+              "seeds where NBN is ahead / behind on that metric.", "",
+              "| data | IF | n | top1 | many | medium | few | few: NBN ahead/behind "
+              "| same initial convs |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for cell in stats["cells"]:
+        p = cell["paired_nbn_minus_bn"]
+        lines.append(
+            f"| {cell['data']} | {cell['imbalance_factor']:g} | {p['top1']['n']} | "
+            + " | ".join(effect_stats.format_interval(p[m]) for m in METRICS)
+            + f" | {p['few']['positive']}/{p['few']['negative']} | "
+            f"{cell['same_initial_convs']}/{len(cell['seeds'])} |")
+    if stats["ablations"]:
+        lines += ["", f"## Ablations (digits-LT IF {args.ablation_imbalance_factor:g})", "",
+                  "Paired differences in accuracy points, mean [95 % t-interval], over "
+                  "the seeds each arm has (n).", "",
+                  "| arm | n | top1 − NBN | few − NBN | top1 − BN | few − BN |",
+                  "|---|---|---|---|---|---|"]
+        for ab in stats["ablations"]:
+            lines.append(
+                f"| {LABELS[ab['arm']]} | {ab['minus_nbn']['top1']['n']} | "
+                f"{effect_stats.format_interval(ab['minus_nbn']['top1'])} | "
+                f"{effect_stats.format_interval(ab['minus_nbn']['few'])} | "
+                f"{effect_stats.format_interval(ab['minus_bn']['top1'])} | "
+                f"{effect_stats.format_interval(ab['minus_bn']['few'])} |")
+    lines += ["", "## Mechanism: do the raw directions move?", "",
+              "Coupled weight decay alone shrinks a weight by exp(−wd · Σlr / (1 − momentum)) "
+              f"over a run: {shrink['predicted']:.3f} in this study (Σlr = "
+              f"{shrink['sum_lr']:.1f}). The same formula for the paper's schedules "
+              "(formula only, nothing trained here; wd 5e-4, momentum 0.9):", "",
+              "| schedule | SGD steps | Σlr | exp(−wd · Σlr / (1 − m)) |", "|---|---|---|---|"]
+    for name, (steps, sum_lr, predicted) in paper_shrinks().items():
+        lines.append(f"| {name} | {steps} | {sum_lr:.0f} | {predicted:.1e} |")
+    lines += ["", "Measured, per tracked layer and run at the last epoch (not the selected "
+              "one): direction change 1 − cos of raw gamma (initial → last) and of raw "
+              "beta (after step 1 → last; beta starts at 0, without a direction); norm "
+              "ratios (gamma: last / initial; beta: last / its peak, the largest of the "
+              "after-step-1 and epoch-end norms); raw beta's peak norm; the scale(s) at "
+              "the last epoch. Median (min–max) over runs × layers. For BN, the same "
+              "figures of the same layers' gamma and beta (then the effective ones).", ""]
+    lines += ["| data | IF | arm | runs | 1−cos gamma | 1−cos beta | gamma norm ratio "
+              "| beta norm / peak | beta peak norm | scale(s) at end |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for data, factor in _all_cells(args):
+        for arm in arms_in_order:
+            runs = list(by_cell(records, data, factor, arm).values())
+            if not runs:
+                continue
+            scales = [s for r in runs for s in _final_scales(r)]
+            lines.append(
+                f"| {data} | {factor:g} | {LABELS[arm]} | {len(runs)} | "
+                f"{median_range(_layer_values(runs, 'gamma_direction_change'), 2, True)} | "
+                f"{median_range(_layer_values(runs, 'beta_direction_change'), 2, True)} | "
+                f"{median_range(_layer_values(runs, 'gamma_norm_ratio'), 3)} | "
+                f"{median_range(_layer_values(runs, 'beta_norm_shrink_from_peak'), 3)} | "
+                f"{median_range(_layer_values(runs, 'beta_norm_peak'), 2, True)} | "
+                f"{median_range(scales, 2) if scales else '–'} |")
+    lines += ["", "## The paper's premise: are frequent-class channels stronger?", "",
+              "Last BN layer of the last stage (effective gamma/beta, NBN folded) of the "
+              "selected model. A channel serves the class with the largest classifier "
+              "weight on it. Spearman correlation over channels of |gamma_eff| (and "
+              "|beta_eff|) with the served class's training-set size, per run; mean "
+              "[95 % t-interval] over seeds. Positive: channels serving frequent classes "
+              "are stronger, which NBN is meant to even out.", "",
+              "| data | IF | arm | n | rho(abs gamma, class size) | rho(abs beta, class size) |",
+              "|---|---|---|---|---|---|"]
+    for data, factor in cells(args):
+        for arm in ARMS:
+            runs = list(by_cell(records, data, factor, arm).values())
+            if not runs:
+                continue
+            g = effect_stats.mean_interval([r["served"]["spearman_gamma"] for r in runs])
+            b = effect_stats.mean_interval([r["served"]["spearman_beta"] for r in runs])
+            lines.append(f"| {data} | {factor:g} | {LABELS[arm]} | {g['n']} | "
+                         f"{effect_stats.format_interval(g, 2)} | "
+                         f"{effect_stats.format_interval(b, 2)} |")
+    return "\n".join(lines)
+
+
+def _all_cells(args):
+    return list(dict.fromkeys(cells(args) + [("digits_lt", args.ablation_imbalance_factor)]))
+
+
+# --- Main --------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
     start = time.time()
-    records, seeds_done, round_times = [], [], []
-    for seed in args.seeds:
-        elapsed = time.time() - start
-        if round_times and elapsed + max(round_times) > budget:
-            print(f"Budget: stopping before seed {seed} ({elapsed / 60:.1f} min spent, "
-                  f"a seed takes {max(round_times) / 60:.1f} min).", file=sys.stderr)
-            break
-        round_start = time.time()
-        for data, imbalance_factor in settings(args):
-            for variant in VARIANTS:
-                run_start = time.time()
-                figures, run_dir, reused = train_one(
-                    args, data, imbalance_factor, variant, seed)
-                model = keras.models.load_model(
-                    os.path.join(run_dir, "model.keras"), compile=False)
-                scales = scale_variables(model)
-                records.append({
-                    "data": data, "imbalance_factor": imbalance_factor,
-                    "variant": variant, "seed": seed, "run_dir": run_dir,
-                    "figures": figures,
-                    "channels": channel_analysis(
-                        model, figures["class_counts"], flags.FLAGS.many_threshold,
-                        flags.FLAGS.few_threshold),
-                    "alpha": (float(np.asarray(next(iter(scales.values()))))
-                              if scales else None),
-                    "seconds": None if reused else time.time() - run_start,
-                })
-                print(f"{run_name(data, imbalance_factor, variant, seed)}: overall "
-                      f"{figures['overall']:.1f} few {figures['few']:.1f} "
-                      f"({time.time() - run_start:.0f} s)", file=sys.stderr, flush=True)
-        seeds_done.append(seed)
-        round_times.append(time.time() - round_start)
+    os.makedirs(args.out_dir, exist_ok=True)
+    done = finished_runs(args) if args.report_only else train_all(args)
+    train_minutes = (time.time() - start) / 60
+    order = jobs(args)
+    records = [read_run(job, *done[job]) for job in order if job in done]
+    stats = statistics(args, records)
+    sum_lr, predicted = lr_sum_and_shrink(done[order[0]][0])
+    shrink = {"sum_lr": sum_lr, "predicted": predicted}
+    pictures = []
+    if not args.no_pictures:
+        import effect_figures
 
-    table = summarise(records, seeds_done)
-    pictures = write_pictures(args, records, args.out_dir)
-    minutes = (time.time() - start) / 60
-    reused_count = sum(r["seconds"] is None for r in records)
-    header = (f"# NBN against BN: effect study\n\n"
-              f"`python benchmarks/effect_study.py {' '.join(sys.argv[1:])}`, "
-              f"{len(records)} runs ({reused_count} reused from an earlier "
-              f"invocation), {minutes:.1f} min wall. "
-              f"{common.machine_line(os.cpu_count())}\n\n")
+        pictures = effect_figures.write_all(args, records, stats, args.out_dir)
+    seconds = [r["seconds"] for r in records if r["seconds"] is not None]
+    starts = [r["start"] for r in records if r["start"] is not None]
+    ends = [r["end"] for r in records if r["end"] is not None]
+    span = (max(ends) - min(starts)) / 60 if starts and ends else float("nan")
+    reused = sum(r["reused"] for r in records)
+    header = [
+        "# NBN against BN: effect study", "",
+        f"`python benchmarks/effect_study.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
+        f": {len(records)} finished runs ({reused} reused from an earlier invocation); "
+        f"training of this invocation {train_minutes:.1f} min wall. The runs were trained "
+        f"{args.workers} at a time with {args.threads} TF thread(s) each, first start "
+        f"to last end {span:.1f} min wall"
+        + (f", one run {min(seconds):.0f}–{max(seconds):.0f} s wall (median "
+           f"{sorted(seconds)[len(seconds) // 2]:.0f} s)" if seconds else "")
+        + ", on a 2-core machine shared with other work. "
+        + common.machine_line(args.threads), "",
+        f"Recipe: `configs/effect_study.cfg` (extra flags: {' '.join(args.extra_flags) or 'none'}). "
+        "Every run is `python -m nbn_keras.train --flagfile=configs/effect_study.cfg "
+        "--seed=S --data_seed=S --imbalance_factor=IF [--data=synthetic_lt] "
+        "--nbn|--nonbn [ablation flags]`.", ""]
+    text = "\n".join(header) + tables(args, records, stats, shrink) + "\n"
+    if pictures:
+        text += "\n## Figures\n\n" + "\n".join(
+            f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pictures) + "\n"
     with open(os.path.join(args.out_dir, "effect_study.md"), "w") as f:
-        f.write(header + table + "\n")
+        f.write(text)
     with open(os.path.join(args.out_dir, "effect_study.json"), "w") as f:
-        json.dump({"argv": sys.argv[1:], "seeds": seeds_done, "minutes": minutes,
-                   "pictures": [os.path.relpath(p, REPO) for p in pictures],
-                   "runs": [{k: v for k, v in r.items() if k != "run_dir"}
-                            | {"run_dir": os.path.relpath(r["run_dir"], REPO)}
-                            for r in records]},
-                  f, indent=1)
-    print(table)
-    print("\nPictures:\n" + "\n".join(pictures))
+        json.dump({"argv": sys.argv[1:] if argv is None else argv,
+                   "train_minutes": train_minutes, "shrink": shrink,
+                   "statistics": stats, "pictures": [os.path.basename(p) for p in pictures],
+                   "runs": records}, f, indent=1)
+    print(text)
+    return stats
 
 
 if __name__ == "__main__":

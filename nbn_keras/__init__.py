@@ -1,18 +1,31 @@
 """nbn_keras: Normalizing Batch Normalization for long-tailed recognition.
 
-Importing the package registers its layers with Keras, so
-`keras.models.load_model` restores converted models after `import nbn_keras`
-(or pass `custom_objects=nbn_keras.custom_objects()`).
+Importing the package registers everything it puts into `.keras` files with
+Keras (layers, the optimizer, learning-rate schedules, losses and metrics),
+so `keras.models.load_model` restores any model it saved, trained ones
+included, after `import nbn_keras` (or pass
+`custom_objects=nbn_keras.custom_objects()`).
 """
 
 import importlib
 
+import keras
+
+# Imported for their `register_keras_serializable` side effect too: a
+# trained model's file names the optimizer, schedule, loss and metrics.
+from nbn_keras import losses
+from nbn_keras import metrics
+from nbn_keras import optimizers
+from nbn_keras import ride
+from nbn_keras import ride_loss
+from nbn_keras import schedules
 from nbn_keras.conversion import convert_to_nbn
 from nbn_keras.conversion import fold_nbn
 from nbn_keras.conversion import select_bn_layers
 from nbn_keras.layers import GroupedConv2D
 from nbn_keras.layers import NBNScale
 from nbn_keras.layers import NormalizedBatchNormalization
+from nbn_keras.saving import load_model
 
 __version__ = "0.1.0"
 
@@ -34,8 +47,21 @@ def custom_objects():
     >>> model = keras.models.load_model(
     ...     "model.keras", custom_objects=nbn_keras.custom_objects())
     """
-    return {
-        "nbn_keras>NormalizedBatchNormalization": NormalizedBatchNormalization,
-        "nbn_keras>NBNScale": NBNScale,
-        "nbn_keras>GroupedConv2D": GroupedConv2D,
-    }
+    classes = (
+        NormalizedBatchNormalization,
+        NBNScale,
+        GroupedConv2D,
+        optimizers.CoupledSGD,
+        schedules.WarmupCosineDecay,
+        schedules.WarmupStepDecay,
+        schedules.EpochCosineAnnealing,
+        losses.LogitAdjustedCrossEntropy,
+        losses.BalancedSoftmaxCrossEntropy,
+        losses.LDAMLoss,
+        ride_loss.RIDELoss,
+        ride.ExpertAverage,
+        metrics.PerClassAccuracy,
+        metrics.BalancedAccuracy,
+        metrics.GroupAccuracy,
+    )
+    return {keras.saving.get_registered_name(c): c for c in classes}

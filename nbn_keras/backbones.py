@@ -8,7 +8,9 @@
   the stride of a downsampling bottleneck is in its first 1x1 conv), BN
   names `v2_stack_{stage}_block{block}_{i}_bn`.
 - `resnet20`, `resnet32`, `resnet44`, `resnet56`, `resnet110`: the CIFAR
-  ResNets of He et al. (2016), with KerasCV-style BN names.
+  ResNets of He et al. (2016), with KerasCV-style BN names; `resnet8` and
+  `resnet14` (one and two blocks per stage) are small models for quick
+  studies, not from the paper.
 
 `nbn_keras.convert_to_nbn` reads each backbone's stages from these names
 (`nbn_keras.conversion.RESNET_NAMING`).
@@ -19,6 +21,7 @@ import keras_cv
 from keras import layers
 
 from nbn_keras import resnet
+from nbn_keras import ride
 
 _KERAS_CV_RESNETS = {
     # name: (blocks per stage, block type)
@@ -28,11 +31,12 @@ _KERAS_CV_RESNETS = {
     "keras_cv_resnet101_v1": ([3, 4, 23, 3], "block"),
     "keras_cv_resnet152_v1": ([3, 8, 36, 3], "block"),
 }
-_CIFAR_RESNET_DEPTHS = (20, 32, 44, 56, 110)
+_CIFAR_RESNET_DEPTHS = (8, 14, 20, 32, 44, 56, 110)
 BACKBONES = (
     tuple(resnet.ARCHITECTURES)
     + tuple(_KERAS_CV_RESNETS)
     + tuple(f"resnet{depth}" for depth in _CIFAR_RESNET_DEPTHS)
+    + tuple(ride.ARCHITECTURES)
 )
 
 
@@ -75,7 +79,9 @@ def cifar_resnet(
     backbone of the long-tailed CIFAR literature (0.46M parameters).
 
     Args:
-        depth: Total depth, `6 n + 2` (20, 32, 44, 56, 110).
+        depth: Total depth, `6 n + 2` (8, 14, 20, 32, 44, 56, 110; 8 and
+            14, with one and two blocks per stage, are small models for
+            quick studies, not from the paper).
         input_shape: Input shape, channels last.
         stackwise_filters: Channels of the three stages.
         shortcut: `"zero_pad"` (parameter-free "option A", as in the
@@ -151,8 +157,9 @@ def build_backbone(
             `"resnext50"` (the authors' networks, `nbn_keras.resnet`),
             `"keras_cv_resnet18_v1"` ... `"keras_cv_resnet152_v1"` (KerasCV
             v1 ResNets, built from arguments so nothing is downloaded) or
-            `"resnet20"`, `"resnet32"`, `"resnet44"`, `"resnet56"`,
-            `"resnet110"` (CIFAR ResNets, see `cifar_resnet`).
+            `"resnet8"`, `"resnet14"`, `"resnet20"`, `"resnet32"`,
+            `"resnet44"`, `"resnet56"`, `"resnet110"` (CIFAR ResNets, see
+            `cifar_resnet`).
         input_shape: Input shape, channels last.
         bn_momentum: Momentum of the BN moving averages.
         bn_epsilon: BN epsilon.
@@ -202,6 +209,7 @@ def build_classifier(
     synchronized_bn=False,
     name=None,
     head_initializer="auto",
+    ride_options=None,
 ):
     """An image classifier: normalisation, backbone, pooling, linear head.
 
@@ -225,6 +233,11 @@ def build_classifier(
             U(-1/sqrt(in), 1/sqrt(in)), as the authors' networks have),
             `"keras"` (Glorot uniform kernel, zero bias), or `"auto"`:
             `"torch"` for the authors' networks, `"keras"` otherwise.
+        ride_options: For a RIDE backbone (`"resnet50_ride"`), keyword
+            arguments of `nbn_keras.ride.build_ride_classifier`
+            (`num_experts`, `reduce_dimension`, `share_layer3`, `head`).
+            A RIDE classifier has one head per expert and outputs their
+            mean logits.
 
     Returns:
         A functional `keras.Model` with the backbone nested as one layer.
@@ -241,6 +254,14 @@ def build_classifier(
             "head_initializer must be 'auto', 'torch' or 'keras', got "
             f"'{head_initializer}'."
         )
+    if isinstance(backbone, str) and backbone in ride.ARCHITECTURES:
+        return ride.build_ride_classifier(
+            num_classes, input_shape, mean=mean, std=std, arch=backbone,
+            name=name, synchronized_bn=synchronized_bn,
+            **(ride_options or {}),
+        )
+    if ride_options:
+        raise ValueError(f"ride_options need a RIDE backbone, not '{backbone}'.")
     if head_initializer == "auto":
         authors = isinstance(backbone, str) and backbone in resnet.ARCHITECTURES
         head_initializer = "torch" if authors else "keras"

@@ -17,6 +17,7 @@ from typing import Optional
 from absl import flags
 
 from nbn_keras import data as data_lib
+from nbn_keras import ride
 from nbn_keras.backbones import BACKBONES
 from nbn_keras.conversion import SCALE_SHARING_MODES
 from nbn_keras.data.samplers import SAMPLERS
@@ -71,6 +72,8 @@ class TrainConfig:
     imbalance_profile: str = _field("exp", "Class-size profile of the long-tailed subset.",
                                     "enum", ("exp", "step"))
     data_seed: int = _field(0, "Seed choosing the long-tailed subset.", "int")
+    image_size: Optional[int] = _field(None, "Image size of digits-LT and the synthetic "
+                                       "set (default: 32).", "int")
     data_dir: Optional[str] = _field(None, "TFDS data directory (CIFAR-LT). Must exist "
                                      "when given.", "string")
     manual_dir: Optional[str] = _field(None, "Directory with a manually downloaded TFDS "
@@ -84,6 +87,11 @@ class TrainConfig:
                                       "validation list).", "string")
     on_bad_image: str = _field("error", "List-file images that are missing or undecodable: "
                                "fail, or skip and count them.", "enum", ("error", "skip"))
+    num_classes: Optional[int] = _field(
+        None, "Classes of a list-file data set; labels must be in [0, num_classes) "
+        "(default: inferred from the training list and enforced on the others).", "int")
+    allow_outside_image_root: bool = _field(
+        False, "Accept list-file paths that resolve outside --image_root.", "bool")
     sampler: str = _field("instance", "Training sampler.", "enum", SAMPLERS)
     many_threshold: int = _field(100, "Classes with more training images than this are "
                                  "'many'.", "int")
@@ -94,16 +102,32 @@ class TrainConfig:
     backbone: str = _field("resnet32", "Backbone network.", "enum", BACKBONES)
     nbn: bool = _field(True, "Convert the selected BN layers to NBN.", "bool")
     nbn_selection: str = _field(
-        "paper", "'paper' (last stage: last BN of each block and shortcut BN), 'all', "
-        "or comma-separated BN layer names.", "string")
+        "paper", "'paper' (last stage: last BN of each block and shortcut BN), 'ride' "
+        "(RIDE backbones: every BN of each expert's last stage, one scale per expert), "
+        "'all', or comma-separated BN layer names.", "string")
     nbn_stages: tuple = _field((), "With --nbn_selection=paper: stage indices to convert "
                                "instead of the last stage.", "int_list")
     nbn_scale_sharing: str = _field("model", "One NBN scale for the model (the paper's) or "
                                     "one per layer.", "enum", SCALE_SHARING_MODES)
     nbn_separate_scales: bool = _field(False, "Separate scales for gamma and beta.", "bool")
+    nbn_beta_init_std: float = _field(
+        0.0, "Start NBN's raw beta from N(0, std^2) instead of BN's zeros (0: the "
+        "reference's zero start).", "float")
+    nbn_dynamics: bool = _field(
+        False, "Write the raw gamma/beta norms, directions and scales of the NBN (or "
+        "would-be NBN) layers per epoch to <run_dir>/nbn_dynamics.json.", "bool")
     synchronized_bn: bool = _field(
         True, "Synchronise BN batch statistics across replicas; off = per-replica "
         "statistics, as in PyTorch DDP without SyncBatchNorm.", "bool")
+    ride_experts: int = _field(3, "RIDE backbones: number of experts.", "int")
+    ride_reduce_dimension: bool = _field(
+        False, "RIDE backbones: experts' layer3/layer4 planes 192/384 instead of "
+        "256/512.", "bool")
+    ride_share_layer3: bool = _field(False, "RIDE backbones: one layer3 shared by the "
+                                     "experts.", "bool")
+    ride_head: str = _field("Linear", "RIDE backbones: the experts' heads (their fc_type); "
+                            "Linear_fcbn_notaffine = linear + BN without gamma and beta "
+                            "over the logits.", "enum", ("Linear", "Linear_fcbn_notaffine"))
 
     # Optimisation.
     epochs: int = _field(200, "Training epochs.", "int")
@@ -120,8 +144,12 @@ class TrainConfig:
         "reference (PyTorch SGD); 'decoupled': Keras' own.", "enum", ("coupled", "decoupled"))
     decay_nbn_scale: bool = _field(True, "Apply weight decay to the NBN scale too (the "
                                    "reference does).", "bool")
-    schedule: str = _field("warmup_steps", "'warmup_steps' (CIFAR-LT recipe) or 'cosine' "
-                           "(ImageNet-LT).", "enum", ("warmup_steps", "cosine"))
+    schedule: str = _field("warmup_steps", "'warmup_steps' (CIFAR-LT recipe), 'cosine' "
+                           "(ImageNet-LT) or 'cosine_annealing' (PyTorch's CosineAnnealingLR "
+                           "stepped once per epoch with period --cosine_t_max epochs).", "enum",
+                           ("warmup_steps", "cosine", "cosine_annealing"))
+    cosine_t_max: Optional[int] = _field(None, "T_max in epochs of --schedule=cosine_annealing "
+                                         "(default: --epochs).", "int")
     warmup_epochs: int = _field(5, "Linear warmup epochs.", "int")
     lr_drop_epochs: tuple = _field((160, 180), "Epochs of the step drops ('warmup_steps' "
                                    "schedule).", "int_list")
@@ -130,6 +158,11 @@ class TrainConfig:
     loss: str = _field("cross_entropy", "Training loss.", "enum", LOSS_NAMES)
     logit_adjust_tau: float = _field(1.0, "tau of the logit-adjusted loss.", "float")
     drw_epoch: int = _field(160, "Epoch deferred re-weighting starts (ldam_drw).", "int")
+    ride_reweight_epoch: Optional[int] = _field(
+        None, "--loss=ride: re-weighting is on in epochs after this one (0-based); "
+        "unset = never.", "int")
+    ride_diversity_factor: float = _field(-0.2, "--loss=ride: weight of the diversity "
+                                          "(KL) term.", "float")
     steps_per_epoch: Optional[int] = _field(None, "Steps per epoch (default: training "
                                             "images / global batch).", "int")
     seed: int = _field(0, "Seed of initialisation, sampling and augmentation.", "int")
@@ -145,6 +178,9 @@ class TrainConfig:
     model_name: Optional[str] = _field(None, "Name of the served model (default: the run "
                                        "directory's name).", "string")
     export: bool = _field(True, "Export a SavedModel for TF Serving at the end.", "bool")
+    max_image_pixels: int = _field(
+        4096 * 4096, "Largest height * width the export's `serve_image_bytes` decodes "
+        "(read from the image header; larger images are refused).", "int")
     verbose: int = _field(1, "Keras progress output: 0, 1 (bar) or 2.", "int",
                           resume_may_change=True)
     pictures: bool = _field(True, "Write pictures of the trained model (BN magnitudes, "
@@ -244,13 +280,15 @@ def validate(config):
         numbers = value if isinstance(value, tuple) else (value,)
         if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
             problems.append(f"--{field.name}={value} is not a finite number.")
-    positive = ("n_max", "epochs", "global_batch_size", "base_lr", "learning_rate",
-                "steps_per_epoch")
+    positive = ("n_max", "image_size", "num_classes", "max_image_pixels", "epochs",
+                "global_batch_size", "base_lr", "learning_rate", "steps_per_epoch",
+                "ride_experts", "cosine_t_max")
     for name in positive:
         value = getattr(config, name)
         if value is not None and not value > 0:
             problems.append(f"--{name} must be positive (got {value}).")
-    for name in ("momentum", "weight_decay", "warmup_epochs", "drw_epoch", "logit_adjust_tau"):
+    for name in ("momentum", "weight_decay", "warmup_epochs", "drw_epoch", "logit_adjust_tau",
+                 "nbn_beta_init_std"):
         if not getattr(config, name) >= 0:
             problems.append(f"--{name} must be >= 0 (got {getattr(config, name)}).")
     if not config.momentum < 1:
@@ -286,6 +324,13 @@ def validate(config):
         problem = _not_writable(path)
         if problem:
             problems.append(f"--{name}={path}: {problem}")
+    if config.schedule == "cosine_annealing" and config.warmup_epochs:
+        problems.append("--schedule=cosine_annealing has no warmup: set --warmup_epochs=0.")
+    if config.loss == "ride" and config.backbone not in ride.ARCHITECTURES:
+        problems.append(f"--loss=ride needs a RIDE backbone ({', '.join(ride.ARCHITECTURES)}), "
+                        f"not --backbone={config.backbone}.")
+    if config.nbn and config.nbn_selection == "ride" and config.backbone not in ride.ARCHITECTURES:
+        problems.append(f"--nbn_selection=ride needs a RIDE backbone, not --backbone={config.backbone}.")
     if problems:
         raise ConfigError(" ".join(problems))
 

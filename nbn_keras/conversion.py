@@ -200,6 +200,7 @@ def convert_to_nbn(
     scale_sharing="model",
     separate_scales=False,
     preserve_outputs=False,
+    beta_initializer=None,
 ):
     """Returns a copy of `model` whose selected BN layers are NBN layers.
 
@@ -226,7 +227,8 @@ def convert_to_nbn(
         model: A functional or Sequential Keras model.
         selection: Which BN layers to convert: `"paper"` (default: in the
             last stage, the last BN of each residual block and the shortcut
-            BN), `"all"`, a collection of layer names, or a predicate
+            BN), `"ride"` (a RIDE model's every BN of each expert's last
+            stage, one scale per expert: `nbn_keras.ride`), `"all"`, a collection of layer names, or a predicate
             `fn(layer) -> bool`. See `select_bn_layers`.
         stages: With `selection="paper"`, a list of stage indices to convert
             instead of the last stage (negative indices count from the end).
@@ -236,6 +238,14 @@ def convert_to_nbn(
         preserve_outputs: If `True`, set the scales so that inference outputs
             are unchanged. Needs `scale_sharing="layer"` and
             `separate_scales=True`.
+        beta_initializer: `None` (default) copies BN's beta, which is zero in
+            a fresh model: the reference's start. Otherwise a Keras
+            initializer (or its name) drawing each converted layer's raw
+            beta instead, e.g. `keras.initializers.RandomNormal(stddev=0.1)`
+            for a small random start (not the paper's). A seeded
+            initializer's seed is offset by the layer's position among the
+            converted layers and an unseeded one redrawn per layer, so that
+            layers differ.
 
     Returns:
         A new `keras.Model`; `model` itself is not changed.
@@ -259,6 +269,23 @@ def convert_to_nbn(
             "separate_scales=True: a shared scale, or one scale for both "
             "gamma and beta, cannot keep every layer's magnitudes."
         )
+    if beta_initializer is not None and preserve_outputs:
+        raise ValueError(
+            "beta_initializer replaces beta, so it cannot be combined with "
+            "preserve_outputs=True."
+        )
+    if beta_initializer is not None:
+        beta_initializer = keras.initializers.get(beta_initializer)
+    if isinstance(selection, str) and selection == "ride":
+        # RIDE groups its BN by expert, one scale each: see `nbn_keras.ride`.
+        if stages is not None or scale_sharing != "model" or preserve_outputs:
+            raise ValueError(
+                "selection='ride' takes only `separate_scales`: it converts "
+                "every BN of each expert's last stage, one scale per expert."
+            )
+        from nbn_keras import ride
+
+        return ride.convert_ride_to_nbn(model, separate_scales=separate_scales)
     model = _as_functional(model)
     selected_ids = {id(layer) for layer in select_bn_layers(model, selection, stages)}
     shared = scale_sharing == "model"
@@ -288,11 +315,18 @@ def convert_to_nbn(
             kwargs["scale"] = scale_tensors[0]
         return layer(*args, **kwargs)
 
-    return _clone(
+    converted = _clone(
         model,
         lambda layer: make_nbn(layer) if id(layer) in selected_ids else None,
         call_with_shared_scale if shared else None,
     )
+    if beta_initializer is not None:
+        nbn_layers = [l for l in leaf_layers(converted)
+                      if isinstance(l, NormalizedBatchNormalization) and l.center]
+        for position, layer in enumerate(nbn_layers):
+            initializer = _offset_seed(beta_initializer, position)
+            layer.beta.assign(initializer(layer.beta.shape, layer.beta.dtype))
+    return converted
 
 
 def fold_nbn(model):
@@ -402,3 +436,18 @@ def _clone(model, replace, call_function):
     for old, new in pairs:
         new.set_weights(old.get_weights())
     return clone
+
+
+def _offset_seed(initializer, offset):
+    """A fresh copy of `initializer`, its integer seed (if any) + `offset`.
+
+    Keras 3 initializers fix their seed at construction, so one instance
+    returns the same values at every call. A fresh unseeded copy draws its
+    seed from the global one (`keras.utils.set_random_seed`).
+    """
+    if not hasattr(initializer, "get_config"):
+        return initializer  # A plain function `fn(shape, dtype)`.
+    config = initializer.get_config()
+    if isinstance(config.get("seed"), int):
+        config["seed"] += offset
+    return initializer.__class__.from_config(config)

@@ -7,12 +7,25 @@ nor nbn_keras. Two signatures:
 
 - `serving_default` (also `serve`): `images`, float32 `[batch, H, W, C]` raw
   pixels in [0, 255], exactly as the training pipeline yields them (the
-  model normalises inside its graph).
+  model normalises inside its graph). Another shape or rank, and NaN or
+  infinite pixels, are refused by checks inside the graph.
 - `serve_image_bytes`: `image_bytes`, a string vector of encoded images
   (JPEG, PNG, GIF's first frame, BMP), decoded and resized in the graph.
+  The image size is read from each header before decoding and images of
+  more than `max_image_pixels` pixels are refused; errors name the index
+  of the offending image.
 
 Both return `logits`, `probabilities` (softmax) and `classes` (argmax,
-int64).
+int64); an empty batch gives empty outputs.
+
+Writing is safe against readers and other writers: the SavedModel is
+written to a temporary directory (a name TF Serving ignores, as it loads
+integer names only), made world-readable (directories 0755, files 0644),
+synced to disk and renamed to its version, so a version never appears
+half-written. Concurrent exports to one model name each get their own
+version: a rename onto a version another exporter took fails and the next
+number is tried. Temporary directories left by exporters that died are
+removed by the next export.
 
 From the command line, any `.keras` file (the trainer's checkpoints) can be
 exported:
@@ -23,14 +36,20 @@ python -m nbn_keras.export --model=runs/x/best.keras --base_dir=saved_models \
 ```
 """
 
+import errno
+import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import socket
+import time
 
 import keras
 import tensorflow as tf
 
 from nbn_keras import run_files
+from nbn_keras import saving
 from nbn_keras.conversion import fold_nbn
 from nbn_keras.conversion import leaf_layers
 from nbn_keras.data import transforms
@@ -40,6 +59,17 @@ RESIZE_MODES = ("auto", "crop", "resize")
 RUN_ID_FILENAME = "nbn_keras_run.json"
 # Models at least this large (in both H and W) get "crop" under "auto".
 AUTO_CROP_MIN_SIZE = 128
+# `serve_image_bytes` refuses larger images (4096 x 4096: a 16-megapixel
+# photo passes; decoding one costs about 0.4 GB).
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+# Temporary export directories: `.tmp-export-<pid>-<token>-<host>`.
+TEMP_PREFIX = ".tmp-export-"
+_TEMP_NAME = re.compile(r"\.tmp-export-(\d+)-[0-9a-f]+-(.+)")
+# A temporary directory of another host (or of an older naming) is taken
+# for abandoned after this many seconds without change.
+STALE_TEMP_SECONDS = 3600
+DIR_MODE = 0o755
+FILE_MODE = 0o644
 
 
 def next_version(model_dir):
@@ -112,6 +142,61 @@ def decode_and_resize(image_bytes, height, width, channels, resize_mode):
     return image
 
 
+def encoded_image_size(image_bytes):
+    """`[height, width]` (int64) of an encoded image, read from its header.
+
+    Nothing is decoded: JPEG sizes come from `tf.io.extract_jpeg_shape`, PNG
+    sizes from the IHDR chunk (big-endian at bytes 16-23), GIF sizes from
+    the logical screen (little-endian at bytes 6-9) and BMP sizes from the
+    info header (little-endian at bytes 18-25; a negative height means a
+    top-down bitmap). TensorFlow decodes GIF and BMP to exactly these
+    sizes.
+
+    Args:
+        image_bytes: A scalar string tensor.
+
+    Returns:
+        An int64 tensor `[height, width]`. Fails (`InvalidArgumentError`) for
+        data that is not JPEG, PNG, GIF or BMP, or too short for its header.
+    """
+    def raw(offset, length, dtype, little_endian):
+        part = tf.strings.substr(image_bytes, offset, length)
+        check = tf.debugging.assert_equal(
+            tf.strings.length(part), length, message="image header too short")
+        with tf.control_dependencies([check]):
+            values = tf.io.decode_raw(part, dtype, little_endian=little_endian)
+        return tf.cast(values, tf.int64)
+
+    def jpeg():
+        return tf.io.extract_jpeg_shape(image_bytes, output_type=tf.int64)[:2]
+
+    def png():
+        width_height = raw(16, 8, tf.int32, little_endian=False)
+        return tf.reverse(width_height, [0])
+
+    def gif():
+        width_height = raw(6, 4, tf.uint16, little_endian=True)
+        return tf.reverse(width_height, [0])
+
+    def bmp():
+        width_height = raw(18, 8, tf.int32, little_endian=True)
+        return tf.abs(tf.reverse(width_height, [0]))
+
+    def unknown():
+        check = tf.debugging.Assert(
+            False, ["not a JPEG, PNG, GIF or BMP image"])
+        with tf.control_dependencies([check]):
+            return tf.zeros([2], tf.int64)
+
+    signatures = tf.stack([
+        tf.equal(tf.strings.substr(image_bytes, 0, len(sig)), sig)
+        for sig in (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF8", b"BM")
+    ])
+    # The first matching format, or 4 (unknown) when none matches.
+    kind = tf.argmax(tf.concat([tf.cast(signatures, tf.int32), [1]], 0))
+    return tf.switch_case(tf.cast(kind, tf.int32), [jpeg, png, gif, bmp, unknown])
+
+
 def _is_nbn_layer(layer):
     return type(layer).__module__.startswith("nbn_keras")
 
@@ -161,6 +246,208 @@ def _image_spec(model, image_size):
     return height, width, channels
 
 
+def _check_images(images, height, width, channels):
+    """`images` after in-graph checks of its shape and values.
+
+    `tf.ensure_shape` runs as an op (`EnsureShape`) at serving time: the
+    signature's declared shape is not enforced by TF Serving, and a static
+    rank or shape check would be folded away against that declaration.
+    """
+    expected = f"[batch, {height}, {width}, {channels}]"
+    images = tf.ensure_shape(
+        images, [None, height, width, channels],
+        name=f"images_must_be_batch_{height}x{width}x{channels}",
+    )
+    return tf.debugging.assert_all_finite(
+        images,
+        f"`images` must be finite pixel values {expected} in [0, 255]; got "
+        "NaN or infinite values",
+    )
+
+
+def _decode_batch(image_bytes, height, width, channels, resize_mode,
+                  max_image_pixels):
+    """Decodes a string vector to `[batch, height, width, channels]`.
+
+    Each image's size is read from its header first and an image above
+    `max_image_pixels` is not decoded. Decoding runs in a tf.data pass with
+    `ignore_errors`, the only per-element error handling a graph has, so
+    that a failure can be reported with the image's index.
+    """
+    count = tf.size(image_bytes, out_type=tf.int64)
+    empty = tf.zeros([height, width, channels], tf.float32)
+
+    def decode(index, data):
+        size = encoded_image_size(data)
+        too_big = size[0] * size[1] > max_image_pixels
+        image = tf.cond(
+            too_big,
+            lambda: empty,
+            lambda: decode_and_resize(data, height, width, channels, resize_mode),
+        )
+        image = tf.ensure_shape(image, [height, width, channels])
+        return index, too_big, size, image
+
+    decoded = tf.data.Dataset.from_tensor_slices((tf.range(count), image_bytes))
+    # One image at a time: memory is bounded by the largest image allowed.
+    decoded = decoded.map(decode).ignore_errors(log_warning=False)
+    # A last element that always exists, so that the single batch below
+    # exists even when every image failed.
+    sentinel = (tf.constant(-1, tf.int64), tf.constant(False),
+                tf.zeros([2], tf.int64), empty)
+    decoded = decoded.concatenate(tf.data.Dataset.from_tensors(sentinel))
+    index, too_big, size, images = decoded.batch(count + 1).get_single_element()
+    index, too_big, size, images = (t[:-1] for t in (index, too_big, size, images))
+
+    present = tf.scatter_nd(index[:, None], tf.ones_like(index), tf.reshape(count, [1]))
+    first_missing = tf.argmin(tf.concat([present, [0]], 0))
+    undecodable = tf.debugging.Assert(
+        tf.equal(tf.size(index, out_type=tf.int64), count),
+        [tf.strings.format(
+            "image_bytes[{}] cannot be decoded: it is not a complete JPEG, "
+            "PNG, GIF or BMP image", first_missing)],
+    )
+    # Row of the first oversized image (the sentinel row when none is).
+    first_big = tf.argmax(tf.concat([tf.cast(too_big, tf.int32), [1]], 0))
+    big_index = tf.concat([index, [-1]], 0)[first_big]
+    big_size = tf.concat([size, [[0, 0]]], 0)[first_big]
+    oversized = tf.debugging.Assert(
+        tf.logical_not(tf.reduce_any(too_big)),
+        [tf.strings.format(
+            "image_bytes[{}] is {}x{} pixels, more than the {} pixels "
+            "(max_image_pixels) this model was exported to accept",
+            (big_index, big_size[0], big_size[1], max_image_pixels))],
+    )
+    with tf.control_dependencies([undecodable, oversized]):
+        return tf.identity(images)
+
+
+def _temp_owner(name):
+    """`(pid, host)` of a temporary export directory's name, or `None`."""
+    match = _TEMP_NAME.fullmatch(name)
+    return (int(match.group(1)), match.group(2)) if match else None
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # Another user's live process.
+    return True
+
+
+def is_stale_temporary(path, now=None):
+    """Whether a temporary export directory was abandoned.
+
+    One of this host's is abandoned when the process named in it is gone;
+    one of another host (a shared file system) or of an older naming when
+    it has not changed for `STALE_TEMP_SECONDS`.
+
+    Args:
+        path: Path of a directory whose name starts with `.tmp-`.
+        now: Current time (seconds since the epoch); defaults to now.
+
+    Returns:
+        A bool.
+    """
+    owner = _temp_owner(os.path.basename(path))
+    if owner is not None and owner[1] == socket.gethostname():
+        return not _pid_alive(owner[0])
+    now = time.time() if now is None else now
+    try:
+        return now - os.lstat(path).st_mtime > STALE_TEMP_SECONDS
+    except FileNotFoundError:
+        return False
+
+
+def remove_stale_temporaries(model_dir):
+    """Removes abandoned temporary export directories of `model_dir`.
+
+    Args:
+        model_dir: A model's directory (`<base_dir>/<model_name>`).
+
+    Returns:
+        The names removed.
+    """
+    removed = []
+    if not os.path.isdir(model_dir):
+        return removed
+    for name in sorted(os.listdir(model_dir)):
+        path = os.path.join(model_dir, name)
+        if name.startswith(".tmp-") and os.path.isdir(path) and is_stale_temporary(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(name)
+    return removed
+
+
+def _fsync(path, directory=False):
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        # Some file systems cannot sync a directory; nothing more to do.
+        if error.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _publish_tree(root):
+    """Makes `root` world-readable (0755 / 0644) and syncs it to disk."""
+    for directory, _, files in os.walk(root, topdown=False):
+        for name in files:
+            path = os.path.join(directory, name)
+            os.chmod(path, FILE_MODE)
+            _fsync(path)
+        os.chmod(directory, DIR_MODE)
+        _fsync(directory, directory=True)
+
+
+def _makedirs(path):
+    """`os.makedirs` whose new directories get mode 0755 whatever the umask."""
+    missing = []
+    while path and not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory)
+        except FileExistsError:
+            continue
+        os.chmod(directory, DIR_MODE)
+
+
+def _exists_error(model_name, version, target):
+    return FileExistsError(
+        f"Version {version} of '{model_name}' already exists at {target}; "
+        "pick another version or leave version=None for the next one."
+    )
+
+
+def _claim_version(tmp_dir, model_dir, model_name, version, fixed):
+    """Renames `tmp_dir` to a free version of `model_dir`; returns the path.
+
+    A rename onto a version that another exporter took meanwhile fails
+    (EEXIST/ENOTEMPTY); with `fixed=False` the next number is tried.
+    """
+    while True:
+        target = os.path.join(model_dir, str(version))
+        if fixed and os.path.lexists(target):
+            raise _exists_error(model_name, version, target)
+        try:
+            os.rename(tmp_dir, target)
+            return target
+        except OSError as error:
+            if error.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+                raise
+            if fixed:
+                raise _exists_error(model_name, version, target) from None
+            version = max(version + 1, next_version(model_dir))
+
+
 def export_for_serving(
     model,
     base_dir="saved_models",
@@ -168,6 +455,7 @@ def export_for_serving(
     version=None,
     image_size=None,
     resize_mode="auto",
+    max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
     run_id=None,
 ):
     """Exports an image classifier for TF Serving; returns the version dir.
@@ -175,15 +463,23 @@ def export_for_serving(
     The model is folded with `nbn_keras.conversion.fold_nbn` when it has NBN
     layers, so the SavedModel holds stock ops only. It is written to a
     temporary directory next to the target (ignored by TF Serving, whose
-    versions are integer names) and renamed into place, so a server never
-    sees a half-written version. An existing version is never overwritten.
+    versions are integer names), made world-readable (directories 0755,
+    files 0644, whatever the umask), synced to disk and renamed into place,
+    so a server never sees a half-written version. An existing version is
+    never overwritten: with `version=None`, an export that finds its
+    version taken by a concurrent one takes the next number. Temporary
+    directories of exports that died are removed (see
+    `remove_stale_temporaries`).
 
     Signatures: `serving_default` and `serve` take `images`, float32
     `[batch, H, W, C]` pixels in [0, 255] (what the training pipeline feeds
-    the model); `serve_image_bytes` takes `image_bytes`, a string vector of
-    encoded images, decoded and resized as in `decode_and_resize`. All
-    return `logits`, `probabilities` and `classes` (int64). The model must
-    take raw pixels and output logits.
+    the model); another shape and non-finite values fail with an error
+    naming the expected shape. `serve_image_bytes` takes `image_bytes`, a
+    string vector of encoded images, decoded and resized as in
+    `decode_and_resize`; an image that cannot be decoded or has more than
+    `max_image_pixels` pixels fails the request with an error naming its
+    index. All return `logits`, `probabilities` and `classes` (int64), empty
+    for an empty batch. The model must take raw pixels and output logits.
 
     Args:
         model: A Keras image classifier (one input `[batch, H, W, C]`, one
@@ -202,6 +498,9 @@ def export_for_serving(
             for small-image models such as CIFAR ones), or `"auto"` (the
             default): `"crop"` when H and W are at least 128, else
             `"resize"`.
+        max_image_pixels: Largest `height * width` of an image that
+            `serve_image_bytes` decodes (read from the image's header, so a
+            larger one costs nothing). Defaults to `4096 * 4096`.
         run_id: Identifies the export of one training run: it is recorded in
             the version's `assets.extra/`, and when a version of `model_name`
             already records it, that version is returned and nothing is
@@ -221,12 +520,18 @@ def export_for_serving(
             f"Unknown resize_mode '{resize_mode}'; use one of {RESIZE_MODES}."
         )
     model_name = model_name or model.name
-    if not model_name or os.sep in model_name or model_name in (".", ".."):
+    if (not model_name or os.sep in model_name or model_name in (".", "..")
+            or model_name.startswith(".tmp-")):
         raise ValueError(f"Invalid model_name {model_name!r}.")
     if version is not None and (
         isinstance(version, bool) or not isinstance(version, int) or version < 0
     ):
         raise ValueError(f"version must be a non-negative int, got {version!r}.")
+    if (isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int)
+            or max_image_pixels < 1):
+        raise ValueError(
+            f"max_image_pixels must be a positive int, got {max_image_pixels!r}."
+        )
 
     height, width, channels = _image_spec(model, image_size)
     if height is None or width is None:
@@ -246,14 +551,12 @@ def export_for_serving(
         exported = find_run_version(model_dir, run_id)
         if exported:
             return exported
+    fixed = version is not None
     if version is None:
         version = next_version(model_dir)
-    target = os.path.join(model_dir, str(version))
-    if os.path.exists(target):
-        raise FileExistsError(
-            f"Version {version} of '{model_name}' already exists at {target}; "
-            "pick another version or leave version=None for the next one."
-        )
+    elif os.path.lexists(os.path.join(model_dir, str(version))):
+        raise _exists_error(model_name, version,
+                            os.path.join(model_dir, str(version)))
 
     served = _stock_model(model)
     input_dtype = served.inputs[0].dtype
@@ -268,17 +571,12 @@ def export_for_serving(
         }
 
     def serve(images):
-        return predict(images)
+        return predict(_check_images(images, height, width, channels))
 
     def serve_image_bytes(image_bytes):
-        images = tf.map_fn(
-            lambda b: decode_and_resize(b, height, width, channels, resize_mode),
-            image_bytes,
-            fn_output_signature=tf.TensorSpec(
-                [height, width, channels], tf.float32
-            ),
-        )
-        return predict(images)
+        return predict(_decode_batch(
+            image_bytes, height, width, channels, resize_mode,
+            tf.constant(max_image_pixels, tf.int64)))
 
     archive = keras.export.ExportArchive()
     archive.track(served)
@@ -294,19 +592,27 @@ def export_for_serving(
         [tf.TensorSpec([None], tf.string, "image_bytes")],
     )
 
-    os.makedirs(model_dir, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir)
+    _makedirs(model_dir)
+    remove_stale_temporaries(model_dir)
+    tmp_dir = os.path.join(
+        model_dir,
+        f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{socket.gethostname()}",
+    )
+    os.mkdir(tmp_dir)
     try:
         archive.write_out(tmp_dir, verbose=False)
         if run_id is not None:
             extra = os.path.join(tmp_dir, "assets.extra")
             os.makedirs(extra, exist_ok=True)
-            run_files.write_json(os.path.join(extra, RUN_ID_FILENAME), {"run_id": run_id})
+            with open(os.path.join(extra, RUN_ID_FILENAME), "w") as f:
+                json.dump({"run_id": run_id}, f)
+        _publish_tree(tmp_dir)
         run_files.kill_point("export")
-        os.rename(tmp_dir, target)
+        target = _claim_version(tmp_dir, model_dir, model_name, version, fixed)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
+    _fsync(model_dir, directory=True)
     return target
 
 
@@ -317,22 +623,27 @@ def export_keras_file(
     version=None,
     image_size=None,
     resize_mode="auto",
+    max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
 ):
     """Loads a `.keras` file and exports it with `export_for_serving`.
 
     Args:
-        model_path: Path of a `.keras` model file (nbn_keras layers are
-            resolved; training configuration is not loaded).
+        model_path: Path of a `.keras` model file, checked and loaded with
+            `nbn_keras.saving.load_model` (training configuration not
+            loaded): a missing, truncated or damaged file raises an error
+            naming it before anything is written.
         base_dir: See `export_for_serving`.
         model_name: See `export_for_serving`. Defaults to the file name
             without its extension.
         version: See `export_for_serving`.
         image_size: See `export_for_serving`.
         resize_mode: See `export_for_serving`.
+        max_image_pixels: See `export_for_serving`.
 
     Returns:
         The path of the written version directory.
     """
+    model_path = os.fspath(model_path)
     if not os.path.isfile(model_path):
         raise FileNotFoundError(f"No model file at '{model_path}'.")
     if not model_path.endswith(".keras"):
@@ -341,7 +652,7 @@ def export_keras_file(
             "files can be exported; for a .weights.h5 file, rebuild the model, "
             "load the weights and call export_for_serving."
         )
-    model = keras.models.load_model(model_path, compile=False)
+    model = saving.load_model(model_path, compile=False)
     if model_name is None:
         model_name = os.path.basename(model_path)[: -len(".keras")]
     return export_for_serving(
@@ -351,12 +662,54 @@ def export_keras_file(
         version=version,
         image_size=image_size,
         resize_mode=resize_mode,
+        max_image_pixels=max_image_pixels,
     )
+
+
+def parse_image_size(text):
+    """`"H"` or `"HxW"` (the `--image_size` flag) as `(H, W)`, or `None`."""
+    if not text:
+        return None
+    try:
+        size = tuple(int(s) for s in text.lower().split("x"))
+    except ValueError:
+        size = ()
+    if len(size) not in (1, 2) or min(size) < 1:
+        raise ValueError(f"--image_size must be H or HxW, got '{text}'.")
+    return size * 2 if len(size) == 1 else size
+
+
+def run_from_flags(flag_values):
+    """Exports the `.keras` file parsed flags name; returns the version dir.
+
+    Args:
+        flag_values: An `absl.flags.FlagValues` holding the flags of
+            `define_flags`, parsed.
+
+    Raises:
+        SystemExit: With one line naming the problem, for a bad flag value,
+            a missing or damaged model file or a taken version; nothing is
+            written then.
+    """
+    f = flag_values
+    try:
+        return export_keras_file(
+            f.model,
+            base_dir=f.base_dir,
+            model_name=f.model_name,
+            version=f.version,
+            image_size=parse_image_size(f.image_size),
+            resize_mode=f.resize_mode,
+            max_image_pixels=f.max_image_pixels,
+        )
+    except (FileNotFoundError, FileExistsError, ValueError, TypeError) as error:
+        raise SystemExit(f"nbn_keras.export: error: {error}") from None
 
 
 def main(argv):
     """`python -m nbn_keras.export --model=path.keras [--base_dir=...]
-    [--model_name=...] [--version=N] [--image_size=HxW] [--resize_mode=...]`.
+    [--model_name=...] [--version=N] [--image_size=HxW] [--resize_mode=...]
+    [--max_image_pixels=N]`.
 
     Prints the written version directory. The flags are defined only when
     the module runs as a script, so importing it adds no global flags.
@@ -364,54 +717,47 @@ def main(argv):
     from absl import app
     from absl import flags
 
-    del argv
-    f = flags.FLAGS
-    image_size = None
-    if f.image_size:
-        try:
-            image_size = tuple(int(s) for s in f.image_size.lower().split("x"))
-        except ValueError:
-            raise app.UsageError(
-                f"--image_size must be H or HxW, got '{f.image_size}'."
-            )
-        image_size = image_size * 2 if len(image_size) == 1 else image_size
-    try:
-        path = export_keras_file(
-            f.model,
-            base_dir=f.base_dir,
-            model_name=f.model_name,
-            version=f.version,
-            image_size=image_size,
-            resize_mode=f.resize_mode,
-        )
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
-        raise SystemExit(f"nbn_keras.export: error: {error}")
-    print(path)
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    print(run_from_flags(flags.FLAGS))
 
 
-def _define_flags():
+def define_flags(flag_values=None):
+    """Defines the command's flags on `flag_values` (default: global)."""
     from absl import flags
 
-    flags.DEFINE_string("model", None, "Path of the .keras model file.")
-    flags.DEFINE_string("base_dir", "saved_models", "Served models directory.")
+    fv = flags.FLAGS if flag_values is None else flag_values
+    flags.DEFINE_string("model", None, "Path of the .keras model file.",
+                        flag_values=fv)
+    flags.DEFINE_string("base_dir", "saved_models", "Served models directory.",
+                        flag_values=fv)
     flags.DEFINE_string(
-        "model_name", None, "Model name; defaults to the file name."
+        "model_name", None, "Model name; defaults to the file name.",
+        flag_values=fv,
     )
     flags.DEFINE_integer(
-        "version", None, "Version; defaults to the next free one.", lower_bound=0
+        "version", None, "Version; defaults to the next free one.",
+        lower_bound=0, flag_values=fv,
     )
     flags.DEFINE_string(
-        "image_size", None, "H or HxW, for models without a fixed input size."
+        "image_size", None, "H or HxW, for models without a fixed input size.",
+        flag_values=fv,
     )
     flags.DEFINE_enum(
         "resize_mode", "auto", list(RESIZE_MODES),
-        "How serve_image_bytes fits images to the model.",
+        "How serve_image_bytes fits images to the model.", flag_values=fv,
     )
-    flags.mark_flag_as_required("model")
+    flags.DEFINE_integer(
+        "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS,
+        "Largest height * width serve_image_bytes decodes; larger images are "
+        "refused with an error naming their index.",
+        lower_bound=1, flag_values=fv,
+    )
+    flags.mark_flag_as_required("model", flag_values=fv)
 
 
 if __name__ == "__main__":
     from absl import app
 
-    _define_flags()
+    define_flags()
     app.run(main)

@@ -7,7 +7,9 @@ reads a checkpoint of the authors' code (github.com/yuxiangbao/NBN, `main.py`:
 `torch.save({'state_dict': ..., 'epoch': ..., ...})`, keys prefixed `module.`
 under DataParallel/DDP), builds the same network with `nbn_keras.backbones`
 (`--arch` = their `arch`: `resnet50`, `resnet50_nbn`, `resnext50`,
-`resnext50_nbn`), loads every weight and BN statistic into it and saves it as
+`resnext50_nbn`, and the multi-expert `resnet50_ride`, `resnet50_ride_nbn` of
+`nbn_keras.ride`, whose experts, head type, `reduce_dimension` and
+`share_layer3` are read from the checkpoint), loads every weight and BN statistic into it and saves it as
 a `.keras` file. The model takes what nbn_keras models take: raw pixels in
 [0, 255], NHWC, with the ImageNet mean/std normalisation inside the graph, so
 its logits on `x` are those of their model in eval mode on
@@ -25,6 +27,7 @@ import keras
 import numpy as np
 
 from nbn_keras import conversion
+from nbn_keras import ride
 from nbn_keras.backbones import build_classifier
 from nbn_keras.data.list_files import IMAGENET_MEAN
 from nbn_keras.data.list_files import IMAGENET_STD
@@ -36,9 +39,13 @@ ARCHS = {
     "resnet50_nbn": ("resnet50", True),
     "resnext50": ("resnext50", False),
     "resnext50_nbn": ("resnext50", True),
+    "resnet50_ride": ("resnet50_ride", False),
+    # Their `resnet50_ride_NBN`.
+    "resnet50_ride_nbn": ("resnet50_ride", True),
 }
 # Their NBN models hold the shared alpha as `scale_factor[0]` of a vector
-# with one entry per NBN-capable BN (the rest are never used).
+# with one entry per NBN-capable BN (the rest are never used); RIDE's hold
+# expert e's alpha as `scale_factor[e]`.
 SCALE_KEY = "scale_factor"
 # A BN counter PyTorch keeps; unused at inference, accepted when present.
 OPTIONAL_SUFFIX = ".num_batches_tracked"
@@ -112,6 +119,7 @@ def _conv_kernel(weight):
 def _expected_arrays(model):
     """`{torch key: (variable, to_keras, torch shape)}` for `model`'s variables."""
     expected = {}
+    scales = {}
 
     def expect(key, variable, to_keras=None, torch_shape=None):
         shape = tuple(variable.shape) if torch_shape is None else torch_shape
@@ -127,24 +135,57 @@ def _expected_arrays(model):
                    tuple(layer.kernel.shape)[::-1])
             expect(path + ".bias", layer.bias)
         elif isinstance(layer, keras.layers.BatchNormalization):
-            expect(path + ".weight", layer.gamma)
-            expect(path + ".bias", layer.beta)
+            if layer.scale:  # Not in RIDE's BN over the logits (affine=False).
+                expect(path + ".weight", layer.gamma)
+            if layer.center:
+                expect(path + ".bias", layer.beta)
             expect(path + ".running_mean", layer.moving_mean)
             expect(path + ".running_var", layer.moving_variance)
         elif isinstance(layer, NBNScale):
-            expect(SCALE_KEY, layer.scales[0], lambda v: v[0],
-                   (_scale_factor_length(model),))
+            scales[_scale_index(layer.name)] = layer.scales[0]
         elif layer.weights:
             raise AssertionError(f"No checkpoint mapping for layer '{layer.name}'.")
+    if scales:
+        expect(SCALE_KEY, _ScaleEntries(scales), None, (_scale_factor_length(model),))
     return expected
+
+
+def _scale_index(name):
+    """The `scale_factor` entry of a scale layer: 0, or RIDE's expert index."""
+    if name == conversion.SCALE_LAYER_NAME:
+        return 0
+    prefix = ride.SCALE_NAME.format("")
+    if name.startswith(prefix) and name[len(prefix):].isdigit():
+        return int(name[len(prefix):])
+    raise AssertionError(f"No checkpoint mapping for scale layer '{name}'.")
+
+
+class _ScaleEntries:
+    """Assigns entries of `scale_factor` to scale variables, by index."""
+
+    dtype = "float32"
+
+    def __init__(self, variables):
+        self.variables = variables
+
+    def assign(self, vector):
+        for index, variable in self.variables.items():
+            variable.assign(vector[index])
 
 
 def _scale_factor_length(model):
     """How many entries the authors' `scale_factor` has for this network.
 
     One per BN of their NBN class: the last BN of every residual block and
-    every shortcut BN, i.e. the BN layers that feed a residual sum.
+    every shortcut BN, i.e. the BN layers that feed a residual sum; in RIDE,
+    every 2D BN (the BN over the logits is PyTorch's BatchNorm1d).
     """
+    if ride.expert_average_layer(model) is not None:
+        return sum(
+            isinstance(layer, keras.layers.BatchNormalization)
+            and not layer.name.startswith("linears_")
+            for layer in conversion.leaf_layers(model)
+        )
     return sum(
         conversion.feeds_residual_sum(layer)
         for layer in conversion.leaf_layers(model)
@@ -158,13 +199,15 @@ def _listed(keys):
     return ", ".join(keys[:_MAX_LISTED]) + (f" and {more} more" if more > 0 else "")
 
 
-def build_model(arch, num_classes, image_size=224):
+def build_model(arch, num_classes, image_size=224, ride_options=None):
     """The authors' network `arch` in Keras, freshly initialised.
 
     Args:
         arch: One of `ARCHS`.
         num_classes: Number of classes of the classifier.
         image_size: Height and width of the model's input.
+        ride_options: For the RIDE archs, options of
+            `nbn_keras.ride.build_ride_classifier` (see `ride_options`).
 
     Returns:
         A `keras.Model` from raw pixels in [0, 255] (ImageNet mean/std
@@ -176,8 +219,39 @@ def build_model(arch, num_classes, image_size=224):
     model = build_classifier(
         backbone, num_classes, (image_size, image_size, 3),
         mean=IMAGENET_MEAN, std=IMAGENET_STD, name=arch,
+        ride_options=ride_options if backbone in ride.ARCHITECTURES else None,
     )
-    return conversion.convert_to_nbn(model) if nbn else model
+    if not nbn:
+        return model
+    selection = "ride" if backbone in ride.ARCHITECTURES else "paper"
+    return conversion.convert_to_nbn(model, selection)
+
+
+def ride_options(state_dict):
+    """The RIDE options of the network a state dict is from.
+
+    Experts are counted from the `layer4s.{e}` keys; the head is
+    `Linear_fcbn_notaffine` when `linears.0.bn` has statistics;
+    `share_layer3` when `layer3.` keys exist; the `planes` of `layer3` and
+    `layer4` (256/512, or 192/384 with `reduce_dimension`) from the first
+    blocks' `conv1` weights.
+    """
+    experts = {int(k.split(".")[1]) for k in state_dict if k.startswith("layer4s.")}
+    if not experts:
+        raise ValueError("The checkpoint has no 'layer4s.' keys: it is not a RIDE model.")
+    share_layer3 = any(k.startswith("layer3.") for k in state_dict)
+    layer3 = "layer3.0.conv1.weight" if share_layer3 else "layer3s.0.0.conv1.weight"
+    for key in (layer3, "layer4s.0.0.conv1.weight"):
+        if key not in state_dict:
+            raise ValueError(f"The RIDE checkpoint has no '{key}'.")
+    return dict(
+        num_experts=max(experts) + 1,
+        share_layer3=share_layer3,
+        head=("Linear_fcbn_notaffine" if "linears.0.bn.running_mean" in state_dict
+              else "Linear"),
+        layer3_output_dim=int(state_dict[layer3].shape[0]),
+        layer4_output_dim=int(state_dict["layer4s.0.0.conv1.weight"].shape[0]),
+    )
 
 
 def load_state_dict(model, state_dict):
@@ -272,12 +346,17 @@ def import_checkpoint(
                 "replace it."
             )
     state_dict, recorded_arch = read_checkpoint(checkpoint, weights_only)
-    if recorded_arch is not None and recorded_arch != arch:
+    # (Their RIDE NBN arch is spelt `resnet50_ride_NBN`.)
+    if recorded_arch is not None and recorded_arch.lower() != arch:
         raise ValueError(
             f"The checkpoint was trained as arch '{recorded_arch}', not "
             f"'{arch}'."
         )
-    model = load_state_dict(build_model(arch, num_classes, image_size), state_dict)
+    options = None
+    if arch in ARCHS and ARCHS[arch][0] in ride.ARCHITECTURES:
+        options = ride_options(state_dict)
+    model = load_state_dict(
+        build_model(arch, num_classes, image_size, options), state_dict)
     if output is not None:
         directory = os.path.dirname(os.path.abspath(output))
         os.makedirs(directory, exist_ok=True)

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 from keras import ops
 
-LOSS_NAMES = ("cross_entropy", "balanced_softmax", "logit_adjusted", "ldam_drw")
+LOSS_NAMES = ("cross_entropy", "balanced_softmax", "logit_adjusted", "ldam_drw", "ride")
 
 
 def _as_counts(class_counts):
@@ -310,7 +310,9 @@ def build_loss(name, class_counts=None, **options):
 
     Args:
         name: One of `"cross_entropy"`, `"balanced_softmax"`,
-            `"logit_adjusted"`, `"ldam_drw"`.
+            `"logit_adjusted"`, `"ldam_drw"`, `"ride"` (a RIDE model's
+            multi-expert loss, `nbn_keras.ride_loss.RIDELoss`; add its
+            `RIDEEpochHook` callback to `fit`).
         class_counts: Number of training examples of each class. Needed by
             every loss but `"cross_entropy"`.
         **options: Passed on to the loss (`tau` for `"logit_adjusted"`;
@@ -326,6 +328,13 @@ def build_loss(name, class_counts=None, **options):
     """
     if name == "cross_entropy":
         return cross_entropy(**options)
+    if name == "ride":
+        # Imported here: `ride_loss` builds on this module's helpers.
+        from nbn_keras.ride_loss import RIDELoss
+
+        if class_counts is None:
+            raise ValueError("Loss 'ride' needs `class_counts`.")
+        return RIDELoss(class_counts, **options)
     classes = {
         "balanced_softmax": BalancedSoftmaxCrossEntropy,
         "logit_adjusted": LogitAdjustedCrossEntropy,

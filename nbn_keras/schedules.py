@@ -156,3 +156,54 @@ class WarmupStepDecay(keras.optimizers.schedules.LearningRateSchedule):
             "boundaries": list(self.boundaries),
             "factors": list(self.factors),
         }
+
+
+@keras.saving.register_keras_serializable(package="nbn_keras")
+class EpochCosineAnnealing(keras.optimizers.schedules.LearningRateSchedule):
+    """PyTorch's `CosineAnnealingLR` stepped once per epoch, past `T_max` too.
+
+    Epoch `e` (from 0) trains at
+    `eta_min + (base - eta_min) * 0.5 * (1 + cos(pi * e / t_max_epochs))`,
+    constant within the epoch. PyTorch's recursive update gives this closed
+    form for every epoch, so past `T_max` the rate does not stay at
+    `eta_min`: it rises again, back to `base` at `2 * T_max`, with period
+    `2 * T_max`. This is what the NBN authors' RIDE configs run (T_max 90,
+    200 epochs: 0 at epoch 90, 0.1 again at epoch 180, about 0.089 at the
+    last epoch, 199).
+
+    Args:
+        base_learning_rate: Learning rate of epoch 0.
+        steps_per_epoch: Training steps per epoch.
+        t_max_epochs: PyTorch's `T_max`, in epochs.
+        eta_min: Lowest learning rate. Defaults to `0.0`.
+
+    Example:
+
+    >>> schedule = EpochCosineAnnealing(0.1, steps_per_epoch=10, t_max_epochs=90)
+    >>> float(schedule(180 * 10))  # back at the base rate
+    0.1
+    """
+
+    def __init__(self, base_learning_rate, steps_per_epoch, t_max_epochs, eta_min=0.0):
+        if steps_per_epoch <= 0 or t_max_epochs <= 0:
+            raise ValueError(
+                "Need steps_per_epoch > 0 and t_max_epochs > 0, got "
+                f"{steps_per_epoch} and {t_max_epochs}."
+            )
+        self.base_learning_rate = float(base_learning_rate)
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.t_max_epochs = int(t_max_epochs)
+        self.eta_min = float(eta_min)
+
+    def __call__(self, step):
+        epoch = ops.floor(ops.cast(step, "float32") / float(self.steps_per_epoch))
+        cosine = 0.5 * (1.0 + ops.cos(math.pi * epoch / float(self.t_max_epochs)))
+        return self.eta_min + (self.base_learning_rate - self.eta_min) * cosine
+
+    def get_config(self):
+        return {
+            "base_learning_rate": self.base_learning_rate,
+            "steps_per_epoch": self.steps_per_epoch,
+            "t_max_epochs": self.t_max_epochs,
+            "eta_min": self.eta_min,
+        }

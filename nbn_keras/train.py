@@ -35,6 +35,8 @@ from nbn_keras import losses
 from nbn_keras import metrics
 from nbn_keras import plots
 from nbn_keras import report
+from nbn_keras import ride
+from nbn_keras import ride_loss
 from nbn_keras import run_files
 from nbn_keras import schedules
 from nbn_keras.backbones import build_classifier
@@ -58,8 +60,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS["verbosity"].using_default_value:
-        # TensorFlow's INFO lines (saving, export) drown what the run prints.
+        # TensorFlow's INFO lines (strategy, saving, export) drown what the
+        # run prints.
         logging.set_verbosity(logging.WARNING)
+        tf.get_logger().setLevel("WARNING")
     try:
         train_and_evaluate(config_lib.from_flags(FLAGS))
     except (ValueError, FileNotFoundError, RunError, run_files.RunDirectoryLocked) as error:
@@ -173,12 +177,15 @@ def load_data(config):
     if data_lib.uses_list_files(config.data):
         options = dict(train_list=config.train_list, val_list=config.val_list,
                        test_list=config.test_list, image_root=config.image_root,
-                       on_bad_image=config.on_bad_image)
+                       on_bad_image=config.on_bad_image, num_classes=config.num_classes,
+                       allow_outside_image_root=config.allow_outside_image_root)
     else:
         options = dict(imbalance_factor=config.imbalance_factor,
                        profile=config.imbalance_profile, seed=config.data_seed)
         if config.n_max:
             options["n_max"] = config.n_max
+        if config.image_size:
+            options["image_size"] = config.image_size
         if data_lib.uses_tfds(config.data):
             options.update(data_dir=config.data_dir, manual_dir=config.manual_dir,
                            download=config.download)
@@ -191,24 +198,35 @@ def epoch_steps(config, data):
 
 def build_model(config, data):
     """The classifier of `config`, converted to NBN when asked."""
+    ride_options = None
+    if config.backbone in ride.ARCHITECTURES:
+        ride_options = dict(
+            num_experts=config.ride_experts, reduce_dimension=config.ride_reduce_dimension,
+            share_layer3=config.ride_share_layer3, head=config.ride_head)
     model = build_classifier(
         config.backbone, data.num_classes, data.image_shape, mean=data.mean,
-        std=data.std, synchronized_bn=config.synchronized_bn, name=config.backbone)
+        std=data.std, synchronized_bn=config.synchronized_bn, name=config.backbone,
+        ride_options=ride_options)
     if not config.nbn:
         return model
     selection = config.nbn_selection
-    if selection not in ("paper", "all"):
+    if selection not in ("paper", "all", "ride"):
         selection = [name.strip() for name in selection.split(",")]
     return convert_to_nbn(
         model, selection, stages=list(config.nbn_stages) or None,
-        scale_sharing=config.nbn_scale_sharing, separate_scales=config.nbn_separate_scales)
+        scale_sharing=config.nbn_scale_sharing, separate_scales=config.nbn_separate_scales,
+        beta_initializer=(keras.initializers.RandomNormal(stddev=config.nbn_beta_init_std)
+                          if config.nbn_beta_init_std else None))
 
 
 def build_optimizer(config, steps_per_epoch):
     """SGD with the run's schedule and weight decay."""
     lr = config.learning_rate or schedules.scaled_learning_rate(
         config.base_lr, config.global_batch_size)
-    if config.schedule == "cosine":
+    if config.schedule == "cosine_annealing":
+        schedule = schedules.EpochCosineAnnealing(
+            lr, steps_per_epoch, config.cosine_t_max or config.epochs)
+    elif config.schedule == "cosine":
         schedule = schedules.WarmupCosineDecay(
             lr, total_steps=config.epochs * steps_per_epoch,
             warmup_steps=config.warmup_epochs * steps_per_epoch)
@@ -236,6 +254,9 @@ def build_loss(config, class_counts):
         # The head is a plain linear layer, so margins are subtracted from
         # unscaled logits, as in the reference code (not s * logits).
         options.update(drw_start_epoch=config.drw_epoch, scale_logits=False)
+    elif config.loss == "ride":
+        options.update(reweight_epoch=config.ride_reweight_epoch,
+                       diversity_factor=config.ride_diversity_factor)
     return losses.build_loss(config.loss, class_counts, **options)
 
 
@@ -267,8 +288,13 @@ def train(config, data, strategy, run_dir):
         checkpoint,
         keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard")),
     ]
+    if config.nbn_dynamics:  # First: it reads the weights each step begins with.
+        callbacks.insert(0, nbn_callbacks.NBNDynamicsLogger(
+            os.path.join(run_dir, nbn_callbacks.DYNAMICS_FILENAME)))
     if config.loss == "ldam_drw":
         callbacks.append(losses.DeferredReweighting())
+    if config.loss == "ride":
+        callbacks.append(ride_loss.RIDEEpochHook())
     try:
         model.fit(train_ds, epochs=config.epochs, steps_per_epoch=steps,
                   initial_epoch=initial_epoch, shuffle=False, callbacks=callbacks,
@@ -321,7 +347,8 @@ def export(config, run_dir, state):
     """The `export` phase: the folded model as a new TF Serving version."""
     model = keras.models.load_model(os.path.join(run_dir, "model.keras"), compile=False)
     path = export_for_serving(model, base_dir=config.export_dir,
-                              model_name=config.served_model_name, run_id=state["run_id"])
+                              model_name=config.served_model_name, run_id=state["run_id"],
+                              max_image_pixels=config.max_image_pixels)
     print(f"Exported for TF Serving to {path}")
     return path
 

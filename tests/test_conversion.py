@@ -30,6 +30,8 @@ EXPECTED_PAPER_LAYERS = {
                              "v2_stack_3_block2_3_bn", "v2_stack_3_block3_3_bn"],
     # Zero-padding shortcuts have no BN.
     "resnet32": [f"v2_stack_2_block{b}_2_bn" for b in range(1, 6)],
+    # One block per stage: the last stage has a single BN to convert.
+    "resnet8": ["v2_stack_2_block1_2_bn"],
 }
 
 
@@ -186,6 +188,54 @@ def test_fresh_model_converts_to_the_reference_initial_state():
             channels = gamma.shape[0]
             np.testing.assert_allclose(gamma, np.full(channels, 1 / (np.sqrt(channels) + 1e-6)), rtol=1e-6)
             np.testing.assert_array_equal(beta, np.zeros(channels))
+
+
+def test_beta_initializer_draws_a_different_start_per_layer():
+    model = small_classifier(depth=14)
+    converted = nbn_keras.convert_to_nbn(
+        model, beta_initializer=keras.initializers.RandomNormal(stddev=0.1, seed=3))
+    betas = [np.asarray(l.beta) for l in leaf_layers(converted)
+             if isinstance(l, NormalizedBatchNormalization)]
+    assert len(betas) == 2
+    assert not np.array_equal(betas[0], betas[1])
+    pooled = np.concatenate(betas)
+    assert 0.05 < pooled.std() < 0.2 and abs(pooled.mean()) < 0.05
+    # Everything else is still copied from the BN model.
+    old = {l.name: l for l in leaf_layers(model)}
+    for new in leaf_layers(converted):
+        if isinstance(new, NormalizedBatchNormalization):
+            np.testing.assert_array_equal(new.gamma, old[new.name].gamma)
+        elif new.weights and not isinstance(new, NBNScale):
+            for a, b in zip(new.get_weights(), old[new.name].get_weights(), strict=True):
+                np.testing.assert_array_equal(a, b)
+    # The default keeps the reference's zero start.
+    default = nbn_keras.convert_to_nbn(model)
+    for layer in leaf_layers(default):
+        if isinstance(layer, NormalizedBatchNormalization):
+            np.testing.assert_array_equal(layer.beta, np.zeros(layer.beta.shape))
+
+
+def test_unseeded_beta_initializer_differs_per_layer_and_follows_the_global_seed():
+    model = small_classifier(depth=14)
+
+    def betas():
+        keras.utils.set_random_seed(7)
+        converted = nbn_keras.convert_to_nbn(
+            model, beta_initializer=keras.initializers.RandomNormal(stddev=0.1))
+        return [np.asarray(l.beta) for l in leaf_layers(converted)
+                if isinstance(l, NormalizedBatchNormalization)]
+
+    first, second = betas(), betas()
+    assert not np.array_equal(first[0], first[1])
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_beta_initializer_and_preserve_outputs_exclude_each_other():
+    with pytest.raises(ValueError, match="beta_initializer.*preserve_outputs"):
+        nbn_keras.convert_to_nbn(small_classifier(), scale_sharing="layer",
+                                 separate_scales=True, preserve_outputs=True,
+                                 beta_initializer="ones")
 
 
 @pytest.mark.parametrize("scale_sharing, separate_scales, expected", [

@@ -121,3 +121,66 @@ def test_bad_options(image_root):
         _load(image_root, recipe="cifar")
     with pytest.raises(ValueError, match="num_classes"):
         _load(image_root, num_classes=2)
+
+
+def _jpeg(seed, height=40, width=48):
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 255, (1, 5, 6, 3)).astype("float32")
+    image = tf.image.resize(coarse, [height, width])[0]
+    return tf.io.encode_jpeg(tf.cast(image, tf.uint8), quality=90).numpy()
+
+
+def test_find_undecodable_decodes_every_file_in_full(tmp_path):
+    good = _jpeg(0)
+    scan = good.find(b"\xff\xda") + 20
+    noise = np.random.default_rng(1).integers(0, 256, len(good) - scan - 20, np.uint8)
+    files = {
+        "good.jpg": good,
+        "good.png": tf.io.encode_png(np.zeros((5, 7, 3), np.uint8)).numpy(),
+        # Valid header, corrupt data: the training pipeline's cropped decode
+        # can succeed on these, a full decode does not.
+        "corrupt_data.jpg": good[:scan] + noise.tobytes() + good[-20:],
+        "truncated.jpg": good[: int(len(good) * 0.6)],
+        "no_data.jpg": good[:scan],
+        "truncated.png": tf.io.encode_png(np.zeros((50, 70, 3), np.uint8)).numpy()[:60],
+        "text.jpg": b"hello",
+        "empty.png": b"",
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    paths = [str(tmp_path / name) for name in files] + [str(tmp_path / "absent.jpg")]
+    bad = list_files.find_undecodable(paths)
+    assert sorted(os.path.basename(p) for p in bad) == sorted(
+        set(files) - {"good.jpg", "good.png"} | {"absent.jpg"})
+
+
+def test_file_pipelines_keep_order_and_seeds(image_root):
+    from nbn_keras.data import samplers, transforms
+
+    data = _load(image_root)
+    # tf.data knows the lengths, as for in-memory data (Keras counts steps).
+    assert int(data.split_dataset("train").cardinality()) == 6
+    assert int(nbn_data.make_eval_dataset(data, "val", 1).cardinality()) == 2
+    assert int(nbn_data.make_train_dataset(data, 2, epochs=2).cardinality()) == 6
+    assert (nbn_data.make_train_dataset(data, 2).cardinality()
+            == tf.data.INFINITE_CARDINALITY)
+    # Evaluation: the records in list order, each through the transform.
+    decode = transforms.eval_transform(data.recipe, data.image_shape)
+    for (image, label), path, expected_label in zip(
+            data.split_dataset("train"), data.train_split.records, data.train_split.labels):
+        np.testing.assert_array_equal(image, decode(tf.constant(path)))
+        assert int(label) == expected_label
+    # Training: the sampler's index stream, element k seeded with (seed, k),
+    # for a finite (epochs=2) and an endless (epochs=None) stream.
+    augment = transforms.train_transform(data.recipe, data.image_shape)
+    for epochs in (2, None):
+        ds = nbn_data.make_train_dataset(data, 2, sampler="sqrt", epochs=epochs, seed=3)
+        indices = list(samplers.index_stream(
+            data.train_split.labels, "sqrt", examples_per_epoch=6, epochs=epochs,
+            seed=3).take(12).as_numpy_iterator())
+        images = np.concatenate([batch for batch, _ in ds.take(6).as_numpy_iterator()])
+        assert len(images) == len(indices) == 6 * 2
+        for position, (image, index) in enumerate(zip(images, indices)):
+            expected = augment(tf.constant(data.train_split.records[index]),
+                               tf.constant([3, position], tf.int64))
+            np.testing.assert_allclose(image, expected, atol=1e-4)

@@ -113,3 +113,22 @@ def test_batch_size_errors(data):
         nbn_data.make_train_dataset(data, 0)
     with pytest.raises(ValueError, match="global_batch_size"):
         nbn_data.make_train_dataset(data, 10 ** 6)
+
+
+def test_steps_per_epoch_and_initial_epoch_reach_the_pipeline(data):
+    # Two steps per epoch (not the data set's own epoch length): the
+    # progressive sampler's epochs, and a resumed pipeline, follow them.
+    make = lambda initial_epoch: nbn_data.make_train_dataset(
+        data, 8, sampler="progressive", epochs=3, seed=1, steps_per_epoch=2,
+        initial_epoch=initial_epoch)
+    whole = list(make(0).as_numpy_iterator())
+    resumed = list(make(1).as_numpy_iterator())
+    assert len(whole) == 6 and len(resumed) == 4
+    for (x1, y1), (x2, y2) in zip(whole[2:], resumed):
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(y1, y2)
+    # The last epoch is class-balanced: labels drawn as the sampler says.
+    expected = samplers.epoch_indices(data.train_split.labels, "progressive", 2, 16,
+                                      epochs=3, seed=1)
+    np.testing.assert_array_equal(np.concatenate([y for _, y in whole[4:]]),
+                                  data.train_split.labels[expected])

@@ -1,9 +1,13 @@
 import json
 import os
 import re
+import socket
+import stat
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import keras
 import numpy as np
@@ -307,3 +311,206 @@ def test_crop_mode_matches_the_evaluation_pipeline(tmp_path):
     served = export.decode_and_resize(png, 224, 224, 3, "crop")
     pipeline = data_transforms.center_crop_resize(png, tf.constant(False), 224)
     np.testing.assert_allclose(served.numpy(), pipeline.numpy(), atol=1e-4)
+
+
+def modes(root):
+    """`{relative path: permission bits}` of everything under `root`."""
+    found = {".": stat.S_IMODE(os.stat(root).st_mode)}
+    for directory, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(directory, name)
+            found[os.path.relpath(path, root)] = stat.S_IMODE(os.stat(path).st_mode)
+    return found
+
+
+def test_export_is_world_readable_whatever_the_umask(tmp_path):
+    old = os.umask(0o077)
+    try:
+        path = export.export_for_serving(
+            tiny_classifier(), str(tmp_path / "served"), "m")
+    finally:
+        os.umask(old)
+    found = modes(path)
+    assert {"saved_model.pb", "variables", "fingerprint.pb"} <= set(found)
+    for name, mode in found.items():
+        is_dir = os.path.isdir(os.path.join(path, name))
+        assert mode == (0o755 if is_dir else 0o644), (name, oct(mode))
+    # The directories the export created on the way are readable too.
+    assert modes(str(tmp_path / "served"))["."] == 0o755
+    assert modes(str(tmp_path / "served" / "m"))["."] == 0o755
+
+
+def test_a_taken_version_is_skipped_or_refused(tmp_path):
+    model_dir = tmp_path / "m"
+    for taken in ("1", "2"):
+        (model_dir / taken).mkdir(parents=True)
+        (model_dir / taken / "saved_model.pb").write_bytes(b"earlier export")
+    staged = model_dir / ".tmp-export-1-ab-host"
+    staged.mkdir()
+    (staged / "saved_model.pb").write_bytes(b"new")
+    # Another exporter took 1 and 2 after this one chose version 1.
+    path = export._claim_version(str(staged), str(model_dir), "m", 1, fixed=False)
+    assert path == str(model_dir / "3")
+    assert (model_dir / "3" / "saved_model.pb").read_bytes() == b"new"
+    for taken in ("1", "2"):
+        assert (model_dir / taken / "saved_model.pb").read_bytes() == b"earlier export"
+    staged.mkdir()
+    with pytest.raises(FileExistsError, match="Version 2 of 'm' already exists"):
+        export._claim_version(str(staged), str(model_dir), "m", 2, fixed=True)
+    assert (model_dir / "2" / "saved_model.pb").read_bytes() == b"earlier export"
+
+
+_CONCURRENT_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, time
+    import keras
+    from nbn_keras import export
+
+    model_path, base, ready, me, count = sys.argv[1:6]
+    model = keras.models.load_model(model_path, compile=False)
+    open(os.path.join(ready, me), "w").close()
+    while len(os.listdir(ready)) < int(count):  # all start together
+        time.sleep(0.002)
+    print("EXPORTED", export.export_for_serving(model, base, "m"))
+    """
+)
+
+
+@pytest.mark.slow
+def test_concurrent_exports_take_distinct_versions(tmp_path):
+    model_path = tmp_path / "tiny.keras"
+    tiny_classifier().save(model_path)
+    (tmp_path / "ready").mkdir()
+    (tmp_path / "export.py").write_text(_CONCURRENT_SCRIPT)
+    base, model_dir = tmp_path / "served", tmp_path / "served" / "m"
+    incomplete, stop = [], threading.Event()
+
+    def watch():
+        # What a TF Serving poll would see: every integer directory must be
+        # a complete SavedModel the moment it appears.
+        while not stop.is_set():
+            names = os.listdir(model_dir) if model_dir.is_dir() else []
+            for name in names:
+                version = model_dir / name
+                if name.isdigit() and not (
+                    (version / "saved_model.pb").is_file()
+                    and (version / "variables" / "variables.index").is_file()
+                ):
+                    incomplete.append(name)
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        processes = [
+            subprocess.Popen(
+                [sys.executable, str(tmp_path / "export.py"), str(model_path),
+                 str(base), str(tmp_path / "ready"), str(i), "3"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+            )
+            for i in range(3)
+        ]
+        outputs = [p.communicate(timeout=600) for p in processes]
+    finally:
+        stop.set()
+        watcher.join()
+    for process, (out, err) in zip(processes, outputs):
+        assert process.returncode == 0, err[-3000:]
+    exported = sorted(out.split("EXPORTED", 1)[1].strip() for out, _ in outputs)
+    assert exported == [str(model_dir / v) for v in ("1", "2", "3")]
+    assert sorted(os.listdir(model_dir)) == ["1", "2", "3"]  # no leftovers
+    assert not incomplete, incomplete
+    images = pixels().astype("float32")
+    expected = predict(keras.models.load_model(model_path), images)
+    for version in ("1", "2", "3"):
+        served = tf.saved_model.load(str(model_dir / version))
+        logits = served.signatures["serving_default"](images=tf.constant(images))
+        np.testing.assert_allclose(logits["logits"], expected, atol=1e-5)
+
+
+def test_stale_temporary_directories_are_removed(tmp_path):
+    model_dir = tmp_path / "m"
+    host = socket.gethostname()
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)
+    dead_pid = int(finished.stdout)
+    names = {
+        "dead_owner": f".tmp-export-{dead_pid}-0123abcd-{host}",
+        "live_owner": f".tmp-export-{os.getpid()}-0123abcd-{host}",
+        "other_host_old": f".tmp-export-{os.getpid()}-0123abcd-{host}.elsewhere",
+        "other_host_new": f".tmp-export-{os.getpid()}-4567abcd-{host}.elsewhere",
+        "older_naming_old": ".tmp-3-k2j4h5",
+        "older_naming_new": ".tmp-4-k2j4h5",
+    }
+    for key, name in names.items():
+        (model_dir / name / "variables").mkdir(parents=True)
+        if key.endswith("_old"):
+            hours_ago = time.time() - 2 * 3600
+            os.utime(model_dir / name, (hours_ago, hours_ago))
+    (model_dir / "1").mkdir()
+    (model_dir / "1" / "saved_model.pb").write_bytes(b"earlier export")
+    path = export.export_for_serving(tiny_classifier(), str(tmp_path), "m")
+    assert path == str(model_dir / "2")
+    left = set(os.listdir(model_dir))
+    assert left == {"1", "2", names["live_owner"], names["other_host_new"],
+                    names["older_naming_new"]}
+    assert (model_dir / "1" / "saved_model.pb").read_bytes() == b"earlier export"
+
+
+def _pil_bytes(pil_image, fmt):
+    import io
+
+    buffer = io.BytesIO()
+    pil_image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_header_sizes_match_the_decoded_sizes():
+    from PIL import Image  # Installed with matplotlib.
+
+    rng = np.random.default_rng(5)
+    encoded = []
+    for height, width in ((7, 300), (260, 9), (33, 33)):
+        array = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        image = Image.fromarray(array)
+        encoded += [
+            (_pil_bytes(image, "PNG"), (height, width)),
+            (_pil_bytes(image.convert("L"), "PNG"), (height, width)),
+            (_pil_bytes(image.convert("RGBA"), "PNG"), (height, width)),
+            (_pil_bytes(image, "JPEG"), (height, width)),
+            (_pil_bytes(image, "GIF"), (height, width)),
+            (_pil_bytes(image, "BMP"), (height, width)),
+            (tf.io.encode_jpeg(array, progressive=True).numpy(), (height, width)),
+        ]
+    for data, expected in encoded:
+        size = export.encoded_image_size(tf.constant(data)).numpy().tolist()
+        decoded = tf.io.decode_image(data, expand_animations=False).shape[:2]
+        assert size == list(expected) == list(decoded), data[:4]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="not a JPEG"):
+        export.encoded_image_size(tf.constant(b"RIFF....WEBPVP8 "))
+
+
+@pytest.mark.slow
+def test_saved_model_cli_run_reports_bad_inputs(tmp_path):
+    path = export.export_for_serving(tiny_classifier(), str(tmp_path), "m",
+                                     max_image_pixels=20 * 20)
+    nan = pixels(n=2).astype("float32")
+    nan[1, 0, 0, 0] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    encoded = png_bytes(pixels(n=1)) + png_bytes(pixels(n=1, size=21))
+    np.save(tmp_path / "bytes.npy", np.array(encoded, dtype=object), allow_pickle=True)
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    outputs = {}
+    for signature, inputs in (("serving_default", f"images={tmp_path / 'nan.npy'}"),
+                              ("serve_image_bytes", f"image_bytes={tmp_path / 'bytes.npy'}")):
+        result = subprocess.run(
+            [cli, "run", "--dir", path, "--tag_set", "serve", "--signature_def",
+             signature, "--inputs", inputs],
+            capture_output=True, text=True, env=ENV, timeout=300,
+        )
+        assert result.returncode != 0
+        outputs[signature] = result.stderr
+    assert re.search(r"`images` must be finite pixel values \[batch, 12, 12, 3\]",
+                     outputs["serving_default"])
+    assert re.search(r"image_bytes\[1\] is 21x21 pixels, more than the 400 pixels",
+                     outputs["serve_image_bytes"])

@@ -4,11 +4,9 @@ import csv
 import glob
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
@@ -74,6 +72,11 @@ def write_jpeg_list_files(root, num_classes=3, per_class=2):
 
 def data_overrides(config, tmp_path):
     name = os.path.basename(config)
+    if name.startswith("imagenet_lt_ride"):
+        # float32: from the initial loss scale, float16 skips more than
+        # FLOAT16_STEPS steps of this 3-expert model, each of them slow.
+        return write_jpeg_list_files(str(tmp_path / "images")) + [
+            "--global_batch_size=2", "--mixed_precision=none"]
     if name.startswith("imagenet_lt"):
         return write_jpeg_list_files(str(tmp_path / "images")) + [
             "--global_batch_size=2"]
@@ -114,7 +117,9 @@ def test_every_config_trains_and_reports(config, tmp_path):
     assert (run_dir / "class_counts.json").exists()
     # One metric vocabulary; the NBN scale is logged with the metrics.
     header = (run_dir / "history.csv").read_text().splitlines()[0].split(",")
-    assert ("nbn_scale/nbn_scale/alpha" in header) == name.endswith("_nbn.cfg")
+    # (RIDE models have one scale per expert: nbn_scale_expert{e}.)
+    assert any(column.startswith("nbn_scale/nbn_scale") and column.endswith("/alpha")
+               for column in header) == name.endswith("_nbn.cfg")
     assert {"top1", "many", "medium", "few", "val_top1", "val_few"} <= set(header)
     assert list((run_dir / "tensorboard" / "train").glob("events.out.tfevents.*"))
 
@@ -158,6 +163,14 @@ def test_bad_flags_fail_before_any_work(tmp_path, argv, message):
     assert not (tmp_path / "run").exists()
 
 
+def test_list_file_flags_reach_the_loader(tmp_path):
+    lists = write_jpeg_list_files(str(tmp_path / "images"))  # labels 0, 1, 2
+    result = run_command(f"--run_dir={tmp_path}/run", "--data=imagenet_lt", *lists,
+                         "--num_classes=2", "--global_batch_size=2", "--verbose=0")
+    assert result.returncode == 1
+    assert "list.txt, line 5: label 2 is not in [0, 2) (num_classes=2)" in result.stderr
+
+
 def test_bad_flagfile_fails_cleanly(tmp_path):
     flagfile = tmp_path / "bad.cfg"
     flagfile.write_text("--data=digits_lt\n--epochs=ten\n")
@@ -170,34 +183,6 @@ def test_bad_flagfile_fails_cleanly(tmp_path):
 def read_history(run_dir):
     with open(os.path.join(run_dir, "history.csv"), newline="") as f:
         return [int(row["epoch"]) for row in csv.DictReader(f)]
-
-
-def test_killed_run_resumes_with_the_right_step_count(tmp_path):
-    run_dir = tmp_path / "run"
-    argv = [sys.executable, "-m", "nbn_keras.train",
-            f"--flagfile={REPO}/configs/digits_lt_nbn.cfg", f"--run_dir={run_dir}",
-            "--noexport", "--epochs=6", "--steps_per_epoch=3", "--verbose=0"]
-    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None:
-        if (run_dir / "history.csv").exists() and len(read_history(run_dir)) >= 2:
-            break
-        time.sleep(0.1)
-    assert process.poll() is None, "the run ended before it could be killed"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    killed_at = len(read_history(run_dir))
-    assert 2 <= killed_at < 6
-
-    result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    figures = json.loads((run_dir / "test_metrics.json").read_text())
-    assert figures["steps_trained"] == 6 * 3
-    epochs = read_history(run_dir)
-    # The second run started where the backup stood, not at epoch 0.
-    assert epochs[-1] == 5 and epochs.count(0) == 1
-    assert not (run_dir / "backup").exists()
 
 
 DISTRIBUTED_SCRIPT = """
@@ -222,7 +207,7 @@ def test_mirrored_strategy_on_two_devices(tmp_path):
          "--verbose=0"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 replica(s)" in result.stderr
+    assert "2 replica(s)" in result.stdout
     figures = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
     assert figures["steps_trained"] == 2
     assert (tmp_path / "export" / "digits_lt_nbn" / "1" / "saved_model.pb").exists()

@@ -131,6 +131,12 @@ class LongTailedData:
         """
         part = self.get_split(split)
         decode = transforms.eval_transform(self.recipe, self.image_shape)
+        if transforms.is_file_recipe(self.recipe):
+            records, labels = tf.constant(part.records), tf.constant(part.labels)
+            return transforms.map_image_files(
+                tf.data.Dataset.range(len(part)).map(lambda i: (i, i)), part.records,
+                lambda position, index: (decode(records[index]), labels[index]),
+            )
         ds = tf.data.Dataset.from_tensor_slices((part.records, part.labels))
         return ds.map(
             lambda record, label: (decode(record), label),

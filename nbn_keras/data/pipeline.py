@@ -123,7 +123,11 @@ def make_train_dataset(data, global_batch_size, sampler="instance", epochs=None,
         example_seed = tf.stack([tf.constant(seed, tf.int64), position])
         return transform(records[index], example_seed), labels[index]
 
-    ds = indices.map(load_example, num_parallel_calls=tf.data.AUTOTUNE)
+    if transforms.is_file_recipe(data.recipe):
+        # A file that fails to decode is named in the error.
+        ds = transforms.map_image_files(indices, split.records, load_example)
+    else:
+        ds = indices.map(load_example, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(global_batch_size, drop_remainder=True)
     return _with_options(ds.prefetch(tf.data.AUTOTUNE))
 

@@ -1,0 +1,286 @@
+"""RIDE: the NBN authors' multi-expert ResNet-50, with and without NBN.
+
+The network of their `models/ensemble.py` (`resnet50_ride`) and
+`models/ensemble_NBN.py` (`resnet50_ride_NBN`), github.com/yuxiangbao/NBN,
+after RIDE (Wang et al., ICLR 2021): the torchvision-layout stem, `layer1`
+and `layer2` are shared; each of `num_experts` experts has its own `layer3`
+(unless `share_layer3`) and `layer4`, global average pooling and head; the
+model's output is the mean of the experts' logits.
+
+Layer names are the PyTorch module paths with `_` for `.` (`layer3s_0_1_bn2`,
+`layer4s_2_0_downsample_1`, `linears_1`, `linears_1_bn`, ...), which is what
+`nbn_keras.import_torch` maps checkpoints with. Stage names carry an `s`
+(`layer4s_`), so the plain ResNets' `"paper"` selection does not see the
+experts; NBN in RIDE is the `"ride"` selection (`ride_selection`,
+`convert_ride_to_nbn`): every BN of each expert's last stage (bn1, bn2, bn3
+and the shortcut BN), one `NBNScale` per expert, as in their
+`ResNet_NBN.scale_modules`.
+
+The classifier has one output, the mean logits (layer `"logits"`, an
+`ExpertAverage`), so training metrics, evaluation, folding and the TF Serving
+export treat it as any classifier. `nbn_keras.ride_loss.RIDELoss` reads the
+per-expert logits from that layer during the training step.
+
+Reference:
+- [Wang et al., Long-tailed Recognition by Routing Diverse
+  Distribution-Aware Experts, ICLR 2021](https://arxiv.org/abs/2010.01809).
+"""
+
+import re
+import threading
+
+import keras
+from keras import layers
+from keras import ops
+
+from nbn_keras import conversion
+from nbn_keras import resnet
+from nbn_keras.layers import NBNScale
+from nbn_keras.layers import NormalizedBatchNormalization
+
+# name: (block, blocks per stage)
+ARCHITECTURES = {"resnet50_ride": ("bottleneck", (3, 4, 6, 3))}
+# Their `fc_type`s: a linear layer, or a linear layer followed by a BN1d
+# without affine parameters over the logits.
+HEAD_TYPES = ("Linear", "Linear_fcbn_notaffine")
+# The BN layers of expert `e`'s last stage: `layer4s_{e}_...`.
+LAST_STAGE = re.compile(r"^layer4s_(\d+)_")
+SCALE_NAME = "nbn_scale_expert{}"
+# A transient tensor of the step being traced or run, per thread.
+_recorded = threading.local()
+
+
+@keras.saving.register_keras_serializable(package="nbn_keras")
+class ExpertAverage(keras.layers.Layer):
+    """The mean over experts of stacked logits `[batch, experts, classes]`.
+
+    The layer also records the tensor it was called on (per thread: each
+    replica of a `tf.distribute` strategy runs in its own thread), so that a
+    loss computed in the same step (`nbn_keras.ride_loss.RIDELoss`) can use
+    the per-expert logits while the model keeps a single logits output, the
+    one training metrics, evaluation and the serving export use.
+
+    Call arguments:
+        inputs: The stacked expert logits, `[batch, experts, classes]`.
+
+    Returns:
+        The mean logits, `[batch, classes]`.
+    """
+
+    def call(self, inputs):
+        _recorded.expert_logits = inputs
+        return ops.mean(inputs, axis=1)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[2])
+
+
+def take_recorded_expert_logits():
+    """The expert logits an `ExpertAverage` last recorded in this thread, once.
+
+    Returns `None` when none was recorded since the last call.
+    """
+    experts = getattr(_recorded, "expert_logits", None)
+    _recorded.expert_logits = None
+    return experts
+
+
+def _normalize(inputs, mean, std):
+    if mean is None:
+        return layers.Rescaling(1.0 / 255, name="normalize")(inputs)
+    std = [1.0] * len(mean) if std is None else std
+    return layers.Normalization(
+        mean=[255.0 * m for m in mean],
+        variance=[(255.0 * s) ** 2 for s in std],
+        name="normalize",
+    )(inputs)
+
+
+def build_ride_classifier(
+    num_classes,
+    input_shape,
+    mean=None,
+    std=None,
+    arch="resnet50_ride",
+    name=None,
+    num_experts=3,
+    reduce_dimension=False,
+    share_layer3=False,
+    head="Linear",
+    layer3_output_dim=None,
+    layer4_output_dim=None,
+    synchronized_bn=False,
+    bn_momentum=0.9,
+    bn_epsilon=1e-5,
+):
+    """The authors' RIDE ResNet-50 classifier, from raw pixels to mean logits.
+
+    Like `nbn_keras.backbones.build_classifier`, the model takes raw pixels
+    in [0, 255] (input `"images"`), normalises them with `mean` and `std`
+    inside the graph and returns float32 logits: the mean of the experts'.
+    The pooling is global, which at 224x224 is their 7x7 average pooling.
+
+    Args:
+        num_classes: Number of classes.
+        input_shape: Image shape, channels last.
+        mean: Per-channel mean of the pixels scaled to [0, 1], or `None`.
+        std: Per-channel standard deviation, in the same units as `mean`.
+        arch: One of `ARCHITECTURES`.
+        name: Model name; defaults to `arch`.
+        num_experts: Number of experts (3 in their configs).
+        reduce_dimension: Experts' `planes` 192 and 384 instead of 256 and
+            512 in `layer3` and `layer4`.
+        share_layer3: One `layer3` shared by all experts (named `layer3`).
+        head: `"Linear"` or `"Linear_fcbn_notaffine"` (their `fc_type`: a
+            linear layer followed by a BN over the logits with neither gamma
+            nor beta).
+        layer3_output_dim: `planes` of the experts' `layer3`, overriding
+            `reduce_dimension`.
+        layer4_output_dim: `planes` of the experts' `layer4`, likewise.
+        synchronized_bn: Synchronise BN statistics across replicas.
+        bn_momentum: Momentum of the BN moving averages (Keras convention).
+        bn_epsilon: BN epsilon.
+
+    Returns:
+        A functional `keras.Model` with one output, the mean logits.
+
+    Example:
+
+    >>> model = build_ride_classifier(1000, (224, 224, 3), num_experts=3)
+    >>> nbn_model = nbn_keras.convert_to_nbn(model, selection="ride")
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(
+            f"Unknown RIDE architecture '{arch}'. Choose one of "
+            f"{tuple(ARCHITECTURES)}."
+        )
+    if head not in HEAD_TYPES:
+        raise ValueError(f"head must be one of {HEAD_TYPES}, got '{head}'.")
+    if int(num_experts) < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts}.")
+    block, stage_blocks = ARCHITECTURES[arch]
+    dim3 = layer3_output_dim or (192 if reduce_dimension else 256)
+    dim4 = layer4_output_dim or (384 if reduce_dimension else 512)
+    make = resnet.ResNetLayers(
+        bn_momentum=bn_momentum, bn_epsilon=bn_epsilon,
+        synchronized_bn=synchronized_bn,
+    )
+    inputs = keras.Input(input_shape, name="images")
+    x = resnet.apply_stem(_normalize(inputs, mean, std), make)
+    x = resnet.apply_stage(x, block, 64, stage_blocks[0], 1, make, "layer1")
+    x = resnet.apply_stage(x, block, 128, stage_blocks[1], 2, make, "layer2")
+    if share_layer3:
+        x = resnet.apply_stage(x, block, dim3, stage_blocks[2], 2, make, "layer3")
+    expert_logits = []
+    for e in range(int(num_experts)):
+        y = x
+        if not share_layer3:
+            y = resnet.apply_stage(
+                y, block, dim3, stage_blocks[2], 2, make, f"layer3s_{e}")
+        y = resnet.apply_stage(y, block, dim4, stage_blocks[3], 2, make, f"layer4s_{e}")
+        y = layers.GlobalAveragePooling2D(name=f"avg_pool_{e}")(y)
+        kernel, bias = resnet.torch_linear_initializers(y.shape[-1])
+        # Logits stay float32 under mixed precision for a stable softmax.
+        y = layers.Dense(
+            num_classes, dtype="float32", kernel_initializer=kernel,
+            bias_initializer=bias, name=f"linears_{e}",
+        )(y)
+        if head == "Linear_fcbn_notaffine":
+            y = layers.BatchNormalization(
+                momentum=bn_momentum, epsilon=bn_epsilon, center=False,
+                scale=False, synchronized=synchronized_bn, dtype="float32",
+                name=f"linears_{e}_bn",
+            )(y)
+        expert_logits.append(
+            layers.Reshape((1, num_classes), dtype="float32", name=f"expert_{e}")(y))
+    stacked = (
+        expert_logits[0] if len(expert_logits) == 1
+        else layers.Concatenate(axis=1, dtype="float32", name="expert_logits")(expert_logits)
+    )
+    outputs = ExpertAverage(dtype="float32", name="logits")(stacked)
+    return keras.Model(inputs, outputs, name=name or arch)
+
+
+def expert_average_layer(model):
+    """The `ExpertAverage` layer of a RIDE model, or `None`."""
+    for layer in conversion.leaf_layers(model):
+        if isinstance(layer, ExpertAverage):
+            return layer
+    return None
+
+
+def ride_selection(model):
+    """Every BN layer of each expert's last stage, `{expert: [layers]}`.
+
+    Args:
+        model: A model from `build_ride_classifier`.
+
+    Returns:
+        A dict from expert index to its BN layers (bn1, bn2, bn3 of every
+        block and the shortcut BN of `layer4s_{expert}`).
+    """
+    selected = {}
+    for layer in conversion.leaf_layers(model):
+        match = LAST_STAGE.match(layer.name)
+        if match and isinstance(layer, keras.layers.BatchNormalization):
+            if isinstance(layer, NormalizedBatchNormalization):
+                raise ValueError(f"Layer '{layer.name}' is already an NBN layer.")
+            selected.setdefault(int(match.group(1)), []).append(layer)
+    if not selected:
+        raise ValueError(
+            f"The 'ride' selection needs a RIDE model (BN layers named "
+            f"'layer4s_<expert>_...'); '{model.name}' has none. Use "
+            "selection='paper' for a plain ResNet."
+        )
+    return selected
+
+
+def convert_ride_to_nbn(model, separate_scales=False):
+    """Returns a copy of a RIDE model with NBN in each expert's last stage.
+
+    Every BN layer of `layer4s_{e}` becomes a `NormalizedBatchNormalization`
+    fed by the scale of expert `e`: one `NBNScale` per expert, named
+    `nbn_scale_expert{e}`, initialised to 1, as in the authors'
+    `resnet50_ride_NBN` (`scale_factor[e]` for the BN of `layer4s.e`).
+    Weights are copied, as by `nbn_keras.convert_to_nbn`.
+
+    Args:
+        model: A model from `build_ride_classifier`.
+        separate_scales: Separate scales for gamma and beta.
+
+    Returns:
+        A new `keras.Model`.
+    """
+    model = conversion._as_functional(model)
+    expert_of = {
+        id(layer): expert
+        for expert, bn_layers in ride_selection(model).items()
+        for layer in bn_layers
+    }
+    clashing = [l.name for l in conversion.leaf_layers(model)
+                if l.name.startswith("nbn_scale")]
+    if clashing:
+        raise ValueError(f"Model '{model.name}' already has layers {clashing}.")
+    new_expert_of = {}
+
+    def replace(layer):
+        if id(layer) not in expert_of:
+            return None
+        new = NormalizedBatchNormalization.from_batch_normalization(
+            layer, shared_scale=True, separate_scales=separate_scales)
+        new_expert_of[id(new)] = expert_of[id(layer)]
+        return new
+
+    scales = {}
+
+    def call_with_expert_scale(layer, *args, **kwargs):
+        expert = new_expert_of.get(id(layer))
+        if expert is not None:
+            if expert not in scales:
+                scales[expert] = NBNScale(
+                    separate_scales=separate_scales, name=SCALE_NAME.format(expert)
+                )(args[0])
+            kwargs["scale"] = scales[expert]
+        return layer(*args, **kwargs)
+
+    return conversion._clone(model, replace, call_with_expert_scale)

@@ -1,0 +1,145 @@
+"""The effect study: its statistics by hand, and a reduced study end to end."""
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "benchmarks")
+sys.path.insert(0, BENCHMARKS)
+
+import effect_stats  # noqa: E402
+
+# Two-sided 95 % critical values of Student's t, from a printed table.
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}
+
+
+def test_paired_interval_matches_a_hand_computation():
+    # Differences 2, 3, 1, 5: mean 2.75, squared deviations 0.5625, 0.0625,
+    # 3.0625, 5.0625 -> sample variance 8.75 / 3, sd 1.70783.
+    result = effect_stats.paired_interval([3, 5, 4, 6], [1, 2, 3, 1])
+    sd = math.sqrt(8.75 / 3)
+    half = T_975[3] * sd / 2.0
+    assert result["n"] == 4
+    assert result["mean"] == pytest.approx(2.75)
+    assert result["sd"] == pytest.approx(sd)
+    assert result["t"] == pytest.approx(T_975[3], abs=1e-3)
+    # The table's 3 decimals of t: within 1e-3 * sd / 2 of the exact bounds.
+    assert result["half_width"] == pytest.approx(half, abs=1e-3)
+    assert result["low"] == pytest.approx(2.75 - half, abs=1e-3)
+    assert result["high"] == pytest.approx(2.75 + half, abs=1e-3)
+    assert (result["positive"], result["negative"]) == (4, 0)
+
+
+def test_paired_interval_is_of_differences_not_of_arms():
+    # Large between-pair spread, constant difference: a zero-width interval.
+    result = effect_stats.paired_interval([11, 51, 91], [10, 50, 90])
+    assert result["mean"] == pytest.approx(1.0)
+    assert result["half_width"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_paired_interval_one_pair_and_bad_input():
+    single = effect_stats.paired_interval([2.0], [1.0])
+    assert single["mean"] == 1.0 and math.isnan(single["half_width"])
+    assert effect_stats.format_interval(single) == "+1.0"
+    with pytest.raises(ValueError, match="one length"):
+        effect_stats.paired_interval([1, 2], [1, 2, 3])
+
+
+def test_format_interval():
+    text = effect_stats.format_interval(effect_stats.paired_interval([3, 5, 4, 6], [1, 2, 3, 1]))
+    assert text == "+2.8 [+0.0, +5.5]"
+
+
+def test_one_minus_cosine():
+    assert effect_stats.one_minus_cosine([1, 0], [2, 0]) == pytest.approx(0.0)
+    assert effect_stats.one_minus_cosine([1, 0], [0, 3]) == pytest.approx(1.0)
+    assert effect_stats.one_minus_cosine([1, 1], [-1, -1]) == pytest.approx(2.0)
+    assert math.isnan(effect_stats.one_minus_cosine([0, 0], [1, 0]))
+
+
+def test_dynamics_summary_by_hand():
+    dynamics = {
+        "layers": ["bn"],
+        "initial": {"bn": {"gamma": [1.0, 1.0], "beta": [0.0, 0.0]}},
+        "after_step_1": {"bn": {"gamma": [1.0, 1.0], "beta": [3.0, 4.0]}},
+        "final": {"bn": {"gamma": [0.5, 0.0], "beta": [0.0, 1.0]}},
+        "epochs": [{"layers": {"bn": {"beta_norm": 10.0}}},
+                   {"layers": {"bn": {"beta_norm": 1.0}}}],
+    }
+    summary = effect_stats.dynamics_summary(dynamics)["bn"]
+    assert summary["gamma_direction_change"] == pytest.approx(1 - 1 / math.sqrt(2))
+    assert summary["gamma_norm_ratio"] == pytest.approx(0.5 / math.sqrt(2))
+    assert summary["beta_norm_step1"] == pytest.approx(5.0)
+    assert summary["beta_norm_ratio"] == pytest.approx(0.2)
+    assert summary["beta_direction_change"] == pytest.approx(1 - 4 / 5)
+    assert summary["beta_norm_peak"] == pytest.approx(10.0)
+    assert summary["beta_norm_shrink_from_peak"] == pytest.approx(0.1)
+
+
+def test_served_class_strength_by_hand():
+    # Channel c's largest weight goes to class c % 2; class 0 is frequent.
+    kernel = np.array([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.0, 2.0]])
+    gamma = np.array([2.0, 0.5, 3.0, -0.4])
+    beta = np.array([0.1, 0.2, 0.1, 0.2])
+    served = effect_stats.served_class_strength(gamma, beta, kernel, [100, 5])
+    assert served["served_class"] == [0, 1, 0, 1]
+    assert served["served_count"] == [100, 5, 100, 5]
+    assert served["abs_gamma"] == [2.0, 0.5, 3.0, 0.4]
+    # Frequent-class channels all have the larger |gamma|: rank correlation
+    # of (2, .5, 3, .4) with (100, 5, 100, 5), ties averaged, is
+    # cov / (sd * sd) over ranks (3, 2, 4, 1) and (3.5, 1.5, 3.5, 1.5).
+    ranks_g = np.array([3, 2, 4, 1.0]) - 2.5
+    ranks_c = np.array([3.5, 1.5, 3.5, 1.5]) - 2.5
+    expected = (ranks_g @ ranks_c) / np.sqrt((ranks_g @ ranks_g) * (ranks_c @ ranks_c))
+    assert served["spearman_gamma"] == pytest.approx(expected)
+    assert served["spearman_beta"] == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="4 inputs but the BN layer 3"):
+        effect_stats.served_class_strength(gamma[:3], beta[:3], kernel, [100, 5])
+
+
+@pytest.mark.slow
+def test_reduced_study_end_to_end(tmp_path):
+    import effect_study
+
+    work, out = tmp_path / "runs", tmp_path / "out"
+    effect_study.main(["--tiny", "--work_dir", str(work), "--out_dir", str(out)])
+    with open(out / "effect_study.json") as f:
+        study = json.load(f)
+    runs = {r["arm"]: r for r in study["runs"]}
+    assert set(runs) == {"bn", "nbn"}
+    for run in runs.values():
+        assert run["steps_trained"] == 8
+        for name in ("top1", "many", "medium", "few"):
+            assert 0.0 <= run["figures"][name] <= 100.0
+        for entry in run["mechanics"].values():
+            assert 0.0 <= entry["gamma_direction_change"] <= 2.0
+            assert 0.0 <= entry["beta_direction_change"] <= 2.0
+            assert entry["gamma_norm_ratio"] > 0
+    # NBN's zero-start beta is thrown far out by its first step.
+    nbn_layer = runs["nbn"]["tracked_layers"][-1]
+    assert runs["nbn"]["mechanics"][nbn_layer]["beta_norm_step1"] > 100.0
+    assert runs["bn"]["tracked_layers"] == runs["nbn"]["tracked_layers"]
+    (cell,) = study["statistics"]["cells"]
+    assert cell["same_initial_convs"] == 1
+    paired = cell["paired_nbn_minus_bn"]["top1"]
+    assert paired["n"] == 1
+    assert paired["mean"] == pytest.approx(
+        runs["nbn"]["figures"]["top1"] - runs["bn"]["figures"]["top1"])
+    assert 0.0 < study["shrink"]["predicted"] < 1.0
+    markdown = (out / "effect_study.md").read_text()
+    assert "Paired difference NBN − BN" in markdown
+    assert (out / "effect_paired_differences.png").exists()
+    # A second invocation reuses both runs instead of training again.
+    effect_study.main(["--tiny", "--work_dir", str(work), "--out_dir", str(out),
+                       "--no_pictures"])
+    with open(out / "effect_study.json") as f:
+        again = json.load(f)
+    assert all(r["reused"] for r in again["runs"])
+    assert not any(r["reused"] for r in study["runs"])
+    assert [r["figures"]["top1"] for r in again["runs"]] == [
+        r["figures"]["top1"] for r in study["runs"]]
