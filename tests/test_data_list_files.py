@@ -180,7 +180,8 @@ def test_file_pipelines_keep_order_and_seeds(image_root):
             seed=3).take(12).as_numpy_iterator())
         images = np.concatenate([batch for batch, _ in ds.take(6).as_numpy_iterator()])
         assert len(images) == len(indices) == 6 * 2
-        for position, (image, index) in enumerate(zip(images, indices)):
+        for k, (image, (position, index)) in enumerate(zip(images, indices)):
+            assert position == k
             expected = augment(tf.constant(data.train_split.records[index]),
                                tf.constant([3, position], tf.int64))
             np.testing.assert_allclose(image, expected, atol=1e-4)

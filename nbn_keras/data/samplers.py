@@ -163,6 +163,11 @@ def index_stream(labels, sampler="instance", examples_per_epoch=None, epochs=Non
         positions = epoch * examples + tf.range(examples, dtype=tf.int64)
         return tf.data.Dataset.from_tensor_slices((positions, tf.reshape(indices, [examples])))
 
-    epoch_numbers = (tf.data.Dataset.range(int(initial_epoch), int(epochs))
-                     if epochs is not None else tf.data.Dataset.counter(int(initial_epoch)))
-    return epoch_numbers.flat_map(one_epoch)
+    # flat_map hides the length, which Keras and tf.data use to count steps.
+    if epochs is None:
+        stream = tf.data.Dataset.counter(int(initial_epoch)).flat_map(one_epoch)
+        length = tf.data.INFINITE_CARDINALITY
+    else:
+        stream = tf.data.Dataset.range(int(initial_epoch), int(epochs)).flat_map(one_epoch)
+        length = max(int(epochs) - int(initial_epoch), 0) * examples
+    return stream.apply(tf.data.experimental.assert_cardinality(length))
