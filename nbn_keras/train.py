@@ -72,6 +72,12 @@ def main(argv):
         logging.debug("Traceback:", exc_info=True)
         print(f"Error: {error}", file=sys.stderr)
         return 1
+    except tf.errors.InvalidArgumentError as error:
+        if "Cannot read or decode image file" not in error.message:
+            raise
+        # An image that fails to decode during training: the message names it.
+        print(f"Error: {error.message.splitlines()[0]}", file=sys.stderr)
+        return 1
     except OSError as error:  # Read-only or full disk: name the path.
         logging.debug("Traceback:", exc_info=True)
         where = f": {error.filename}" if error.filename else ""
