@@ -37,17 +37,20 @@ def _forest(ax, rows, title):
     ax.grid(alpha=0.3, axis="x")
 
 
-def plot_paired_differences(stats, path):
-    """NBN − BN per cell and metric: mean and 95 % t-interval."""
-    figure = Figure(figsize=(10, 2.6))
+def plot_paired_differences(entries, label, path, title=""):
+    """NBN − BN per entry and metric: mean and 95 % t-interval.
+
+    `entries` are the study's `cells` or `decays`, `label(entry)` names a row.
+    """
+    figure = Figure(figsize=(10, 0.9 + 0.4 * len(entries)))
     axes = figure.subplots(1, len(GROUP_METRICS), sharey=True)
     for ax, name in zip(axes, GROUP_METRICS):
-        rows = [(f"{c['data'].removesuffix('_lt')} IF {c['imbalance_factor']:g} "
-                 f"(n={c['paired_nbn_minus_bn'][name]['n']})",
-                 c["paired_nbn_minus_bn"][name]) for c in stats["cells"]]
+        rows = [(f"{label(e)} (n={e['paired_nbn_minus_bn'][name]['n']})",
+                 e["paired_nbn_minus_bn"][name]) for e in entries]
         _forest(ax, rows, f"{name}: NBN − BN (points)")
-    figure.suptitle("Paired test-accuracy difference, mean and 95 % t-interval over seeds",
-                    fontsize=10)
+    figure.suptitle("Paired test-accuracy difference, mean and 95 % t-interval over "
+                    "seeds" + title, fontsize=10)
+    figure.tight_layout()
     return plots._save(figure, path)
 
 
@@ -65,35 +68,41 @@ def plot_ablations(stats, labels, path):
     return plots._save(figure, path)
 
 
-def plot_mechanism(records, labels, path):
-    """Scale over training, raw norms over training, final direction change."""
+def plot_mechanism(records, labels, bn_arms, nbn_arms, path):
+    """Scale over training, raw norms over training, final direction change.
+
+    Curves for the runs of `bn_arms` and `nbn_arms`, coloured by data, imbalance
+    factor and weight decay; direction changes of every arm.
+    """
     figure = Figure(figsize=(13, 3.6))
     ax_alpha, ax_norm, ax_cos = figure.subplots(1, 3)
-    keys = list(dict.fromkeys((r["data"], r["imbalance_factor"]) for r in records))
+    curves = [r for r in records if r["arm"] in nbn_arms + bn_arms]
+    keys = list(dict.fromkeys((r["data"], r["imbalance_factor"], r["weight_decay"])
+                              for r in curves))
     colors = dict(zip(keys, CELL_COLORS * 3))
     seen = set()
-    for r in records:
-        key = (r["data"], r["imbalance_factor"])
+    for r in curves:
+        key = (r["data"], r["imbalance_factor"], r["weight_decay"])
         color = colors[key]
-        label = f"{r['data'].removesuffix('_lt')} IF {r['imbalance_factor']:g}"
+        label = (f"{r['data'].removesuffix('_lt')} IF {r['imbalance_factor']:g}, "
+                 f"wd {r['weight_decay']:g}")
         steps = [e["step"] for e in r["trajectory"]]
-        if r["arm"] == "nbn":
+        if r["arm"] in nbn_arms:
             alpha = [next(iter(e["scales"].values())) for e in r["trajectory"]]
             ax_alpha.plot(steps, alpha, color=color, lw=0.8,
                           label=label if ("a", key) not in seen else None)
             seen.add(("a", key))
-        if r["arm"] in ("bn", "nbn"):
-            layer = r["tracked_layers"][-1]
-            for symbol, style in (("gamma", "-"), ("beta", ":")):
-                norms = np.asarray([e["layers"][layer].get(f"{symbol}_norm", np.nan)
-                                    for e in r["trajectory"]], dtype=float)
-                # gamma relative to its start, beta to its norm after step 1.
-                reference = r["mechanics"][layer].get(
-                    "beta_norm_peak" if symbol == "beta" else "gamma_norm_initial")
-                if not len(norms) or not reference:
-                    continue
-                ax_norm.plot(steps, norms / reference, style,
-                             color="0.5" if r["arm"] == "bn" else color, lw=0.7)
+        layer = r["tracked_layers"][-1]
+        for symbol, style in (("gamma", "-"), ("beta", ":")):
+            norms = np.asarray([e["layers"][layer].get(f"{symbol}_norm", np.nan)
+                                for e in r["trajectory"]], dtype=float)
+            # gamma relative to its start, beta to its norm after step 1.
+            reference = r["mechanics"][layer].get(
+                "beta_norm_peak" if symbol == "beta" else "gamma_norm_initial")
+            if not len(norms) or not reference:
+                continue
+            ax_norm.plot(steps, norms / reference, style,
+                         color="0.5" if r["arm"] in bn_arms else color, lw=0.7)
     ax_alpha.set_title("NBN alpha over training", fontsize=9)
     ax_alpha.set_xlabel("step")
     ax_alpha.legend(fontsize=7)
@@ -167,11 +176,21 @@ def write_all(args, records, stats, out_dir):
     paths = []
     if stats["cells"]:
         paths.append(plot_paired_differences(
-            stats, os.path.join(out_dir, "effect_paired_differences.png")))
+            stats["cells"],
+            lambda c: f"{c['data'].removesuffix('_lt')} IF {c['imbalance_factor']:g}",
+            os.path.join(out_dir, "effect_paired_differences.png")))
+    if len(stats["decays"]) > 1:
+        paths.append(plot_paired_differences(
+            stats["decays"], lambda d: f"wd {d['weight_decay']:g}",
+            os.path.join(out_dir, "effect_weight_decay.png"),
+            title=f", digits IF {args.ablation_imbalance_factor:g}"))
     if stats["ablations"]:
         paths.append(plot_ablations(stats, labels,
                                     os.path.join(out_dir, "effect_ablations.png")))
-    paths.append(plot_mechanism(records, labels, os.path.join(out_dir, "effect_mechanism.png")))
+    decays = effect_study.decay_cells(args)
+    paths.append(plot_mechanism(records, labels, [bn for _, bn, _ in decays],
+                                [nbn for _, _, nbn in decays],
+                                os.path.join(out_dir, "effect_mechanism.png")))
     for data, factor in effect_study.cells(args):
         runs = [r for r in records if r["data"] == data and r["imbalance_factor"] == factor]
         if not runs:

@@ -67,8 +67,18 @@ ABLATIONS = {
     "nbn_two_stages_layer_alpha": ["--nbn", "--nbn_stages=1,2",
                                    "--nbn_scale_sharing=layer"],
 }
+# The recipe's weight decay (5e-4) shrinks a weight by exp(-wd * Σlr / (1 - m))
+# = 0.32 over a run; these cells raise it (BN and NBN alike) to about 1e-2
+# and to about 1e-5, the paper's ImageNet-LT level, so that NBN's raw beta,
+# thrown to a norm of ~5e5 by its first step, can shrink far enough to turn.
+DECAYS = {"wd2e-3": 2e-3, "wd5e-3": 5e-3}
+DECAY_ARMS = {f"{arm}_{name}": ARMS[arm] + [f"--weight_decay={wd:g}"]
+              for name, wd in DECAYS.items() for arm in ARMS}
+ALL_ARMS = ARMS | ABLATIONS | DECAY_ARMS
 LABELS = {
     "bn": "BN", "nbn": "NBN (paper)",
+    **{f"{arm}_{name}": f"{'NBN' if arm == 'nbn' else 'BN'}, wd {wd:g}"
+       for name, wd in DECAYS.items() for arm in ARMS},
     "nbn_beta_random": "NBN, beta ~ N(0, 0.1²) start",
     "nbn_separate_scales": "NBN, separate gamma/beta scales",
     "nbn_two_stages": "NBN, last two stages",
@@ -76,8 +86,6 @@ LABELS = {
 }
 TINY_FLAGS = ["--epochs=2", "--steps_per_epoch=4", "--warmup_epochs=1",
               "--lr_drop_epochs=1,2"]
-# Runs trained before `overall` was renamed `top1` (the committed study's runs).
-_OLD_NAMES = {"top1": "overall"}
 
 
 def parse_args(argv=None):
@@ -86,16 +94,20 @@ def parse_args(argv=None):
     parser.add_argument("--imbalance_factors", type=float, nargs="*", default=[10, 50, 100])
     parser.add_argument("--synthetic_imbalance_factors", type=float, nargs="*",
                         default=[100])
-    parser.add_argument("--ablation_seeds", type=int, nargs="*", default=[0, 1, 2])
+    parser.add_argument("--ablation_seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4])
     parser.add_argument("--ablation_imbalance_factor", type=float, default=100)
     parser.add_argument("--ablations", nargs="*", default=list(ABLATIONS),
                         choices=list(ABLATIONS))
+    parser.add_argument("--decays", nargs="*", default=list(DECAYS), choices=list(DECAYS),
+                        help="Weight-decay cells (BN and NBN, digits-LT at "
+                             "--ablation_imbalance_factor, every seed).")
     parser.add_argument("--workers", type=int, default=2,
                         help="Training subprocesses at a time.")
     parser.add_argument("--threads", type=int, default=1,
                         help="TensorFlow intra- and inter-op threads per run.")
-    parser.add_argument("--extra_flags", nargs="*", default=[],
-                        help="Training flags appended to every run.")
+    parser.add_argument("--extra_flag", dest="extra_flags", action="append", default=[],
+                        help="A training flag appended to every run, e.g. "
+                             "--extra_flag=--epochs=24 (repeatable).")
     parser.add_argument("--tiny", action="store_true",
                         help="Smoke test: digits IF 100, seed 0, BN and NBN, "
                              "8 steps, no ablations.")
@@ -110,6 +122,7 @@ def parse_args(argv=None):
     if args.tiny:
         args.seeds, args.imbalance_factors = [0], [100]
         args.synthetic_imbalance_factors, args.ablation_seeds = [], []
+        args.decays = []
         args.extra_flags = TINY_FLAGS + args.extra_flags
     return args
 
@@ -127,7 +140,7 @@ def jobs(args):
 
     A study stopped early should hold the most telling runs: the main cells
     for the first three seeds, then the first ablation (the start of beta),
-    the remaining seeds, and the other ablations.
+    the remaining seeds, the weight-decay cells and the other ablations.
     """
     def main(seeds):
         return [(data, factor, arm, seed) for seed in seeds
@@ -137,8 +150,10 @@ def jobs(args):
         return [("digits_lt", args.ablation_imbalance_factor, arm, seed)
                 for seed in args.ablation_seeds for arm in ["bn", "nbn"] + arms]
 
+    decays = [("digits_lt", args.ablation_imbalance_factor, f"{arm}_{name}", seed)
+              for name in args.decays for seed in args.seeds for arm in ARMS]
     order = (main(args.seeds[:3]) + ablation(args.ablations[:1])
-             + main(args.seeds[3:]) + ablation(args.ablations[1:]))
+             + main(args.seeds[3:]) + decays + ablation(args.ablations[1:]))
     return list(dict.fromkeys(order))
 
 
@@ -147,7 +162,7 @@ def run_name(data, imbalance_factor, arm, seed):
 
 
 def command(args, data, imbalance_factor, arm, seed, run_dir):
-    flags = ARMS.get(arm) or ABLATIONS[arm]
+    flags = ALL_ARMS[arm]
     return [sys.executable, "-m", "nbn_keras.train", f"--flagfile={RECIPE}",
             f"--data={data}", f"--imbalance_factor={imbalance_factor:g}",
             f"--seed={seed}", f"--data_seed={seed}", f"--run_dir={run_dir}",
@@ -181,7 +196,7 @@ def train(args, job):
     env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2",
                TF_NUM_INTRAOP_THREADS=str(args.threads),
                TF_NUM_INTEROP_THREADS=str(args.threads), CUDA_VISIBLE_DEVICES="")
-    start = time.time()
+    start, load_before = time.time(), os.getloadavg()[0]
     with open(os.path.join(run_dir, "train.log"), "a") as log:
         result = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     if result.returncode:
@@ -190,7 +205,10 @@ def train(args, job):
     end = time.time()
     seconds = end - start
     with open(os.path.join(run_dir, "study_timing.json"), "w") as f:
-        json.dump({"seconds": seconds, "start": start, "end": end}, f)
+        # The machine's 1-minute load average around the run (2 runs at a
+        # time on 2 cores read about 2).
+        json.dump({"seconds": seconds, "start": start, "end": end,
+                   "load_before": load_before, "load_after": os.getloadavg()[0]}, f)
     return run_dir, seconds
 
 
@@ -238,12 +256,14 @@ def train_all(args):
 
 def read_figures(run_dir):
     with open(os.path.join(run_dir, "test_metrics.json")) as f:
-        raw = json.load(f)
-    figures = dict(raw)
-    for new, old in _OLD_NAMES.items():
-        if new not in figures and old in figures:
-            figures[new] = figures[old]
-    return figures
+        return json.load(f)
+
+
+def run_config(run_dir):
+    """The `TrainConfig` of a run, from its resolved `flags.cfg`."""
+    from nbn_keras import config as config_lib
+
+    return config_lib.from_flagfile(os.path.join(run_dir, "flags.cfg"))
 
 
 def lr_sum_and_shrink(run_dir):
@@ -257,21 +277,13 @@ def lr_sum_and_shrink(run_dir):
 
     from nbn_keras import schedules
 
-    values = {}
-    with open(os.path.join(run_dir, "flags.cfg")) as f:
-        for line in f:
-            if line.startswith("--") and "=" in line:
-                key, value = line[2:].strip().split("=", 1)
-                values[key] = value
-    steps_per_epoch, epochs = int(values["steps_per_epoch"]), int(values["epochs"])
-    lr = float(values["learning_rate"])
+    config = run_config(run_dir)
     schedule = schedules.WarmupStepDecay(
-        lr, steps_per_epoch, warmup_epochs=int(values["warmup_epochs"]),
-        boundaries=[int(e) for e in values["lr_drop_epochs"].split(",")],
-        factors=[float(x) for x in values["lr_drop_factors"].split(",")])
-    total = float(np.sum(np.asarray(schedule(np.arange(steps_per_epoch * epochs)))))
-    decay, momentum = float(values["weight_decay"]), float(values["momentum"])
-    return total, math.exp(-decay * total / (1.0 - momentum))
+        config.learning_rate, config.steps_per_epoch, warmup_epochs=config.warmup_epochs,
+        boundaries=config.lr_drop_epochs, factors=config.lr_drop_factors)
+    total = float(np.sum(np.asarray(schedule(np.arange(config.steps_per_epoch
+                                                       * config.epochs)))))
+    return total, math.exp(-config.weight_decay * total / (1.0 - config.momentum))
 
 
 # The paper's schedules (configs/*_nbn.cfg): training images, global batch,
@@ -337,6 +349,7 @@ def read_run(job, run_dir, reused=False):
     return {
         "data": data, "imbalance_factor": imbalance_factor, "arm": arm, "seed": seed,
         "run_dir": os.path.relpath(run_dir, REPO),
+        "weight_decay": run_config(run_dir).weight_decay,
         "figures": {k: figures[k] for k in METRICS + ("balanced", "per_class",
                                                         "class_counts",
                                                         "classes_per_group")},
@@ -350,6 +363,7 @@ def read_run(job, run_dir, reused=False):
                                   for p, v in scale_variables(model).items()},
         "served": served | {"layer": last_bn},
         "seconds": timing.get("seconds"),
+        "load": [timing[k] for k in ("load_before", "load_after") if k in timing],
         "start": timing.get("start"),
         "end": timing.get("end"),
         "reused": reused,
@@ -397,9 +411,15 @@ def median_range(values, digits=2, scientific=False):
     return (f"{np.median(values):{spec}} ({values.min():{spec}}–{values.max():{spec}})")
 
 
+def decay_cells(args):
+    """`(name, bn arm, nbn arm)`: the recipe's weight decay, then `--decays`."""
+    return [("recipe", "bn", "nbn")] + [(name, f"bn_{name}", f"nbn_{name}")
+                                        for name in args.decays]
+
+
 def statistics(args, records):
     """Every table's numbers, as a JSON-able dict."""
-    out = {"cells": [], "ablations": []}
+    out = {"cells": [], "ablations": [], "decays": []}
     for data, factor in cells(args):
         bn = by_cell(records, data, factor, "bn")
         nbn = by_cell(records, data, factor, "nbn")
@@ -424,6 +444,20 @@ def statistics(args, records):
                           for m in METRICS},
             "minus_bn": {m: paired(records, "digits_lt", factor, arm, "bn", metric(m))
                          for m in METRICS}})
+    factor = args.ablation_imbalance_factor
+    for name, bn_arm, nbn_arm in decay_cells(args):
+        nbn = by_cell(records, "digits_lt", factor, nbn_arm)
+        if not nbn or not by_cell(records, "digits_lt", factor, bn_arm):
+            continue
+        sum_lr, predicted = lr_sum_and_shrink(
+            os.path.join(REPO, next(iter(nbn.values()))["run_dir"]))
+        out["decays"].append({
+            "name": name, "bn_arm": bn_arm, "nbn_arm": nbn_arm,
+            "data": "digits_lt", "imbalance_factor": factor,
+            "weight_decay": next(iter(nbn.values()))["weight_decay"],
+            "sum_lr": sum_lr, "predicted_shrink": predicted,
+            "paired_nbn_minus_bn": {m: paired(records, "digits_lt", factor, nbn_arm,
+                                              bn_arm, metric(m)) for m in METRICS}})
     return out
 
 
@@ -443,7 +477,8 @@ def _final_scales(record):
 
 def tables(args, records, stats, shrink):
     """The Markdown tables of the study."""
-    arms_in_order = ["bn", "nbn"] + args.ablations
+    arms_in_order = (["bn", "nbn"] + args.ablations
+                     + [arm for _, bn, nbn in decay_cells(args)[1:] for arm in (bn, nbn)])
     lines = ["## Test accuracy", "",
              "Test accuracy (%) on the balanced test split, mean ± sample standard "
              "deviation (ddof 1) over the seeds given; best-validation epoch. Groups: "
@@ -488,6 +523,29 @@ def tables(args, records, stats, shrink):
                 f"{effect_stats.format_interval(ab['minus_nbn']['few'])} | "
                 f"{effect_stats.format_interval(ab['minus_bn']['top1'])} | "
                 f"{effect_stats.format_interval(ab['minus_bn']['few'])} |")
+    if len(stats["decays"]) > 1:
+        lines += ["", f"## Total weight decay (digits-LT IF {args.ablation_imbalance_factor:g})",
+                  "", "BN and NBN trained with a larger weight decay (everything else the "
+                  "recipe's). Paired NBN − BN in accuracy points, mean [95 % t-interval]; "
+                  "the decay formula exp(−wd · Σlr / (1 − m)); NBN's raw beta measured: "
+                  "last norm / peak norm and direction change 1 − cos (after step 1 → "
+                  "last), and alpha at the last epoch, median (min–max) over runs × "
+                  "layers.", "",
+                  "| wd | exp(−wd · Σlr / (1 − m)) | n | top1 | many | medium | few "
+                  "| NBN beta norm / peak | NBN 1−cos beta | NBN alpha at end |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for decay in stats["decays"]:
+            p = decay["paired_nbn_minus_bn"]
+            nbn = list(by_cell(records, decay["data"], decay["imbalance_factor"],
+                               decay["nbn_arm"]).values())
+            scales = [s for r in nbn for s in _final_scales(r)]
+            lines.append(
+                f"| {decay['weight_decay']:g} | {decay['predicted_shrink']:.1e} | "
+                f"{p['top1']['n']} | "
+                + " | ".join(effect_stats.format_interval(p[m]) for m in METRICS)
+                + f" | {median_range(_layer_values(nbn, 'beta_norm_shrink_from_peak'), 2, True)}"
+                f" | {median_range(_layer_values(nbn, 'beta_direction_change'), 2, True)}"
+                f" | {median_range(scales, 2)} |")
     lines += ["", "## Mechanism: do the raw directions move?", "",
               "Coupled weight decay alone shrinks a weight by exp(−wd · Σlr / (1 − momentum)) "
               f"over a run: {shrink['predicted']:.3f} in this study (Σlr = "
@@ -570,6 +628,7 @@ def main(argv=None):
     ends = [r["end"] for r in records if r["end"] is not None]
     span = (max(ends) - min(starts)) / 60 if starts and ends else float("nan")
     reused = sum(r["reused"] for r in records)
+    loads = [x for r in records for x in r["load"]]
     header = [
         "# NBN against BN: effect study", "",
         f"`python benchmarks/effect_study.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
@@ -579,7 +638,8 @@ def main(argv=None):
         f"to last end {span:.1f} min wall"
         + (f", one run {min(seconds):.0f}–{max(seconds):.0f} s wall (median "
            f"{sorted(seconds)[len(seconds) // 2]:.0f} s)" if seconds else "")
-        + ", on a 2-core machine shared with other work. "
+        + (f", the machine's 1-minute load average {min(loads):.1f}–{max(loads):.1f} "
+           "at the runs' starts and ends" if loads else "") + ". "
         + common.machine_line(args.threads), "",
         f"Recipe: `configs/effect_study.cfg` (extra flags: {' '.join(args.extra_flags) or 'none'}). "
         "Every run is `python -m nbn_keras.train --flagfile=configs/effect_study.cfg "

@@ -72,8 +72,10 @@ class TrainConfig:
     imbalance_profile: str = _field("exp", "Class-size profile of the long-tailed subset.",
                                     "enum", ("exp", "step"))
     data_seed: int = _field(0, "Seed choosing the long-tailed subset.", "int")
-    image_size: Optional[int] = _field(None, "Image size of digits-LT and the synthetic "
-                                       "set (default: 32).", "int")
+    image_size: Optional[int] = _field(None, "Side of the square training and test "
+                                       "images (default: 32 for digits-LT and the "
+                                       "synthetic set, 224 for list files). Not for "
+                                       "CIFAR-LT.", "int")
     data_dir: Optional[str] = _field(None, "TFDS data directory (CIFAR-LT). Must exist "
                                      "when given.", "string")
     manual_dir: Optional[str] = _field(None, "Directory with a manually downloaded TFDS "
@@ -313,6 +315,9 @@ def validate(config):
                             "--train_list and --val_list.")
         if config.test_list and not os.path.isfile(config.test_list):
             problems.append(f"--test_list does not exist: {config.test_list}")
+    if config.image_size and data_lib.uses_tfds(config.data):
+        problems.append(f"--image_size is not supported for --data={config.data} "
+                        "(its images are 32x32).")
     if config.export and not _MODEL_NAME.match(config.served_model_name):
         problems.append(
             f"--model_name={config.served_model_name!r} is not usable as a directory "

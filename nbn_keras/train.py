@@ -185,6 +185,8 @@ def load_data(config):
                        test_list=config.test_list, image_root=config.image_root,
                        on_bad_image=config.on_bad_image, num_classes=config.num_classes,
                        allow_outside_image_root=config.allow_outside_image_root)
+        if config.image_size:
+            options["image_size"] = config.image_size
     else:
         options = dict(imbalance_factor=config.imbalance_factor,
                        profile=config.imbalance_profile, seed=config.data_seed)

@@ -14,19 +14,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINED_MODEL_NAME = "digits_lt_nbn"
 
 
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory):
-    """The files one short run of the training command writes.
+def shared_training_run(tmp_path_factory, name, *flags):
+    """Runs `python -m nbn_keras.train *flags` once per test session.
 
-    `python -m nbn_keras.train --flagfile=configs/digits_lt_nbn.cfg` for 2
-    steps, once per test session: pytest-xdist workers share it through a
-    lock. Returns `{"run_dir", "export_dir", "model_name", "version_dir"}`.
-    Tests must not modify these files (copy them first).
+    pytest-xdist workers share the run through a lock on a directory of the
+    session's base temporary directory. The command gets `--run_dir=<root>/run`
+    and `--export_dir=<root>/exports`; returns `<root>`. Tests must not modify
+    these files (copy them first).
     """
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # The directory all workers of this session share.
-    root = root / "trained_run"
+    root = root / name
     with open(f"{root}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         done = root / "done.json"
@@ -34,15 +33,27 @@ def trained_run(tmp_path_factory):
             shutil.rmtree(root, ignore_errors=True)
             root.mkdir()
             result = subprocess.run(
-                [sys.executable, "-m", "nbn_keras.train",
-                 "--flagfile=configs/digits_lt_nbn.cfg", "--epochs=1",
-                 "--steps_per_epoch=2", "--verbose=0", "--nopictures",
-                 f"--run_dir={root / 'run'}", f"--export_dir={root / 'exports'}",
-                 f"--model_name={TRAINED_MODEL_NAME}"],
+                [sys.executable, "-m", "nbn_keras.train", *flags,
+                 f"--run_dir={root / 'run'}", f"--export_dir={root / 'exports'}"],
                 cwd=REPO, capture_output=True, text=True, timeout=900,
             )
             assert result.returncode == 0, result.stderr[-4000:]
             done.write_text(json.dumps({"returncode": result.returncode}))
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """The files one short run of the training command writes.
+
+    `python -m nbn_keras.train --flagfile=configs/digits_lt_nbn.cfg` for 2
+    steps, once per test session. Returns `{"run_dir", "export_dir",
+    "model_name", "version_dir"}`.
+    """
+    root = shared_training_run(
+        tmp_path_factory, "trained_run", "--flagfile=configs/digits_lt_nbn.cfg",
+        "--epochs=1", "--steps_per_epoch=2", "--verbose=0", "--nopictures",
+        f"--model_name={TRAINED_MODEL_NAME}")
     return {
         "run_dir": root / "run",
         "export_dir": root / "exports",

@@ -19,9 +19,13 @@ import pytest
 
 from nbn_keras import run_files
 
+from tests import conftest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUN = [f"--flagfile={REPO}/configs/digits_lt_nbn.cfg", "--backbone=resnet20", "--epochs=2",
-       "--steps_per_epoch=2", "--verbose=0", "--nopictures", "--model_name=digits"]
+# The smallest network and images that still make every file of a run.
+RUN = [f"--flagfile={REPO}/configs/digits_lt_nbn.cfg", "--backbone=resnet8", "--image_size=16",
+       "--epochs=2", "--steps_per_epoch=2", "--verbose=0", "--nopictures",
+       "--model_name=digits"]
 MAX_RERUNS = 3
 
 pytestmark = pytest.mark.slow
@@ -53,10 +57,8 @@ def weights(path):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("uninterrupted")
-    result = train_command(root / "run", root / "export")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root
+    """The run the killed runs must end as (`<root>/run`, `<root>/exports`)."""
+    return conftest.shared_training_run(tmp_path_factory, "uninterrupted", *RUN)
 
 
 @pytest.mark.parametrize("kill_at", [
@@ -104,7 +106,7 @@ def test_changed_flags_are_refused_and_flags_cfg_is_kept(tmp_path):
     result = train_command(run_dir, tmp_path / "export", "--backbone=resnet32",
                            "--momentum=0.8")
     assert result.returncode == 1
-    assert "--backbone: 'resnet20' in the run, 'resnet32' now" in result.stderr
+    assert "--backbone: 'resnet8' in the run, 'resnet32' now" in result.stderr
     assert "--momentum: 0.9 in the run, 0.8 now" in result.stderr
     assert "--allow_changed_flags" in result.stderr
     assert (run_dir / "flags.cfg").read_text() == original
@@ -148,8 +150,9 @@ def test_a_read_only_directory_is_named_before_any_work(tmp_path, which):
 
 
 def test_a_full_disk_keeps_the_last_backup_and_the_run_resumes(uninterrupted, tmp_path):
-    # Room for the first epoch's files but not for every later one.
-    with tmpfs(tmp_path / "disk", "size=6m") as disk:
+    # Room for the first epoch's files (two 0.75 MB .keras files) but not for
+    # every later one.
+    with tmpfs(tmp_path / "disk", "size=2m") as disk:
         result = train_command(disk / "run", tmp_path / "export")
         assert result.returncode == 1, result.stderr[-3000:]
         assert "No space left on device" in result.stderr
