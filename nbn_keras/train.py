@@ -17,6 +17,7 @@ have the flags in its `flags.cfg` (`--allow_changed_flags` overrides).
 """
 
 import os
+import re
 import shutil
 import sys
 import uuid
@@ -73,10 +74,12 @@ def main(argv):
         print(f"Error: {error}", file=sys.stderr)
         return 1
     except tf.errors.InvalidArgumentError as error:
-        if "Cannot read or decode image file" not in error.message:
+        # An image that fails to decode during training: the assertion of
+        # `transforms.map_image_files` names it, inside TF's wrapping.
+        found = re.search(r"(Cannot read or decode image file .*?)\]?$", error.message, re.M)
+        if not found:
             raise
-        # An image that fails to decode during training: the message names it.
-        print(f"Error: {error.message.splitlines()[0]}", file=sys.stderr)
+        print(f"Error: {found.group(1)}".replace("\\'", "'"), file=sys.stderr)
         return 1
     except OSError as error:  # Read-only or full disk: name the path.
         logging.debug("Traceback:", exc_info=True)

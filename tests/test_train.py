@@ -18,6 +18,7 @@ from absl import flags
 
 from nbn_keras import config as config_lib
 from nbn_keras import train
+from tests.test_bad_inputs import jpeg_cut_after_scan_header
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.cfg")))
@@ -203,6 +204,18 @@ def test_list_file_flags_reach_the_loader(tmp_path):
     assert "list.txt, line 5: label 2 is not in [0, 2) (num_classes=2)" in result.stderr
 
 
+def test_an_image_that_fails_to_decode_in_training_is_named(tmp_path):
+    lists = write_jpeg_list_files(str(tmp_path / "images"))  # 6 images
+    path = tmp_path / "images" / "class1" / "0.jpg"
+    path.write_bytes(jpeg_cut_after_scan_header(path.read_bytes()))
+    result = run_command(f"--run_dir={tmp_path}/run", "--data=imagenet_lt", *lists,
+                         "--image_size=32", "--global_batch_size=6", "--epochs=1",
+                         "--steps_per_epoch=1", "--verbose=0", "--noexport", "--nopictures")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert f"Error: Cannot read or decode image file {path}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_image_size_reaches_list_files_and_is_refused_for_cifar(tmp_path):
     lists = write_jpeg_list_files(str(tmp_path / "images"))
     config = parse_config("--data=imagenet_lt", *lists, "--image_size=48",
@@ -239,6 +252,7 @@ if sys.argv[1] == "2":
 from absl import app
 from nbn_keras import config as config_lib
 from nbn_keras import train
+from tests.test_bad_inputs import jpeg_cut_after_scan_header
 app.run(train.main, argv=["train"] + sys.argv[2:])
 """
 
