@@ -8,8 +8,6 @@ so their state dicts have the keys of the authors' checkpoints.
 """
 
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -21,12 +19,15 @@ from torch.nn import functional as F
 import nbn_keras
 from nbn_keras import import_torch
 from nbn_keras.conversion import leaf_layers
+from tests.torch_nets import NUM_CLASSES
+from tests.torch_nets import SIZE
+from tests.torch_nets import Bottleneck
+from tests.torch_nets import ScalableBN
+from tests.torch_nets import images
+from tests.torch_nets import randomize
+from tests.torch_nets import run_importer
+from tests.torch_nets import torch_logits
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-STD = np.array([0.229, 0.224, 0.225], np.float32)
-SIZE = 64
-NUM_CLASSES = 5
 # arch: (groups, width per group, NBN)
 ARCHS = {
     "resnet50": (1, 64, False),
@@ -34,47 +35,6 @@ ARCHS = {
     "resnext50": (32, 4, False),
     "resnext50_nbn": (32, 4, True),
 }
-
-
-class ScalableBN(nn.BatchNorm2d):
-    """BN2d that, when switched on, uses alpha * w / (|w| + 1e-6) (same for b)."""
-
-    def __init__(self, channels):
-        super().__init__(channels)
-        self.alpha_source = None  # a callable returning the shared alpha
-
-    def forward(self, x):
-        weight, bias = self.weight, self.bias
-        if self.alpha_source is not None:
-            alpha = self.alpha_source()
-            weight = alpha * weight / (weight.norm() + 1e-6)
-            bias = alpha * bias / (bias.norm() + 1e-6)
-        return F.batch_norm(x, self.running_mean, self.running_var, weight, bias,
-                            self.training, self.momentum, self.eps)
-
-
-class Bottleneck(nn.Module):
-    def __init__(self, in_channels, planes, stride, groups, width_per_group):
-        super().__init__()
-        width = int(planes * width_per_group / 64) * groups
-        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, planes * 4, 1, bias=False)
-        self.bn3 = ScalableBN(planes * 4)
-        self.downsample = None
-        if stride != 1 or in_channels != planes * 4:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(in_channels, planes * 4, 1, stride, bias=False),
-                ScalableBN(planes * 4))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + shortcut)
 
 
 class TorchResNet50(nn.Module):
@@ -111,31 +71,7 @@ class TorchResNet50(nn.Module):
 def randomized_torch_model(arch, seed=0):
     groups, width_per_group, nbn = ARCHS[arch]
     torch.manual_seed(seed)
-    model = TorchResNet50(NUM_CLASSES, groups, width_per_group, nbn)
-    generator = torch.Generator().manual_seed(seed)
-
-    def normal(shape, std, mean=0.0):
-        return mean + std * torch.randn(shape, generator=generator)
-
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.Conv2d):
-                fan_in = module.weight[0].numel()
-                module.weight.copy_(normal(module.weight.shape, (2 / fan_in) ** 0.5))
-            elif isinstance(module, nn.BatchNorm2d):
-                c = module.num_features
-                module.weight.copy_(normal(c, 0.2, 1.0))
-                module.bias.copy_(normal(c, 0.2))
-                module.running_mean.copy_(normal(c, 0.2))
-                module.running_var.copy_(0.5 + torch.rand(c, generator=generator))
-                module.num_batches_tracked.fill_(1234)
-            elif isinstance(module, nn.Linear):
-                module.weight.copy_(normal(module.weight.shape, 0.05))
-                module.bias.copy_(normal(module.bias.shape, 0.1))
-        if nbn:
-            model.scale_factor.copy_(0.5 + 2 * torch.rand(model.scale_factor.shape,
-                                                          generator=generator))
-    return model.eval()
+    return randomize(TorchResNet50(NUM_CLASSES, groups, width_per_group, nbn), seed)
 
 
 def save_authors_checkpoint(model, arch, path):
@@ -158,23 +94,6 @@ def save_authors_checkpoint(model, arch, path):
         "scheduler": {"T_max": 90, "eta_min": 0, "base_lrs": [0.2],
                       "last_epoch": 90, "_last_lr": [0.0]},
     }, path)
-
-
-def images(n=2, seed=0):
-    return np.random.default_rng(seed).uniform(0, 255, (n, SIZE, SIZE, 3)).astype("float32")
-
-
-def torch_logits(model, x):
-    nchw = ((x / 255.0 - MEAN) / STD).transpose(0, 3, 1, 2)
-    with torch.no_grad():
-        return model(torch.from_numpy(np.ascontiguousarray(nchw))).numpy()
-
-
-def run_importer(*flags):
-    return subprocess.run(
-        [sys.executable, "-m", "nbn_keras.import_torch", *flags],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
-        env={**os.environ, "PYTHONPATH": REPO})
 
 
 @pytest.mark.slow

@@ -11,10 +11,6 @@ is the mean of the experts' logits. With NBN, every BN of `layer4s.e` uses
 Module names are theirs, so the state dict has their checkpoint's keys.
 """
 
-import os
-import subprocess
-import sys
-
 import keras
 import numpy as np
 import pytest
@@ -23,59 +19,21 @@ from torch import nn
 from torch.nn import functional as F
 
 import nbn_keras
-from nbn_keras import import_torch
 from nbn_keras.conversion import leaf_layers
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-STD = np.array([0.229, 0.224, 0.225], np.float32)
-SIZE = 64
-NUM_CLASSES = 5
-
-
-class ScalableBN(nn.BatchNorm2d):
-    """BN2d that, when given an alpha, uses alpha * w / (|w| + 1e-6) (and b)."""
-
-    def __init__(self, channels):
-        super().__init__(channels)
-        self.alpha_source = None
-
-    def forward(self, x):
-        weight, bias = self.weight, self.bias
-        if self.alpha_source is not None:
-            alpha = self.alpha_source()
-            weight = alpha * weight / (weight.norm() + 1e-6)
-            bias = alpha * bias / (bias.norm() + 1e-6)
-        return F.batch_norm(x, self.running_mean, self.running_var, weight, bias,
-                            self.training, self.momentum, self.eps)
-
-
-class Bottleneck(nn.Module):
-    def __init__(self, in_channels, planes, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, planes, 1, bias=False)
-        self.bn1 = ScalableBN(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = ScalableBN(planes)
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = ScalableBN(planes * 4)
-        self.downsample = None
-        if stride != 1 or in_channels != planes * 4:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(in_channels, planes * 4, 1, stride, bias=False),
-                ScalableBN(planes * 4))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + shortcut)
+from tests.torch_nets import NUM_CLASSES
+from tests.torch_nets import SIZE
+from tests.torch_nets import Bottleneck
+from tests.torch_nets import ScalableBN
+from tests.torch_nets import images
+from tests.torch_nets import randomize
+from tests.torch_nets import run_importer
+from tests.torch_nets import torch_logits
 
 
 def stage(in_channels, planes, blocks, stride):
-    layers = [Bottleneck(in_channels, planes, stride)]
-    layers += [Bottleneck(planes * 4, planes, 1) for _ in range(blocks - 1)]
+    layers = [Bottleneck(in_channels, planes, stride, all_scalable=True)]
+    layers += [Bottleneck(planes * 4, planes, 1, all_scalable=True)
+               for _ in range(blocks - 1)]
     return nn.Sequential(*layers)
 
 
@@ -137,39 +95,8 @@ CASES = {
 
 
 def randomized_torch_model(arch, seed=0):
-    experts, dim3, dim4, share_layer3, head, nbn = CASES[arch]
     torch.manual_seed(seed)
-    model = TorchRIDE(experts, dim3, dim4, share_layer3, head, nbn)
-    generator = torch.Generator().manual_seed(seed)
-
-    def normal(shape, std, mean=0.0):
-        return mean + std * torch.randn(shape, generator=generator)
-
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.Conv2d):
-                fan_in = module.weight[0].numel()
-                module.weight.copy_(normal(module.weight.shape, (2 / fan_in) ** 0.5))
-            elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
-                c = module.num_features
-                if module.affine:
-                    module.weight.copy_(normal(c, 0.2, 1.0))
-                    module.bias.copy_(normal(c, 0.2))
-                module.running_mean.copy_(normal(c, 0.2))
-                module.running_var.copy_(0.5 + torch.rand(c, generator=generator))
-            elif isinstance(module, (nn.Linear, NotAffineHead)):
-                module.weight.copy_(normal(module.weight.shape, 0.05))
-                module.bias.copy_(normal(module.bias.shape, 0.1))
-        if nbn:
-            model.scale_factor.copy_(0.5 + 2 * torch.rand(model.scale_factor.shape,
-                                                          generator=generator))
-    return model.eval()
-
-
-def torch_logits(model, x):
-    nchw = ((x / 255.0 - MEAN) / STD).transpose(0, 3, 1, 2)
-    with torch.no_grad():
-        return model(torch.from_numpy(np.ascontiguousarray(nchw))).numpy()
+    return randomize(TorchRIDE(*CASES[arch]), seed, linear_types=(nn.Linear, NotAffineHead))
 
 
 @pytest.mark.slow
@@ -181,16 +108,13 @@ def test_imported_ride_checkpoint_gives_the_authors_mean_logits(arch, tmp_path):
                 "state_dict": {"module." + k: v for k, v in theirs.state_dict().items()}},
                checkpoint)
     output = tmp_path / f"{arch}.keras"
-    result = subprocess.run(
-        [sys.executable, "-m", "nbn_keras.import_torch", f"--checkpoint={checkpoint}",
-         f"--arch={arch}", f"--num_classes={NUM_CLASSES}", f"--output={output}",
-         f"--image_size={SIZE}"],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
-        env={**os.environ, "PYTHONPATH": REPO})
+    result = run_importer(f"--checkpoint={checkpoint}", f"--arch={arch}",
+                          f"--num_classes={NUM_CLASSES}", f"--output={output}",
+                          f"--image_size={SIZE}")
     assert result.returncode == 0, result.stderr[-3000:]
 
     ours = keras.models.load_model(output)
-    x = np.random.default_rng(0).uniform(0, 255, (2, SIZE, SIZE, 3)).astype("float32")
+    x = images()
     expected = torch_logits(theirs, x)
     got = ours.predict(x, verbose=0)
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
