@@ -13,7 +13,8 @@ from matplotlib.ticker import NullFormatter
 from nbn_keras import plots
 
 GROUP_METRICS = ("top1", "many", "medium", "few")
-CELL_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")
+CELL_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:cyan",
+               "tab:olive", "tab:pink")
 
 
 def _tag(data, factor):

@@ -18,19 +18,20 @@ raw gamma/beta norms and directions actually do.
 
 Cells: digits-LT at imbalance factors 10, 50, 100 and the synthetic set at
 100, BN and NBN (the paper's selection and shared alpha), seeds 0-4. On
-digits-LT IF 100 the ablations run with seeds 0-2: a small random start of
-beta, separate gamma/beta scales, two stages, and two stages with one
-alpha per layer (ResNet-8's last stage has a single NBN layer, so per-layer
-alpha differs from the shared one only with more stages).
+digits-LT IF 100, also with seeds 0-4: BN and NBN at weight decay 2e-3 and
+5e-3 (the decay formula 1e-2 and 1e-5, the latter the paper's ImageNet-LT
+level), and the ablations: a small random start of beta, separate gamma/beta
+scales, two stages, and two stages with one alpha per layer (ResNet-8's last
+stage has a single NBN layer, so per-layer alpha differs from the shared one
+only with more stages). 80 runs.
 
 Resumable: a run directory with a finished run of the same command line is
 reused; an unfinished one resumes (the training command's backup). Rerun
 the same command after an interruption.
 
-Time: a run is about 60 CPU-seconds (2 runs at a time, 1 TF thread each).
-On the project's shared 2-core machine, at a load of 5 to 10 from other
-work, a run took 106-477 s wall and the first 35 of the 52 runs 94 minutes;
-the full study needs about 2.5 hours there, less on an idle machine.
+Time: on an otherwise idle 2-core machine, 2 runs at a time with 1 TF thread
+each, a run takes about 60 s wall and the whole study about 45 minutes
+(the report's header gives the measured times and load).
 `--tiny` (the smoke test) trains 2 runs of 8 steps.
 
 Run (from the repository root):
@@ -98,9 +99,10 @@ def parse_args(argv=None):
     parser.add_argument("--ablation_imbalance_factor", type=float, default=100)
     parser.add_argument("--ablations", nargs="*", default=list(ABLATIONS),
                         choices=list(ABLATIONS))
-    parser.add_argument("--decays", nargs="*", default=list(DECAYS), choices=list(DECAYS),
+    parser.add_argument("--decays", nargs="*", default=None, choices=list(DECAYS),
                         help="Weight-decay cells (BN and NBN, digits-LT at "
-                             "--ablation_imbalance_factor, every seed).")
+                             "--ablation_imbalance_factor, every seed; default: "
+                             "all, none with --tiny).")
     parser.add_argument("--workers", type=int, default=2,
                         help="Training subprocesses at a time.")
     parser.add_argument("--threads", type=int, default=1,
@@ -110,7 +112,8 @@ def parse_args(argv=None):
                              "--extra_flag=--epochs=24 (repeatable).")
     parser.add_argument("--tiny", action="store_true",
                         help="Smoke test: digits IF 100, seed 0, BN and NBN, "
-                             "8 steps, no ablations.")
+                             "8 steps, no ablations or weight-decay cells unless "
+                             "--decays names some.")
     parser.add_argument("--work_dir", default=os.path.join(REPO, "runs", "effect_study"))
     parser.add_argument("--out_dir", default=os.path.join(REPO, "docs", "figures"))
     parser.add_argument("--no_pictures", action="store_true",
@@ -122,8 +125,10 @@ def parse_args(argv=None):
     if args.tiny:
         args.seeds, args.imbalance_factors = [0], [100]
         args.synthetic_imbalance_factors, args.ablation_seeds = [], []
-        args.decays = []
+        args.decays = args.decays or []
         args.extra_flags = TINY_FLAGS + args.extra_flags
+    elif args.decays is None:
+        args.decays = list(DECAYS)
     return args
 
 
@@ -645,7 +650,7 @@ def main(argv=None):
         "Every run is `python -m nbn_keras.train --flagfile=configs/effect_study.cfg "
         "--seed=S --data_seed=S --imbalance_factor=IF [--data=synthetic_lt] "
         "--nbn|--nonbn [ablation flags]`.", ""]
-    text = "\n".join(header) + tables(args, records, stats, shrink) + "\n"
+    text = "\n".join(header) + "\n" + tables(args, records, stats, shrink) + "\n"
     if pictures:
         text += "\n## Figures\n\n" + "\n".join(
             f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pictures) + "\n"

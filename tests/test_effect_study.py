@@ -107,11 +107,13 @@ def test_reduced_study_end_to_end(tmp_path):
     import effect_study
 
     work, out = tmp_path / "runs", tmp_path / "out"
-    effect_study.main(["--tiny", "--work_dir", str(work), "--out_dir", str(out)])
+    effect_study.main(["--tiny", "--decays", "wd5e-3", "--work_dir", str(work),
+                       "--out_dir", str(out)])
     with open(out / "effect_study.json") as f:
         study = json.load(f)
     runs = {r["arm"]: r for r in study["runs"]}
-    assert set(runs) == {"bn", "nbn"}
+    assert set(runs) == {"bn", "nbn", "bn_wd5e-3", "nbn_wd5e-3"}
+    assert [r["weight_decay"] for r in runs.values()] == [5e-4, 5e-4, 5e-3, 5e-3]
     for run in runs.values():
         assert run["steps_trained"] == 8
         for name in ("top1", "many", "medium", "few"):
@@ -131,12 +133,21 @@ def test_reduced_study_end_to_end(tmp_path):
     assert paired["mean"] == pytest.approx(
         runs["nbn"]["figures"]["top1"] - runs["bn"]["figures"]["top1"])
     assert 0.0 < study["shrink"]["predicted"] < 1.0
+    # The weight-decay cell: its own pair, and the formula with its decay.
+    recipe, decayed = study["statistics"]["decays"]
+    assert (recipe["weight_decay"], decayed["weight_decay"]) == (5e-4, 5e-3)
+    assert decayed["predicted_shrink"] == pytest.approx(
+        recipe["predicted_shrink"] ** 10, rel=1e-4)
+    assert decayed["paired_nbn_minus_bn"]["few"]["mean"] == pytest.approx(
+        runs["nbn_wd5e-3"]["figures"]["few"] - runs["bn_wd5e-3"]["figures"]["few"])
     markdown = (out / "effect_study.md").read_text()
     assert "Paired difference NBN − BN" in markdown
+    assert "## Total weight decay" in markdown
     assert (out / "effect_paired_differences.png").exists()
+    assert (out / "effect_weight_decay.png").exists()
     # A second invocation reuses both runs instead of training again.
-    effect_study.main(["--tiny", "--work_dir", str(work), "--out_dir", str(out),
-                       "--no_pictures"])
+    effect_study.main(["--tiny", "--decays", "wd5e-3", "--work_dir", str(work),
+                       "--out_dir", str(out), "--no_pictures"])
     with open(out / "effect_study.json") as f:
         again = json.load(f)
     assert all(r["reused"] for r in again["runs"])
