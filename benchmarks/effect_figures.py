@@ -134,6 +134,51 @@ def plot_mechanism(records, labels, bn_arms, nbn_arms, path):
     return plots._save(figure, path)
 
 
+def plot_run_mechanism(record, label, path):
+    """One run: its scale(s), every tracked layer's raw norms, direction changes."""
+    figure = Figure(figsize=(13, 3.4))
+    ax_alpha, ax_norm, ax_cos = figure.subplots(1, 3)
+    steps = [e["step"] for e in record["trajectory"]]
+    scale_names = list(record["trajectory"][0]["scales"]) if record["trajectory"] else []
+    for name in scale_names:
+        ax_alpha.plot(steps, [e["scales"][name] for e in record["trajectory"]],
+                      label=name.split("/")[-2] if "/" in name else name)
+    if scale_names:
+        ax_alpha.legend(fontsize=6)
+    layers = record["tracked_layers"]
+    for color, layer in zip(CELL_COLORS * 4, layers):
+        entry = record["mechanics"][layer]
+        for symbol, style, key in (("gamma", "-", "gamma_norm_initial"),
+                                   ("beta", ":", "beta_norm_peak")):
+            reference = entry.get(key)
+            norms = [e["layers"][layer].get(f"{symbol}_norm", np.nan)
+                     for e in record["trajectory"]]
+            if reference:
+                ax_norm.plot(steps, np.asarray(norms, dtype=float) / reference, style,
+                             color=color, lw=0.8, label=layer if symbol == "gamma" else None)
+    ax_norm.set_yscale("log")
+    ax_norm.legend(fontsize=5)
+    x = np.arange(len(layers))
+    for offset, symbol, color in ((-0.2, "gamma", "tab:blue"), (0.2, "beta", "tab:red")):
+        values = [max(record["mechanics"][layer].get(f"{symbol}_direction_change",
+                                                     np.nan), 1e-14) for layer in layers]
+        ax_cos.bar(x + offset, values, width=0.4, color=color, label=symbol)
+    ax_cos.set_yscale("log")
+    ax_cos.set_xticks(x)
+    ax_cos.set_xticklabels(layers, rotation=30, ha="right", fontsize=5)
+    ax_cos.legend(fontsize=7)
+    for ax, title in ((ax_alpha, "scale(s) over training"),
+                      (ax_norm, "raw norm / start (— gamma) or peak (··· beta)"),
+                      (ax_cos, "direction change 1 − cos per layer")):
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    ax_alpha.set_xlabel("step")
+    ax_norm.set_xlabel("step")
+    figure.suptitle(label, fontsize=10)
+    figure.tight_layout()
+    return plots._save(figure, path)
+
+
 def plot_premise(records, data, factor, path):
     """|gamma_eff| and |beta_eff| per channel against the served class's size."""
     figure = Figure(figsize=(9, 3.4))
@@ -192,6 +237,11 @@ def write_all(args, records, stats, out_dir):
     paths.append(plot_mechanism(records, labels, [bn for _, bn, _ in decays],
                                 [nbn for _, _, nbn in decays],
                                 os.path.join(out_dir, "effect_mechanism.png")))
+    for r in records:  # Next to each run's own files, not in out_dir.
+        plot_run_mechanism(
+            r, f"{effect_study.run_name(r['data'], r['imbalance_factor'], r['arm'], r['seed'])}"
+               f" ({labels[r['arm']]})",
+            os.path.join(effect_study.REPO, r["run_dir"], "mechanism.png"))
     for data, factor in effect_study.cells(args):
         runs = [r for r in records if r["data"] == data and r["imbalance_factor"] == factor]
         if not runs:

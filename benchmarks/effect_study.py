@@ -654,6 +654,9 @@ def main(argv=None):
     if pictures:
         text += "\n## Figures\n\n" + "\n".join(
             f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pictures) + "\n"
+        text += ("\nPer run, next to its files: `<work_dir>/<run>/mechanism.png` (its "
+                 "scale(s) over training, every tracked layer's raw norms and direction "
+                 "changes).\n")
     with open(os.path.join(args.out_dir, "effect_study.md"), "w") as f:
         f.write(text)
     with open(os.path.join(args.out_dir, "effect_study.json"), "w") as f:

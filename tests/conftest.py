@@ -46,13 +46,14 @@ def shared_training_run(tmp_path_factory, name, *flags):
 def trained_run(tmp_path_factory):
     """The files one short run of the training command writes.
 
-    `python -m nbn_keras.train --flagfile=configs/digits_lt_nbn.cfg` for 2
-    steps, once per test session. Returns `{"run_dir", "export_dir",
+    `python -m nbn_keras.train --flagfile=configs/digits_lt_nbn.cfg` with
+    ResNet-8 for 2 steps, once per test session. Returns `{"run_dir", "export_dir",
     "model_name", "version_dir"}`.
     """
     root = shared_training_run(
         tmp_path_factory, "trained_run", "--flagfile=configs/digits_lt_nbn.cfg",
-        "--epochs=1", "--steps_per_epoch=2", "--verbose=0", "--nopictures",
+        "--backbone=resnet8", "--epochs=1", "--steps_per_epoch=2",
+        "--verbose=0", "--nopictures",
         f"--model_name={TRAINED_MODEL_NAME}")
     return {
         "run_dir": root / "run",

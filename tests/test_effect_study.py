@@ -145,6 +145,8 @@ def test_reduced_study_end_to_end(tmp_path):
     assert "## Total weight decay" in markdown
     assert (out / "effect_paired_differences.png").exists()
     assert (out / "effect_weight_decay.png").exists()
+    assert all((work / name / "mechanism.png").exists() for name in
+               ("digits_lt_if100_bn_seed0", "digits_lt_if100_nbn_wd5e-3_seed0"))
     # A second invocation reuses both runs instead of training again.
     effect_study.main(["--tiny", "--decays", "wd5e-3", "--work_dir", str(work),
                        "--out_dir", str(out), "--no_pictures"])

@@ -218,7 +218,7 @@ def quick_run(tmp_path):
         flag_values = flags.FlagValues()
         config_lib.define_flags(flag_values)
         flag_values(["train", "--data=synthetic_lt", "--n_max=8", "--imbalance_factor=4",
-                     "--backbone=resnet20",
+                     "--backbone=resnet8", "--image_size=16",
                      "--epochs=1", "--steps_per_epoch=1", "--global_batch_size=8",
                      "--noexport", "--verbose=0", f"--run_dir={run_dir}", *extra])
         return train.train_and_evaluate(config_lib.from_flags(flag_values))
