@@ -9,7 +9,6 @@ so their state dicts have the keys of the authors' checkpoints.
 
 import os
 
-import keras
 import numpy as np
 import pytest
 import torch
@@ -24,6 +23,7 @@ from tests.torch_nets import SIZE
 from tests.torch_nets import Bottleneck
 from tests.torch_nets import ScalableBN
 from tests.torch_nets import images
+from tests.torch_nets import import_and_check_logits
 from tests.torch_nets import randomize
 from tests.torch_nets import run_importer
 from tests.torch_nets import torch_logits
@@ -102,19 +102,7 @@ def test_imported_checkpoint_gives_the_authors_logits(arch, tmp_path):
     theirs = randomized_torch_model(arch)
     checkpoint = tmp_path / "model_best.pth.tar"
     save_authors_checkpoint(theirs, arch, checkpoint)
-    output = tmp_path / f"{arch}.keras"
-    result = run_importer(f"--checkpoint={checkpoint}", f"--arch={arch}",
-                          f"--num_classes={NUM_CLASSES}", f"--output={output}",
-                          f"--image_size={SIZE}")
-    assert result.returncode == 0, result.stderr[-3000:]
-
-    ours = keras.models.load_model(output)
-    x = images()
-    expected = torch_logits(theirs, x)
-    got = ours.predict(x, verbose=0)
-    # 1e-4 relative to the logits' scale (float32 through 50 layers).
-    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
-    assert np.abs(expected).max() > 0.1  # not a trivially small output
+    ours = import_and_check_logits(theirs, checkpoint, arch, tmp_path / f"{arch}.keras")
 
     # Trainable parameters: PyTorch's, less the 19 entries of scale_factor
     # their forward never reads (one shared alpha remains).

@@ -11,7 +11,6 @@ is the mean of the experts' logits. With NBN, every BN of `layer4s.e` uses
 Module names are theirs, so the state dict has their checkpoint's keys.
 """
 
-import keras
 import numpy as np
 import pytest
 import torch
@@ -21,13 +20,10 @@ from torch.nn import functional as F
 import nbn_keras
 from nbn_keras.conversion import leaf_layers
 from tests.torch_nets import NUM_CLASSES
-from tests.torch_nets import SIZE
 from tests.torch_nets import Bottleneck
 from tests.torch_nets import ScalableBN
-from tests.torch_nets import images
+from tests.torch_nets import import_and_check_logits
 from tests.torch_nets import randomize
-from tests.torch_nets import run_importer
-from tests.torch_nets import torch_logits
 
 
 def stage(in_channels, planes, blocks, stride):
@@ -107,18 +103,7 @@ def test_imported_ride_checkpoint_gives_the_authors_mean_logits(arch, tmp_path):
     torch.save({"epoch": 200, "arch": "resnet50_ride_NBN" if CASES[arch][5] else arch,
                 "state_dict": {"module." + k: v for k, v in theirs.state_dict().items()}},
                checkpoint)
-    output = tmp_path / f"{arch}.keras"
-    result = run_importer(f"--checkpoint={checkpoint}", f"--arch={arch}",
-                          f"--num_classes={NUM_CLASSES}", f"--output={output}",
-                          f"--image_size={SIZE}")
-    assert result.returncode == 0, result.stderr[-3000:]
-
-    ours = keras.models.load_model(output)
-    x = images()
-    expected = torch_logits(theirs, x)
-    got = ours.predict(x, verbose=0)
-    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
-    assert np.abs(expected).max() > 0.1
+    ours = import_and_check_logits(theirs, checkpoint, arch, tmp_path / f"{arch}.keras")
 
     experts, _, _, _, _, nbn = CASES[arch]
     scales = sorted((l.name, float(l.scales[0].numpy())) for l in leaf_layers(ours)

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import torch
 from torch import nn
@@ -123,3 +124,23 @@ def run_importer(*flags):
         [sys.executable, "-m", "nbn_keras.import_torch", *flags],
         capture_output=True, text=True, timeout=600, cwd=REPO,
         env={**os.environ, "PYTHONPATH": REPO})
+
+
+def import_and_check_logits(theirs, checkpoint, arch, output):
+    """Imports `checkpoint` with the command; its logits must equal `theirs`.
+
+    Returns:
+        The imported Keras model, loaded from `output`.
+    """
+    result = run_importer(f"--checkpoint={checkpoint}", f"--arch={arch}",
+                          f"--num_classes={NUM_CLASSES}", f"--output={output}",
+                          f"--image_size={SIZE}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours = keras.models.load_model(output)
+    x = images()
+    expected = torch_logits(theirs, x)
+    got = ours.predict(x, verbose=0)
+    # 1e-4 relative to the logits' scale (float32 through 50 layers).
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    assert np.abs(expected).max() > 0.1  # not a trivially small output
+    return ours
