@@ -561,9 +561,19 @@ def export_for_serving(
     served = _stock_model(model)
     input_dtype = served.inputs[0].dtype
 
+    num_classes = served.outputs[0].shape[-1]
+
     def predict(images):
-        logits = served(tf.cast(images, input_dtype), training=False)
-        logits = tf.cast(logits, tf.float32)
+        # An empty batch never reaches the model: with oneDNN (Intel CPUs) a
+        # convolution of an empty batch returns a wrongly shaped tensor and
+        # the next BatchNormalization fails.
+        logits = tf.cond(
+            tf.shape(images)[0] > 0,
+            lambda: tf.cast(
+                served(tf.cast(images, input_dtype), training=False), tf.float32
+            ),
+            lambda: tf.zeros([0, num_classes], tf.float32),
+        )
         return {
             "logits": logits,
             "probabilities": tf.nn.softmax(logits),
