@@ -167,6 +167,7 @@ def test_utf8_paths_train_evaluate_and_name_a_bad_image(tmp_path):
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match="Cannot read or decode image file " + str(broken)):
         list(nbn_data.make_train_dataset(data, 3, epochs=1))
+    assert list_files.find_undecodable(data.train_split.records) == [str(broken)]
 
 
 def test_missing_image_names_file(image_root):
