@@ -98,6 +98,11 @@ def write_jpeg_list_files(root, num_classes=3, per_class=2):
             f"--val_list={list_file}", f"--test_list={list_file}"]
 
 
+def refuse_json_constant(name):
+    """`json.loads(..., parse_constant=)` hook: NaN and Infinity are not JSON."""
+    raise ValueError(f"not strict JSON: {name}")
+
+
 def data_overrides(config, tmp_path):
     name = os.path.basename(config)
     if name.startswith("imagenet_lt"):
@@ -146,7 +151,8 @@ def test_config_trains_and_reports(config, tmp_path):
         figures = train.train_and_evaluate(run_config)
     assert figures["steps_trained"] == 1
     run_dir = tmp_path / "run"
-    assert json.loads((run_dir / "test_metrics.json").read_text()) == figures
+    assert json.loads((run_dir / "test_metrics.json").read_text(),
+                      parse_constant=refuse_json_constant) == figures
     assert 0 <= figures["top1"] <= 100
     resolved = (run_dir / "flags.cfg").read_text()
     assert f"--run_dir={tmp_path}/run" in resolved
