@@ -109,13 +109,18 @@ def test_comments_separators_and_paths_starting_with_a_hash(tmp_path):
         "no\u00a0break.jpg 5",
         "e.jpg 006",
     ]
-    (tmp_path / "l.txt").write_text("\r\n".join(lines) + "\r\n", encoding="utf-8")
-    paths, labels, numbers = list_files.parse_list_file(str(tmp_path / "l.txt"), "r")
-    assert paths.tolist() == ["r/#1/a.jpg", "r/./# b.jpg", "r/dir with spaces/c d.jpg",
-                              "r/\u5199\u771f\u3000\u4e00.jpg", "r/no\u00a0break.jpg",
-                              "r/e.jpg"]
-    assert labels.tolist() == [1, 2, 3, 4, 5, 6]
-    assert numbers.tolist() == [5, 6, 7, 8, 9, 10]
+    # Windows and old Mac line ends; a \x0b or \x1c is no line break.
+    lines.append("f\x0bg\x1ch.jpg 7")
+    for end in ("\r\n", "\r"):
+        (tmp_path / "l.txt").write_text(end.join(lines) + end, encoding="utf-8",
+                                        newline="")
+        paths, labels, numbers = list_files.parse_list_file(str(tmp_path / "l.txt"), "r")
+        assert paths.tolist() == [
+            "r/#1/a.jpg", "r/./# b.jpg", "r/dir with spaces/c d.jpg",
+            "r/\u5199\u771f\u3000\u4e00.jpg", "r/no\u00a0break.jpg", "r/e.jpg",
+            "r/f\x0bg\x1ch.jpg"]
+        assert labels.tolist() == [1, 2, 3, 4, 5, 6, 7]
+        assert numbers.tolist() == [5, 6, 7, 8, 9, 10, 11]
 
 
 def test_duplicate_paths(tmp_path):

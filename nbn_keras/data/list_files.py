@@ -91,7 +91,8 @@ def _read_lines(list_file):
             "that byte-order mark); list files must be UTF-8."
         )
     data = data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
-    for number, raw in enumerate(data.split(b"\n"), start=1):
+    # Lines end in \n, \r\n or \r (bytes.splitlines knows no other breaks).
+    for number, raw in enumerate(data.splitlines(), start=1):
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as error:
