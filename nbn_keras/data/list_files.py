@@ -3,7 +3,7 @@
 These benchmarks are distributed as text files with one
 `relative/path/to/image.jpg label` line per image (the path may contain
 spaces: the label is the last field), against an image root the user
-downloads separately.
+downloads separately. Lines end in `\\n`, `\\r\\n` or `\\r`.
 
 Format: the file is UTF-8 (a byte-order mark is accepted; paths may use any
 script). The label is the last field, separated from the path by spaces or
