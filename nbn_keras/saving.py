@@ -38,9 +38,9 @@ def check_keras_file(filepath):
     """Raises unless `filepath` is a complete, readable `.keras` archive.
 
     Checks, without building the model: the file exists and ends in
-    `.keras`; it is not empty; it is a zip archive holding `metadata.json`, `config.json` and
-    `model.weights.h5`; every member matches its stored CRC-32 (a truncated
-    or overwritten file does not); `config.json` is JSON.
+    `.keras`; it is not empty; it is a zip archive holding `metadata.json`,
+    `config.json` and `model.weights.h5`; every member matches its stored
+    CRC-32 (a truncated or overwritten file does not); `config.json` is JSON.
 
     Args:
         filepath: Path of the file.
@@ -138,16 +138,15 @@ def missing_classes(filepath, custom_objects=None):
 
 
 def _layers_in_config(config):
-    """Yields every `{"class_name", "config": {...}}` dict of a config."""
-    stack = [config]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            if "class_name" in item and isinstance(item.get("config"), dict):
-                yield item
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
+    """Yields every `{"class_name", "config": {...}}` dict, in file order."""
+    if isinstance(config, dict):
+        if "class_name" in config and isinstance(config.get("config"), dict):
+            yield config
+        for value in config.values():
+            yield from _layers_in_config(value)
+    elif isinstance(config, list):
+        for value in config:
+            yield from _layers_in_config(value)
 
 
 def deserialization_cause(filepath, error):
@@ -175,6 +174,8 @@ def deserialization_cause(filepath, error):
              if layer["class_name"] == class_name
              and all(key in layer["config"] for key in keys)]
     where = f"layer '{names[0]}' ({class_name})" if names else f"a {class_name} layer"
+    if len(names) > 1:
+        where += f" and {len(names) - 1} other layer(s)"
     listed = ", ".join(f"'{key}'" for key in keys)
     return (f"unknown config key(s) {listed} in {where}: this version of "
             f"{class_name} does not take them (a file from another version, or "
