@@ -331,7 +331,7 @@ def repeated_line_allowed_when_asked(ctx):
     ctx.ready()
     data = load(ctx.lists, allow_duplicate_paths=True)
     assert data.class_counts.tolist() == [4, 2, 2]
-    assert iterate(nbn_data.make_train_dataset(data, 2, epochs=1)) == 8
+    assert len(data.train_split) == 8
 
 
 def _write_utf8_images(ctx):
@@ -354,7 +354,7 @@ def utf8_paths(ctx):
     data = load(ctx.lists)
     assert [os.path.relpath(p, ctx.lists) for p in data.train_split.records[-2:]] == names
     assert data.class_counts.tolist() == [2, 3, 3]
-    assert iterate(nbn_data.make_train_dataset(data, 2, epochs=1)) == 8
+    # Decoded (training too: test_data_list_files.py).
     assert iterate(nbn_data.make_eval_dataset(data, "train", 8)) == 8
 
 

@@ -141,7 +141,8 @@ def test_duplicate_paths(tmp_path):
             list_files.parse_list_file(str(path), allow_duplicate_paths=allow)
 
 
-def test_utf8_paths_train_evaluate_and_name_a_bad_image(tmp_path):
+@pytest.mark.slow
+def test_utf8_paths_train_evaluate_and_find_a_bad_image(tmp_path):
     # Constant grey images: every crop, resize and flip of one keeps its
     # value, so each pipeline output must be that value (no colour jitter in
     # the iNaturalist recipe).
@@ -159,19 +160,17 @@ def test_utf8_paths_train_evaluate_and_name_a_bad_image(tmp_path):
                          image_size=8)
     assert data.class_counts.tolist() == [1, 1, 1]
     grey = np.asarray([value for _, value in sorted(names.values())], np.float32)
-    batches = list(nbn_data.make_train_dataset(data, 3, epochs=2, seed=1).as_numpy_iterator())
+    batches = list(nbn_data.make_train_dataset(data, 3, epochs=1, seed=1).as_numpy_iterator())
     batches += list(nbn_data.make_eval_dataset(data, "val", 3).as_numpy_iterator())
-    assert len(batches) == 3
+    assert len(batches) == 2
     for images, labels in batches:
         assert images.shape == (3, 8, 8, 3)
         np.testing.assert_allclose(images, np.broadcast_to(
             grey[labels][:, None, None, None], images.shape), atol=0.5)
     assert batches[-1][1].tolist() == [0, 1, 2]
+    # A bad image named in training: test_bad_inputs.py; found up front here.
     broken = tmp_path / "\u5199\u771f" / "na\u00efve.png"
     broken.write_bytes(b"not an image")
-    with pytest.raises(tf.errors.InvalidArgumentError,
-                       match="Cannot read or decode image file " + str(broken)):
-        list(nbn_data.make_train_dataset(data, 3, epochs=1))
     assert list_files.find_undecodable(data.train_split.records) == [str(broken)]
 
 
