@@ -94,6 +94,9 @@ class TrainConfig:
         "(default: inferred from the training list and enforced on the others).", "int")
     allow_outside_image_root: bool = _field(
         False, "Accept list-file paths that resolve outside --image_root.", "bool")
+    allow_duplicate_paths: bool = _field(
+        False, "Accept a list-file path listed more than once with the same label "
+        "(oversampling on purpose).", "bool")
     sampler: str = _field("instance", "Training sampler.", "enum", SAMPLERS)
     many_threshold: int = _field(100, "Classes with more training images than this are "
                                  "'many'.", "int")

@@ -22,6 +22,7 @@ PyTorch is needed only here: `pip install -e ".[torch]"`.
 
 import os
 import tempfile
+import zipfile
 
 import keras
 import numpy as np
@@ -52,6 +53,35 @@ OPTIONAL_SUFFIX = ".num_batches_tracked"
 _MAX_LISTED = 10
 
 
+def check_checkpoint_file(path):
+    """Raises a `ValueError` saying what is wrong with an unreadable file.
+
+    Checks what can be checked without unpickling: the file is not empty,
+    and a file in `torch.save`'s zip format (the default since PyTorch 1.6)
+    is a complete archive whose members match their checksums.
+
+    Args:
+        path: Path of an existing file.
+    """
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"'{path}' is empty (0 bytes): it is not a PyTorch checkpoint.")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            return  # Not a zip: the legacy pickle format, or no checkpoint.
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError) as error:
+        raise ValueError(
+            f"'{path}' is truncated or damaged: torch.save writes a zip archive, "
+            f"and this one is incomplete ({error})."
+        ) from None
+    if damaged is not None:
+        raise ValueError(
+            f"'{path}' is damaged: its member '{damaged}' does not match its checksum."
+        )
+
+
 def read_checkpoint(path, weights_only=True):
     """Reads a PyTorch checkpoint's state dict as float32 NumPy arrays.
 
@@ -77,14 +107,19 @@ def read_checkpoint(path, weights_only=True):
         ) from error
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No checkpoint file at '{path}'.")
+    check_checkpoint_file(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as error:
+        cause = str(error).strip() or (
+            "the data ends early (a truncated file?)" if isinstance(error, EOFError)
+            else f"{type(error).__name__} without a message")
+        refused = weights_only and "weights_only" in cause.lower().replace(" ", "_")
         raise ValueError(
             f"'{path}' could not be read as a PyTorch checkpoint"
             + (" with weights_only=True (use --noweights_only only for a "
-               "file you trust)" if weights_only else "")
-            + f": {error}"
+               "file you trust)" if refused else "")
+            + f": {cause}"
         ) from error
     arch = None
     if isinstance(checkpoint, dict) and "state_dict" in checkpoint:

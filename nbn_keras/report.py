@@ -1,5 +1,6 @@
 """Final figures of a run: test-split accuracy overall, by group and class."""
 
+import math
 import os
 
 import numpy as np
@@ -43,10 +44,37 @@ def evaluate(model, data, many_threshold=100, few_threshold=20, split="test"):
     }
 
 
+def undefined_as_none(value):
+    """`value` with every NaN or infinite float replaced by `None`.
+
+    Args:
+        value: Nested dicts, lists and tuples of numbers and strings.
+
+    Returns:
+        The same structure (tuples as lists), ready for strict JSON.
+
+    Example:
+
+    >>> undefined_as_none({"few": float("nan"), "per_class": [50.0, float("nan")]})
+    {'few': None, 'per_class': [50.0, None]}
+    """
+    if isinstance(value, dict):
+        return {key: undefined_as_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [undefined_as_none(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def write(figures, run_dir):
-    """Writes `figures` as JSON to `<run_dir>/test_metrics.json`, atomically."""
+    """Writes `figures` as strict JSON to `<run_dir>/test_metrics.json`, atomically.
+
+    An undefined figure (NaN: a group without classes, a class without test
+    images) is written as `null`.
+    """
     path = os.path.join(run_dir, FIGURES_FILENAME)
-    run_files.write_json(path, figures)
+    run_files.write_json(path, undefined_as_none(figures), allow_nan=False)
     return path
 
 

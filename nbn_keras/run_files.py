@@ -98,9 +98,13 @@ def write_text(path, text):
             f.write(text)
 
 
-def write_json(path, value):
-    """Writes `value` as indented JSON to `path` atomically."""
-    write_text(path, json.dumps(value, indent=2, allow_nan=True) + "\n")
+def write_json(path, value, allow_nan=True):
+    """Writes `value` as indented JSON to `path` atomically.
+
+    `allow_nan=False` refuses NaN and infinities (strict JSON) with a
+    `ValueError`, before anything is written.
+    """
+    write_text(path, json.dumps(value, indent=2, allow_nan=allow_nan) + "\n")
 
 
 def read_json(path, default=None):

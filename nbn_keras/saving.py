@@ -19,21 +19,28 @@ package shows up there only as `'module': 'nbn_keras.layers'` and
 
 import json
 import os
+import re
 import zipfile
 
 import keras
 
 # The members `keras.saving.save_model` writes into a `.keras` archive.
 KERAS_FILE_MEMBERS = ("metadata.json", "config.json", "model.weights.h5")
+# Keras' deserialization error quotes the whole configuration of every
+# enclosing object (kilobytes) and ends with the innermost cause.
+_CAUSE_MARK = "Exception encountered: "
+_UNKNOWN_KEYS = re.compile(r"Unrecognized keyword arguments passed to (\w+): \{(.*)\}",
+                           re.DOTALL)
+_MAX_CAUSE = 300
 
 
 def check_keras_file(filepath):
     """Raises unless `filepath` is a complete, readable `.keras` archive.
 
     Checks, without building the model: the file exists and ends in
-    `.keras`; it is a zip archive holding `metadata.json`, `config.json` and
-    `model.weights.h5`; every member matches its stored CRC-32 (a truncated
-    or overwritten file does not); `config.json` is JSON.
+    `.keras`; it is not empty; it is a zip archive holding `metadata.json`,
+    `config.json` and `model.weights.h5`; every member matches its stored
+    CRC-32 (a truncated or overwritten file does not); `config.json` is JSON.
 
     Args:
         filepath: Path of the file.
@@ -56,6 +63,8 @@ def check_keras_file(filepath):
         raise ValueError(f"'{filepath}' is not a .keras model file.{hint}")
     if os.path.isdir(filepath):
         return  # An unzipped Keras directory: Keras checks it.
+    if os.path.getsize(filepath) == 0:
+        raise ValueError(f"'{filepath}' is empty (0 bytes): not a .keras file.")
     try:
         with zipfile.ZipFile(filepath) as archive:
             names = set(archive.namelist())
@@ -128,6 +137,51 @@ def missing_classes(filepath, custom_objects=None):
     return sorted(missing)
 
 
+def _layers_in_config(config):
+    """Yields every `{"class_name", "config": {...}}` dict, in file order."""
+    if isinstance(config, dict):
+        if "class_name" in config and isinstance(config.get("config"), dict):
+            yield config
+        for value in config.values():
+            yield from _layers_in_config(value)
+    elif isinstance(config, list):
+        for value in config:
+            yield from _layers_in_config(value)
+
+
+def deserialization_cause(filepath, error):
+    """A short account of Keras' `TypeError` when rebuilding a model.
+
+    Args:
+        filepath: The `.keras` file that failed to load.
+        error: The `TypeError` of `keras.saving.load_model`.
+
+    Returns:
+        One sentence naming the unknown config keys and their layer when
+        that is the cause, otherwise the innermost cause Keras gives
+        (its enclosing quoted configurations left out).
+    """
+    cause = str(error).rsplit(_CAUSE_MARK, 1)[-1].strip()
+    unknown = _UNKNOWN_KEYS.search(cause)
+    if unknown is None:
+        if len(cause) > _MAX_CAUSE:
+            cause = cause[:_MAX_CAUSE] + " ..."
+        return cause
+    class_name, keys = unknown[1], re.findall(r"'([^']*)':", unknown[2])
+    with zipfile.ZipFile(filepath) as archive:
+        config = json.loads(archive.read("config.json"))
+    names = [layer["config"].get("name") for layer in _layers_in_config(config)
+             if layer["class_name"] == class_name
+             and all(key in layer["config"] for key in keys)]
+    where = f"layer '{names[0]}' ({class_name})" if names else f"a {class_name} layer"
+    if len(names) > 1:
+        where += f" and {len(names) - 1} other layer(s)"
+    listed = ", ".join(f"'{key}'" for key in keys)
+    return (f"unknown config key(s) {listed} in {where}: this version of "
+            f"{class_name} does not take them (a file from another version, or "
+            "edited).")
+
+
 def load_model(filepath, custom_objects=None, compile=True, safe_mode=True):
     """`keras.saving.load_model` with the file checked first.
 
@@ -167,7 +221,9 @@ def load_model(filepath, custom_objects=None, compile=True, safe_mode=True):
     except TypeError as error:
         missing = missing_classes(filepath, custom_objects)
         if not missing:
-            raise TypeError(f"Could not load '{filepath}': {error}") from error
+            raise TypeError(
+                f"Could not load '{filepath}': {deserialization_cause(filepath, error)}"
+            ) from None
         listed = ", ".join(f"{name} (module {module})" for module, name in missing)
         packages = sorted({module.split(".")[0] for module, _ in missing})
         raise TypeError(

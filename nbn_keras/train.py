@@ -187,7 +187,8 @@ def load_data(config):
         options = dict(train_list=config.train_list, val_list=config.val_list,
                        test_list=config.test_list, image_root=config.image_root,
                        on_bad_image=config.on_bad_image, num_classes=config.num_classes,
-                       allow_outside_image_root=config.allow_outside_image_root)
+                       allow_outside_image_root=config.allow_outside_image_root,
+                       allow_duplicate_paths=config.allow_duplicate_paths)
         if config.image_size:
             options["image_size"] = config.image_size
     else:

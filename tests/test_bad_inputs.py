@@ -188,7 +188,7 @@ def case(group, what, error, message, slow=False):
 @case("list file", "label 999 with num_classes=3", ValueError,
       r"train\.txt, line 7: label 999 is not in \[0, 3\) \(num_classes=3\)")
 def label_above_num_classes(ctx):
-    append(ctx.lists / "train.txt", "train/c0/0.jpg 999\n")
+    append(ctx.lists / "train.txt", "train/c0/extra.jpg 999\n")
     ctx.ready()
     load(ctx.lists, num_classes=3)
 
@@ -197,7 +197,7 @@ def label_above_num_classes(ctx):
       r"train\.txt, line 7: label 999 makes 1000 classes, but 996 of them "
       r"\(3, 4, 5, 6, 7, \.\.\.\) have no training image")
 def stray_label_with_inferred_classes(ctx):
-    append(ctx.lists / "train.txt", "train/c0/0.jpg 999\n")
+    append(ctx.lists / "train.txt", "train/c0/extra.jpg 999\n")
     ctx.ready()
     load(ctx.lists)
 
@@ -220,7 +220,8 @@ def label_of_the_test_list_beyond_num_classes(ctx):
 
 
 @case("list file", "negative label", ValueError,
-      r"train\.txt, line 7: expected 'relative/path label' with an integer label >= 0")
+      r"train\.txt, line 7: expected 'relative/path label' with an integer label >= 0, "
+      r"got 'train/c0/0\.jpg -1': the label -1 is negative\.")
 def negative_label(ctx):
     append(ctx.lists / "train.txt", "train/c0/0.jpg -1\n")
     ctx.ready()
@@ -241,6 +242,132 @@ def line_without_label(ctx):
     (ctx.lists / "val.txt").write_text("val/a.png 0\nval/b.jpg\n")
     ctx.ready()
     load(ctx.lists)
+
+
+@case("list file", "label in Arabic-Indic digits", ValueError,
+      r"train\.txt, line 7: .*: the label '\u0663' has digits other than ASCII 0-9 "
+      r"\(U\+0663 ARABIC-INDIC DIGIT THREE\)\.")
+def arabic_indic_label(ctx):
+    append(ctx.lists / "train.txt", "train/c0/0.jpg \u0663\n")
+    ctx.ready()
+    load(ctx.lists)
+
+
+@case("list file", "label in fullwidth digits", ValueError,
+      r"train\.txt, line 7: .*: the label '\uff13' has digits other than ASCII 0-9 "
+      r"\(U\+FF13 FULLWIDTH DIGIT THREE\)\.")
+def fullwidth_label(ctx):
+    append(ctx.lists / "train.txt", "train/c0/0.jpg \uff13\n")
+    ctx.ready()
+    load(ctx.lists)
+
+
+@case("list file", "label 2147483648 (beyond int32)", ValueError,
+      r"train\.txt, line 7: .*: the label 2147483648 is larger than 2147483647\.")
+def label_beyond_int32(ctx):
+    append(ctx.lists / "train.txt", "train/c0/0.jpg 2147483648\n")
+    ctx.ready()
+    load(ctx.lists)
+
+
+@case("list file", "stray label 2147483647, classes inferred", ValueError,
+      r"train\.txt, line 7: label 2147483647 makes 2147483648 classes, but 2147483644 "
+      r"of them \(3, 4, 5, 6, 7, \.\.\.\) have no training image")
+def largest_stray_label_with_inferred_classes(ctx):
+    append(ctx.lists / "train.txt", "train/c0/extra.jpg 2147483647\n")
+    ctx.ready()
+    load(ctx.lists)
+
+
+@case("list file", "list file in Latin-1", ValueError,
+      r"train\.txt, line 7: not valid UTF-8 \(byte b'\\xe9' at column 10\); list files "
+      r"must be UTF-8 \(a byte-order mark is accepted\)\.")
+def latin1_list_file(ctx):
+    with open(ctx.lists / "train.txt", "ab") as f:
+        f.write("train/caf\u00e9.jpg 0\n".encode("latin-1"))
+    ctx.ready()
+    load(ctx.lists)
+
+
+@case("list file", "list file in UTF-16", ValueError,
+      r"val\.txt: the file is UTF-16 or UTF-32 encoded \(it starts with that "
+      r"byte-order mark\); list files must be UTF-8\.")
+def utf16_list_file(ctx):
+    (ctx.lists / "val.txt").write_text("val/a.png 0\nval/b.jpg 2\n", encoding="utf-16")
+    ctx.ready()
+    load(ctx.lists)
+
+
+@case("list file", "a line repeated", ValueError,
+      r"train\.txt, line 7: 'train/c0/0\.jpg' is listed again \(first on line 1\); 1 "
+      r"duplicate line\(s\) in this list, which change the class sizes\. Remove them, "
+      r"or pass allow_duplicate_paths=True \(--allow_duplicate_paths\)")
+def repeated_line(ctx):
+    append(ctx.lists / "train.txt", "train/c0/0.jpg 0\n")
+    ctx.ready()
+    load(ctx.lists)
+
+
+@case("list file", "one path under two labels", ValueError,
+      r"train\.txt, line 7: 'train/c0/0\.jpg' has label 2, but line 1 lists it with "
+      r"label 0; one image cannot have two labels \(1 such line\(s\) in this list\)\.")
+def path_under_two_labels(ctx):
+    append(ctx.lists / "train.txt", "train/c0/0.jpg 2\n")
+    ctx.ready()
+    load(ctx.lists)
+
+
+@case("list file", "one path under two labels, allow_duplicate_paths=True", ValueError,
+      r"val\.txt, line 3: '\./val/a\.png' has label 1, but line 1 lists it with label 0")
+def path_under_two_labels_with_duplicates_allowed(ctx):
+    append(ctx.lists / "val.txt", "./val/a.png 1\n")
+    ctx.ready()
+    load(ctx.lists, allow_duplicate_paths=True)
+
+
+@case("list file", "a line repeated, allow_duplicate_paths=True", None, "accepted")
+def repeated_line_allowed_when_asked(ctx):
+    append(ctx.lists / "train.txt", "train/c0/0.jpg 0\n./train/c0/0.jpg 0\n")
+    ctx.ready()
+    data = load(ctx.lists, allow_duplicate_paths=True)
+    assert data.class_counts.tolist() == [4, 2, 2]
+    assert len(data.train_split) == 8
+
+
+def _write_utf8_images(ctx):
+    """Two images under CJK, accented and Cyrillic names, listed after a BOM."""
+    names = ["\u5199\u771f/caf\u00e9 \u00e0.jpg", "\u0444\u043e\u0442\u043e/\u753b\u50cf.jpg"]
+    for seed, name in enumerate(names):
+        (ctx.lists / name).parent.mkdir(exist_ok=True)
+        (ctx.lists / name).write_bytes(jpeg_bytes(seed=seed))
+    with open(ctx.lists / "train.txt", "r+b") as f:
+        lines = f.read()
+        f.seek(0)
+        f.write(b"\xef\xbb\xbf" + lines + f"{names[0]} 1\n{names[1]} 2\n".encode("utf-8"))
+    return names
+
+
+@case("list file", "CJK and accented paths, a byte-order mark", None, "accepted")
+def utf8_paths(ctx):
+    names = _write_utf8_images(ctx)
+    ctx.ready()
+    data = load(ctx.lists)
+    assert [os.path.relpath(p, ctx.lists) for p in data.train_split.records[-2:]] == names
+    assert data.class_counts.tolist() == [2, 3, 3]
+    # Decoded (training too: test_data_list_files.py).
+    assert iterate(nbn_data.make_eval_dataset(data, "train", 8)) == 8
+
+
+@case("list file", "`#1/a.jpg 1` (a path starting with `#`) and `# a comment`", None,
+      "accepted")
+def path_starting_with_a_hash(ctx):
+    (ctx.lists / "#1").mkdir()
+    (ctx.lists / "#1" / "a.jpg").write_bytes(jpeg_bytes(seed=12))
+    append(ctx.lists / "train.txt", "# a comment 1\n#1/a.jpg 1\n")
+    ctx.ready()
+    data = load(ctx.lists)
+    assert data.train_split.records[-1] == str(ctx.lists / "#1" / "a.jpg")
+    assert data.class_counts.tolist() == [2, 3, 2]
 
 
 @case("list file", "`../../../../etc/passwd`", ValueError,
@@ -362,6 +489,16 @@ def truncated_png_in_evaluation(ctx):
     path.write_bytes(path.read_bytes()[:200])
     ctx.ready()
     iterate(nbn_data.make_eval_dataset(load(ctx.lists), "val", batch_size=1))
+
+
+@case("image file", "text file named `.jpg` under a CJK path, in training",
+      tf.errors.InvalidArgumentError,
+      "Cannot read or decode image file \\S*/\u0444\u043e\u0442\u043e/\u753b\u50cf\\.jpg")
+def text_file_under_a_cjk_path(ctx):
+    names = _write_utf8_images(ctx)
+    (ctx.lists / names[1]).write_text("not an image at all")
+    ctx.ready()
+    iterate(nbn_data.make_train_dataset(load(ctx.lists), 8, epochs=1))
 
 
 @case("image file", "JPEG with a valid header and corrupt data, on_bad_image=\"skip\"",
@@ -679,6 +816,33 @@ def keras_file_with_a_lambda(ctx):
     model.save(ctx.tmp / "lambda.keras")
     ctx.ready()
     nbn_keras.load_model(ctx.tmp / "lambda.keras")
+
+
+@case(".keras file", "unknown key `foo` in a layer's saved config", TypeError,
+      r"\ACould not load '[^']*model\.keras': unknown config key\(s\) 'foo' in layer "
+      r"'batch_normalization' \(NormalizedBatchNormalization\): this version of "
+      r"NormalizedBatchNormalization does not take them \(a file from another "
+      r"version, or edited\)\.\Z")
+def keras_file_with_an_unknown_config_key(ctx):
+    def add_key(data):
+        config = json.loads(data)
+        for layer in config["config"]["layers"]:
+            if layer["class_name"] == "NormalizedBatchNormalization":
+                layer["config"]["foo"] = 1
+        return json.dumps(config).encode()
+
+    _rezip(ctx.user / "run" / "best.keras", ctx.tmp / "model.keras",
+           replace={"config.json": add_key})
+    ctx.ready()
+    nbn_keras.load_model(ctx.tmp / "model.keras")
+
+
+@case(".keras file", "a 0-byte file", ValueError,
+      r"'\S*model\.keras' is empty \(0 bytes\): not a \.keras file\.")
+def empty_keras_file(ctx):
+    (ctx.tmp / "model.keras").write_bytes(b"")
+    ctx.ready()
+    nbn_keras.load_model(ctx.tmp / "model.keras")
 
 
 @case(".keras file", "a `.weights.h5` file", ValueError,

@@ -46,12 +46,132 @@ def test_parse_list_file(image_root):
     assert lines.tolist() == [2, 3, 4, 5, 6, 7]
 
 
-@pytest.mark.parametrize("bad_line", ["just_a_path.jpg", "img.jpg cat", "img.jpg -1"])
-def test_malformed_line_names_file_and_line(tmp_path, bad_line):
+@pytest.mark.parametrize("bad_line, reason", [
+    ("just_a_path.jpg", "there is no label"),
+    ("img.jpg ", "there is no label"),  # Trailing blank, empty label.
+    ("img.jpg\u30003", "there is no label"),  # An ideographic space is no separator.
+    ("img.jpg cat", "the label 'cat' is not an integer"),
+    ("img.jpg 1.5", "the label '1.5' is not an integer"),
+    ("img.jpg -1", "the label -1 is negative"),
+    ("img.jpg \u0663", r"the label '\u0663' has digits other than ASCII 0-9 "
+                      r"\(U\+0663 ARABIC-INDIC DIGIT THREE\)"),
+    ("img.jpg \uff11\uff12", r"the label '\uff11\uff12' has digits other than ASCII 0-9 "
+                           r"\(U\+FF11 FULLWIDTH DIGIT ONE, U\+FF12 FULLWIDTH DIGIT TWO\)"),
+    ("img.jpg \u00b2", r"the label '\u00b2' has digits other than ASCII 0-9 "
+                     r"\(U\+00B2 SUPERSCRIPT TWO\)"),  # isdigit(), but int() refuses it.
+    ("img.jpg 2147483648", "the label 2147483648 is larger than 2147483647"),
+    ("img.jpg 99999999999999999999",  # Beyond int64.
+     "the label 99999999999999999999 is larger than 2147483647"),
+])
+def test_malformed_line_names_file_and_line(tmp_path, bad_line, reason):
     path = tmp_path / "list.txt"
-    path.write_text(f"a.jpg 0\nb.jpg 1\n{bad_line}\n")
-    with pytest.raises(ValueError, match=r"list\.txt, line 3"):
+    path.write_text(f"a.jpg 0\nb.jpg 1\n{bad_line}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"list\.txt, line 3: expected 'relative/path "
+                       r"label' with an integer label >= 0, got .*: " + reason):
         list_files.parse_list_file(str(path))
+
+
+def test_largest_label_is_accepted_and_a_stray_one_fails_fast(tmp_path):
+    (tmp_path / "t.txt").write_text("a.jpg 0\nb.jpg 2147483647\n")
+    _, labels, _ = list_files.parse_list_file(str(tmp_path / "t.txt"))
+    assert labels.tolist() == [0, 2**31 - 1]
+    # Inferred classes: named without building an array of 2**31 classes.
+    with pytest.raises(ValueError, match=r"t\.txt, line 2: label 2147483647 makes "
+                       r"2147483648 classes, but 2147483646 of them \(1, 2, 3, 4, 5, "
+                       r"\.\.\.\) have no training image"):
+        nbn_data.load("imagenet_lt", train_list=str(tmp_path / "t.txt"),
+                      val_list=str(tmp_path / "t.txt"), image_root=str(tmp_path),
+                      check_files=False)
+
+
+@pytest.mark.parametrize("data, message", [
+    ("a.jpg 0\ncaf\u00e9.jpg 1\n".encode("latin-1"),
+     r"l\.txt, line 2: not valid UTF-8 \(byte b'\\xe9' at column 4\); list files "
+     r"must be UTF-8"),
+    ("a.jpg 0\n".encode("utf-16"), r"l\.txt: the file is UTF-16 or UTF-32 encoded"),
+    ("a.jpg 0\n".encode("utf-32"), r"l\.txt: the file is UTF-16 or UTF-32 encoded"),
+    (b"a.jpg 0\n\xff\xfeb.jpg 1\n", r"l\.txt, line 2: not valid UTF-8 \(byte b'\\xff' at "
+                                    r"column 1\)"),
+])
+def test_list_file_that_is_not_utf8(tmp_path, data, message):
+    (tmp_path / "l.txt").write_bytes(data)
+    with pytest.raises(ValueError, match=message):
+        list_files.parse_list_file(str(tmp_path / "l.txt"))
+
+
+def test_comments_separators_and_paths_starting_with_a_hash(tmp_path):
+    lines = [
+        "# a comment", "   #\tindented comment", "#", "",
+        "#1/a.jpg 1",  # `#` not followed by a blank: a path.
+        "./# b.jpg 2",  # A path that starts with "# ".
+        "dir with spaces/c d.jpg\t 3",
+        "\u5199\u771f\u3000\u4e00.jpg 4",  # The ideographic space is in the path.
+        "no\u00a0break.jpg 5",
+        "e.jpg 006",
+    ]
+    # Windows and old Mac line ends; a \x0b or \x1c is no line break.
+    lines.append("f\x0bg\x1ch.jpg 7")
+    for end in ("\r\n", "\r"):
+        (tmp_path / "l.txt").write_text(end.join(lines) + end, encoding="utf-8",
+                                        newline="")
+        paths, labels, numbers = list_files.parse_list_file(str(tmp_path / "l.txt"), "r")
+        assert paths.tolist() == [
+            "r/#1/a.jpg", "r/./# b.jpg", "r/dir with spaces/c d.jpg",
+            "r/\u5199\u771f\u3000\u4e00.jpg", "r/no\u00a0break.jpg", "r/e.jpg",
+            "r/f\x0bg\x1ch.jpg"]
+        assert labels.tolist() == [1, 2, 3, 4, 5, 6, 7]
+        assert numbers.tolist() == [5, 6, 7, 8, 9, 10, 11]
+
+
+def test_duplicate_paths(tmp_path):
+    path = tmp_path / "l.txt"
+    path.write_text("a.jpg 0\nb.jpg 1\n./a.jpg 0\nc.jpg 1\nb.jpg 1\n")
+    with pytest.raises(ValueError, match=r"l\.txt, line 3: '\./a\.jpg' is listed again "
+                       r"\(first on line 1\); 2 duplicate line\(s\) in this list.*"
+                       r"allow_duplicate_paths=True"):
+        list_files.parse_list_file(str(path))
+    _, labels, numbers = list_files.parse_list_file(str(path), allow_duplicate_paths=True)
+    assert labels.tolist() == [0, 1, 0, 1, 1] and numbers.tolist() == [1, 2, 3, 4, 5]
+    # One path under two labels: an error even when repeats are allowed.
+    path.write_text("a.jpg 0\nb.jpg 1\na/../a.jpg 2\n")
+    for allow in (False, True):
+        with pytest.raises(ValueError, match=r"l\.txt, line 3: 'a/\.\./a\.jpg' has label "
+                           r"2, but line 1 lists it with label 0; one image cannot have "
+                           r"two labels"):
+            list_files.parse_list_file(str(path), allow_duplicate_paths=allow)
+
+
+@pytest.mark.slow
+def test_utf8_paths_train_evaluate_and_find_a_bad_image(tmp_path):
+    # Constant grey images: every crop, resize and flip of one keeps its
+    # value, so each pipeline output must be that value (no colour jitter in
+    # the iNaturalist recipe).
+    names = {"\u5199\u771f/caf\u00e9 \u00e0.png": (0, 40), "\u5199\u771f/na\u00efve.png": (1, 80),
+             "\u0444\u043e\u0442\u043e/\u00fc\u00df.png": (2, 120)}
+    lines = []
+    for name, (label, value) in names.items():
+        pixels = np.full((30, 40, 3), value, np.uint8)
+        os.makedirs(tmp_path / os.path.dirname(name), exist_ok=True)
+        tf.io.write_file(str(tmp_path / name), tf.io.encode_png(pixels))
+        lines.append(f"{name} {label}")
+    (tmp_path / "l.txt").write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode("utf-8"))
+    data = nbn_data.load("inaturalist", train_list=str(tmp_path / "l.txt"),
+                         val_list=str(tmp_path / "l.txt"), image_root=str(tmp_path),
+                         image_size=8)
+    assert data.class_counts.tolist() == [1, 1, 1]
+    grey = np.asarray([value for _, value in sorted(names.values())], np.float32)
+    batches = list(nbn_data.make_train_dataset(data, 3, epochs=1, seed=1).as_numpy_iterator())
+    batches += list(nbn_data.make_eval_dataset(data, "val", 3).as_numpy_iterator())
+    assert len(batches) == 2
+    for images, labels in batches:
+        assert images.shape == (3, 8, 8, 3)
+        np.testing.assert_allclose(images, np.broadcast_to(
+            grey[labels][:, None, None, None], images.shape), atol=0.5)
+    assert batches[-1][1].tolist() == [0, 1, 2]
+    # A bad image named in training: test_bad_inputs.py; found up front here.
+    broken = tmp_path / "\u5199\u771f" / "na\u00efve.png"
+    broken.write_bytes(b"not an image")
+    assert list_files.find_undecodable(data.train_split.records) == [str(broken)]
 
 
 def test_missing_image_names_file(image_root):

@@ -7,7 +7,9 @@ on its shortcut BN, one alpha = `scale_factor[0]`), with their module names,
 so their state dicts have the keys of the authors' checkpoints.
 """
 
+import io
 import os
+import zipfile
 
 import numpy as np
 import pytest
@@ -197,6 +199,40 @@ def test_errors_keep_existing_files(nbn_state_dict, tmp_path):
                                        NUM_CLASSES)
     assert output.read_text() == "precious"
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pth.tar", "out.keras"]
+
+
+def test_unreadable_checkpoints_say_what_is_wrong(tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save({"state_dict": {"w": torch.arange(300.0)}, "arch": "resnet50"}, good)
+    state_dict, arch = import_torch.read_checkpoint(str(good))
+    np.testing.assert_array_equal(state_dict["w"], np.arange(300.0))
+    assert arch == "resnet50"
+    data = good.read_bytes()
+    with zipfile.ZipFile(good) as archive:
+        member = next(i for i in archive.infolist() if i.filename.endswith("data/0"))
+    # The member's data follows its local header (30 bytes, name, extra field).
+    header = data[member.header_offset: member.header_offset + 30]
+    start = (member.header_offset + 30 + int.from_bytes(header[26:28], "little")
+             + int.from_bytes(header[28:30], "little"))
+    flipped = bytearray(data)
+    flipped[start + member.file_size // 2] ^= 0xFF
+    legacy = io.BytesIO()
+    torch.save({"w": torch.ones(3)}, legacy, _use_new_zipfile_serialization=False)
+    cases = {
+        b"": r"'\S*bad\.pth' is empty \(0 bytes\): it is not a PyTorch checkpoint\.",
+        data[: len(data) // 2]: r"'\S*bad\.pth' is truncated or damaged: torch\.save "
+                                r"writes a zip archive, and this one is incomplete",
+        bytes(flipped): r"'\S*bad\.pth' is damaged: its member '\S*data/0' does not "
+                        r"match its checksum\.",
+        # The legacy (pickle) format: PyTorch's EOFError has no message.
+        legacy.getvalue()[:20]: r"could not be read as a PyTorch checkpoint: the data "
+                                r"ends early \(a truncated file\?\)$",
+    }
+    for content, message in cases.items():
+        (tmp_path / "bad.pth").write_bytes(content)
+        with pytest.raises(ValueError, match=message) as raised:
+            import_torch.read_checkpoint(str(tmp_path / "bad.pth"))
+        assert "noweights_only" not in str(raised.value)
 
 
 @pytest.mark.slow

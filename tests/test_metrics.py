@@ -1,3 +1,5 @@
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -92,3 +94,36 @@ def test_fit_and_evaluate_report_group_metrics():
 def test_bad_group():
     with pytest.raises(ValueError, match="group"):
         metrics.GroupAccuracy(COUNTS, group="tail")
+
+
+def _refuse_constant(name):
+    raise ValueError(f"not strict JSON: {name}")
+
+
+def test_report_writes_undefined_figures_as_null(tmp_path):
+    from nbn_keras import report
+    from nbn_keras.data import base
+
+    # Records are the logits themselves (1x1 "images", recipe "none").
+    def split(labels, predicted):
+        return base.Split(np.eye(3, dtype=np.uint8)[predicted].reshape(-1, 1, 1, 3) * 5,
+                          labels)
+
+    # Class 2 has no training and no test image; every class is "few".
+    data = base.LongTailedData(
+        name="t", train_split=split([0, 0, 1], [0, 0, 1]),
+        val_split=split([0, 1], [0, 1]), test_split=split([0, 0, 1], [0, 1, 1]),
+        num_classes=3, image_shape=(1, 1, 3), mean=(0, 0, 0), std=(1, 1, 1),
+        recipe="none")
+    model = keras.Sequential([keras.Input((1, 1, 3)), keras.layers.Flatten()])
+    figures = report.evaluate(model, data)
+    path = report.write(figures, str(tmp_path))
+    written = json.loads(open(path).read(), parse_constant=_refuse_constant)
+    assert written["per_class"] == [50.0, 100.0, None]
+    assert written["many"] is None and written["medium"] is None
+    assert written["few"] == pytest.approx(75.0)
+    assert written["balanced"] == pytest.approx(75.0)
+    assert written["top1"] == pytest.approx(200 / 3)
+    assert written["class_counts"] == [2, 1, 0]
+    # The printed table still shows the undefined figures.
+    assert "nan" in report.table(figures)

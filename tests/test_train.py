@@ -75,14 +75,19 @@ def mock_cifar(num_classes, per_class):
     return tfds.testing.mock_data(as_dataset_fn=as_dataset)
 
 
+def class_dir(c):
+    """Class 1 has a CJK and accented name: UTF-8 paths go through every run."""
+    return "\u5199\u771f caf\u00e9" if c == 1 else f"class{c}"
+
+
 def write_jpeg_list_files(root, num_classes=3, per_class=2):
     """A tiny ImageNet-LT-style image tree and its list files."""
     rng = np.random.default_rng(0)
     lines = []
     for c in range(num_classes):
-        os.makedirs(os.path.join(root, f"class{c}"), exist_ok=True)
+        os.makedirs(os.path.join(root, class_dir(c)), exist_ok=True)
         for i in range(per_class):
-            path = f"class{c}/{i}.jpg"
+            path = f"{class_dir(c)}/{i}.jpg"
             pixels = rng.integers(0, 256, (40, 48, 3), np.uint8)
             tf.io.write_file(os.path.join(root, path), tf.io.encode_jpeg(pixels))
             lines.append(f"{path} {c}")
@@ -91,6 +96,11 @@ def write_jpeg_list_files(root, num_classes=3, per_class=2):
         f.write("\n".join(lines) + "\n")
     return [f"--image_root={root}", f"--train_list={list_file}",
             f"--val_list={list_file}", f"--test_list={list_file}"]
+
+
+def refuse_json_constant(name):
+    """`json.loads(..., parse_constant=)` hook: NaN and Infinity are not JSON."""
+    raise ValueError(f"not strict JSON: {name}")
 
 
 def data_overrides(config, tmp_path):
@@ -141,7 +151,8 @@ def test_config_trains_and_reports(config, tmp_path):
         figures = train.train_and_evaluate(run_config)
     assert figures["steps_trained"] == 1
     run_dir = tmp_path / "run"
-    assert json.loads((run_dir / "test_metrics.json").read_text()) == figures
+    assert json.loads((run_dir / "test_metrics.json").read_text(),
+                      parse_constant=refuse_json_constant) == figures
     assert 0 <= figures["top1"] <= 100
     resolved = (run_dir / "flags.cfg").read_text()
     assert f"--run_dir={tmp_path}/run" in resolved
@@ -220,7 +231,7 @@ def test_list_file_flags_reach_the_loader(tmp_path):
 
 def test_an_image_that_fails_to_decode_in_training_is_named(tmp_path):
     lists = write_jpeg_list_files(str(tmp_path / "images"))  # 6 images
-    path = tmp_path / "images" / "class1" / "0.jpg"
+    path = tmp_path / "images" / class_dir(1) / "0.jpg"
     path.write_bytes(jpeg_cut_after_scan_header(path.read_bytes()))
     result = run_command(f"--run_dir={tmp_path}/run", "--data=imagenet_lt", *lists,
                          "--image_size=32", "--global_batch_size=6", "--epochs=1",
@@ -228,6 +239,19 @@ def test_an_image_that_fails_to_decode_in_training_is_named(tmp_path):
     assert result.returncode == 1, result.stderr[-3000:]
     assert f"Error: Cannot read or decode image file {path}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_allow_duplicate_paths_reaches_the_loader(tmp_path):
+    lists = write_jpeg_list_files(str(tmp_path / "images"))
+    with open(tmp_path / "images" / "list.txt", "a") as f:
+        f.write("class0/0.jpg 0\n")
+    config = parse_config("--data=imagenet_lt", *lists, f"--run_dir={tmp_path}/run")
+    with pytest.raises(ValueError, match=r"list\.txt, line 7: 'class0/0\.jpg' is listed "
+                       r"again \(first on line 1\)"):
+        train.load_data(config)
+    allowed = parse_config("--data=imagenet_lt", *lists, "--allow_duplicate_paths",
+                           f"--run_dir={tmp_path}/run")
+    assert train.load_data(allowed).class_counts.tolist() == [3, 2, 2]
 
 
 def test_image_size_reaches_list_files_and_is_refused_for_cifar(tmp_path):

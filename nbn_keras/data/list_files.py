@@ -3,13 +3,28 @@
 These benchmarks are distributed as text files with one
 `relative/path/to/image.jpg label` line per image (the path may contain
 spaces: the label is the last field), against an image root the user
-downloads separately. Blank lines and lines starting with `#` are ignored.
+downloads separately. Lines end in `\\n`, `\\r\\n` or `\\r`.
+
+Format: the file is UTF-8 (a byte-order mark is accepted; paths may use any
+script). The label is the last field, separated from the path by spaces or
+tabs (other Unicode spaces belong to the path), written with the ASCII
+digits 0-9. Blank lines are ignored, and so are comments: lines whose first
+non-blank character is `#` followed by a space, a tab or the end of the
+line. Any other line is an entry, so `#1/a.jpg 3` names the file `#1/a.jpg`;
+a path that starts with `# ` is written `./# a.jpg`. A path cannot start or
+end with spaces or tabs.
 
 Errors, decided here (each names the list file and line where there is
 one):
 
-- A malformed line (not "path label", or a label that is not a
-  non-negative integer) raises `ValueError`.
+- A file that is not UTF-8, and a malformed line (not "path label", or a
+  label that is not a non-negative integer of ASCII digits below 2**31:
+  `-1`, `cat`, Arabic-Indic or fullwidth digits) raise `ValueError`.
+- A path listed twice in one list (compared after normalisation, so `a.jpg`
+  and `./a.jpg` are the same) raises `ValueError`: duplicate lines change
+  class sizes. `allow_duplicate_paths=True` accepts repeats with the same
+  label (oversampling on purpose); one path under two labels is always an
+  error.
 - A label outside `[0, num_classes)` raises `ValueError`. Without
   `num_classes` the training list decides it (`max label + 1`), every class
   below that must occur in it (a stray `999` in a 10-class list is an
@@ -32,8 +47,11 @@ one):
   `write_subset`.
 """
 
+import codecs
 import os
 import posixpath
+import re
+import unicodedata
 
 import numpy as np
 import tensorflow as tf
@@ -46,6 +64,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INATURALIST_MEAN = (0.466, 0.471, 0.380)
 INATURALIST_STD = (0.195, 0.194, 0.192)
 BAD_IMAGE_POLICIES = ("error", "skip")
+LABEL_LIMIT = 2**31 - 1  # Labels are stored as int32.
+# The path is everything before the last run of spaces or tabs.
+_ENTRY = re.compile(r"(.+?)[ \t]+([^ \t]+)", re.DOTALL)
+_ASCII_DIGITS = re.compile(r"[0-9]+")
+_BLANKS = " \t\r\n\f\v"
+_UTF16_32_BOMS = (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE, codecs.BOM_UTF16_LE,
+                  codecs.BOM_UTF16_BE)
 
 
 def _leaves_root(relative):
@@ -56,14 +81,105 @@ def _leaves_root(relative):
     return normal == ".." or normal.startswith("../")
 
 
-def parse_list_file(list_file, image_root="", allow_outside_image_root=False):
+def _read_lines(list_file):
+    """Yields `(line number, text)` of a UTF-8 list file, blanks stripped."""
+    with tf.io.gfile.GFile(list_file, "rb") as f:
+        data = f.read()
+    if data.startswith(_UTF16_32_BOMS):
+        raise ValueError(
+            f"{list_file}: the file is UTF-16 or UTF-32 encoded (it starts with "
+            "that byte-order mark); list files must be UTF-8."
+        )
+    data = data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
+    # Lines end in \n, \r\n or \r (bytes.splitlines knows no other breaks).
+    for number, raw in enumerate(data.splitlines(), start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(
+                f"{list_file}, line {number}: not valid UTF-8 (byte "
+                f"{raw[error.start:error.start + 1]!r} at column {error.start + 1}); "
+                "list files must be UTF-8 (a byte-order mark is accepted)."
+            ) from None
+        yield number, text.strip(_BLANKS)
+
+
+def _is_comment(text):
+    """Whether a stripped line is a comment: `#`, then a blank or nothing."""
+    return text == "#" or text.startswith(("# ", "#\t"))
+
+
+def _label_problem(label):
+    """Why the text `label` is not a valid label; `None` when it is one."""
+    if _ASCII_DIGITS.fullmatch(label):
+        if int(label) > LABEL_LIMIT:
+            return f"the label {label} is larger than {LABEL_LIMIT}"
+        return None
+    if label.startswith("-") and _ASCII_DIGITS.fullmatch(label[1:]):
+        return f"the label {label} is negative"
+    foreign = sorted({c for c in label if c.isdigit() and not "0" <= c <= "9"})
+    if foreign:
+        named = ", ".join(f"U+{ord(c):04X} {unicodedata.name(c, '?')}" for c in foreign)
+        return f"the label {label!r} has digits other than ASCII 0-9 ({named})"
+    return f"the label {label!r} is not an integer"
+
+
+def _parse_entry(list_file, number, text):
+    """`(relative path, label)` of an entry line; raises naming the line."""
+    match = _ENTRY.fullmatch(text)
+    problem = "there is no label" if match is None else _label_problem(match[2])
+    if problem:
+        raise ValueError(
+            f"{list_file}, line {number}: expected 'relative/path label' with an "
+            f"integer label >= 0, got {text!r}: {problem}."
+        )
+    return match[1], int(match[2])
+
+
+def _check_duplicates(list_file, relatives, labels, lines, allow_duplicate_paths):
+    """Raises on a path listed twice (always when under two labels)."""
+    first = {}
+    repeats, conflicts = [], []
+    for relative, label, number in zip(relatives, labels, lines):
+        key = posixpath.normpath(relative)
+        if key not in first:
+            first[key] = (number, label)
+            continue
+        seen_at, seen_label = first[key]
+        (conflicts if label != seen_label else repeats).append(
+            (number, relative, label, seen_at, seen_label))
+    if conflicts:
+        number, relative, label, seen_at, seen_label = conflicts[0]
+        raise ValueError(
+            f"{list_file}, line {number}: {relative!r} has label {label}, but line "
+            f"{seen_at} lists it with label {seen_label}; one image cannot have two "
+            f"labels ({len(conflicts)} such line(s) in this list)."
+        )
+    if repeats and not allow_duplicate_paths:
+        number, relative, _, seen_at, _ = repeats[0]
+        raise ValueError(
+            f"{list_file}, line {number}: {relative!r} is listed again (first on line "
+            f"{seen_at}); {len(repeats)} duplicate line(s) in this list, which change "
+            "the class sizes. Remove them, or pass allow_duplicate_paths=True "
+            "(--allow_duplicate_paths) to oversample on purpose."
+        )
+
+
+def parse_list_file(list_file, image_root="", allow_outside_image_root=False,
+                    allow_duplicate_paths=False):
     """Reads a `relative/path label` list file.
+
+    The format (UTF-8, comments, separators) and its errors are in the
+    module docstring; every error names the file and line.
 
     Args:
         list_file: Path of the list file.
         image_root: Directory the relative paths start from.
         allow_outside_image_root: Accept absolute paths and paths that
             leave `image_root` with `..`; refused by default.
+        allow_duplicate_paths: Accept a path listed more than once with the
+            same label (each line is one training example); refused by
+            default.
 
     Returns:
         `(paths, labels, line_numbers)`: numpy arrays of full paths (str),
@@ -75,29 +191,24 @@ def parse_list_file(list_file, image_root="", allow_outside_image_root=False):
     """
     if not tf.io.gfile.exists(list_file):
         raise FileNotFoundError(f"List file not found: {list_file}")
-    paths, labels, lines = [], [], []
-    with tf.io.gfile.GFile(list_file) as f:
-        for number, line in enumerate(f, start=1):
-            text = line.strip()
-            if not text or text.startswith("#"):
-                continue
-            fields = text.rsplit(None, 1)
-            if len(fields) != 2 or not fields[1].isdigit():
-                raise ValueError(
-                    f"{list_file}, line {number}: expected 'relative/path label' with an "
-                    f"integer label >= 0, got {text!r}"
-                )
-            if not allow_outside_image_root and _leaves_root(fields[0]):
-                raise ValueError(
-                    f"{list_file}, line {number}: the path {fields[0]!r} is outside the "
-                    f"image root {image_root!r}. Listed paths must be relative and stay "
-                    "inside it; pass allow_outside_image_root=True to allow such paths."
-                )
-            paths.append(os.path.join(image_root, fields[0]))
-            labels.append(int(fields[1]))
-            lines.append(number)
-    if not paths:
+    relatives, labels, lines = [], [], []
+    for number, text in _read_lines(list_file):
+        if not text or _is_comment(text):
+            continue
+        relative, label = _parse_entry(list_file, number, text)
+        if not allow_outside_image_root and _leaves_root(relative):
+            raise ValueError(
+                f"{list_file}, line {number}: the path {relative!r} is outside the "
+                f"image root {image_root!r}. Listed paths must be relative and stay "
+                "inside it; pass allow_outside_image_root=True to allow such paths."
+            )
+        relatives.append(relative)
+        labels.append(label)
+        lines.append(number)
+    if not relatives:
         raise ValueError(f"{list_file}: no entries.")
+    _check_duplicates(list_file, relatives, labels, lines, allow_duplicate_paths)
+    paths = [os.path.join(image_root, relative) for relative in relatives]
     return np.asarray(paths), np.asarray(labels, np.int32), np.asarray(lines)
 
 
@@ -142,13 +253,17 @@ def _check_labels(lists, parsed, num_classes):
     train_file, (_, train_labels, train_lines) = lists["train"], parsed["train"]
     if num_classes is None:
         num_classes = int(train_labels.max()) + 1
-        missing = np.setdiff1d(np.arange(num_classes), train_labels)
-        if missing.size:
+        present = np.unique(train_labels)
+        if present.size < num_classes:
+            # The first 5 missing classes are below present.size + 5 (no
+            # arange over a stray label of 2**31 - 1).
+            missing = np.setdiff1d(np.arange(min(num_classes, present.size + 5)), present)
+            count = num_classes - present.size
             at = int(np.argmax(train_labels))
-            shown = ", ".join(str(c) for c in missing[:5]) + (", ..." if missing.size > 5 else "")
+            shown = ", ".join(str(c) for c in missing[:5]) + (", ..." if count > 5 else "")
             raise ValueError(
                 f"{train_file}, line {train_lines[at]}: label {num_classes - 1} makes "
-                f"{num_classes} classes, but {missing.size} of them ({shown}) have no "
+                f"{num_classes} classes, but {count} of them ({shown}) have no "
                 "training image. Fix the label, or pass num_classes if the data set "
                 "really has classes without training images."
             )
@@ -198,7 +313,8 @@ def _read_split(list_file, parsed, check_files, on_bad_image):
 def load_list_file_lt(train_list, val_list, image_root, test_list=None, name="imagenet_lt",
                       recipe="imagenet", image_size=224, num_classes=None, mean=IMAGENET_MEAN,
                       std=IMAGENET_STD, class_names=None, check_files=True,
-                      on_bad_image="error", allow_outside_image_root=False):
+                      on_bad_image="error", allow_outside_image_root=False,
+                      allow_duplicate_paths=False):
     """A long-tailed set described by list files (ImageNet-LT style).
 
     Every list is parsed and its labels and paths checked before any image
@@ -223,6 +339,9 @@ def load_list_file_lt(train_list, val_list, image_root, test_list=None, name="im
         on_bad_image: `"error"` or `"skip"` (see the module docstring).
         allow_outside_image_root: Accept listed paths that are absolute or
             leave `image_root` with `..` (refused by default).
+        allow_duplicate_paths: Accept a path listed more than once in a
+            list with the same label, e.g. to oversample on purpose (refused
+            by default; two labels for one path are always refused).
 
     Returns:
         A `LongTailedData` whose records are file paths.
@@ -241,7 +360,8 @@ def load_list_file_lt(train_list, val_list, image_root, test_list=None, name="im
     lists = {"train": train_list, "val": val_list}
     if test_list is not None:
         lists["test"] = test_list
-    parsed = {split: parse_list_file(list_file, image_root, allow_outside_image_root)
+    parsed = {split: parse_list_file(list_file, image_root, allow_outside_image_root,
+                                     allow_duplicate_paths)
               for split, list_file in lists.items()}
     num_classes = _check_labels(lists, parsed, num_classes)
     splits, skipped = {}, {}

@@ -115,7 +115,7 @@ def map_image_files(indices, paths, fn, num_parallel_calls=tf.data.AUTOTUNE):
     Returns:
         A `tf.data.Dataset` of `fn`'s elements, in the order of `indices`.
     """
-    paths = tf.constant(np.asarray(paths, dtype=object).astype(bytes))
+    paths = tf.constant([tf.compat.as_bytes(path) for path in paths], tf.string)
     count = int(indices.cardinality())
     finite = count != int(tf.data.INFINITE_CARDINALITY)
     if finite:
