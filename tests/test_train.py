@@ -19,6 +19,7 @@ from absl import flags
 from nbn_keras import config as config_lib
 from nbn_keras import train
 from tests.test_bad_inputs import jpeg_cut_after_scan_header
+from tests.test_data_fashion_mnist import write_fashion_mnist
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.cfg")))
@@ -30,6 +31,8 @@ TWINS = {
        for f in (10, 50, 100) for arm in ("bn", "nbn")},
     **{f"cifar100_lt_if{f}_{arm}.cfg": "cifar100_lt_if100_bn.cfg"
        for f in (10, 50, 100) for arm in ("bn", "nbn")},
+    **{f"fashion_mnist_lt_if{f}_{arm}.cfg": "fashion_mnist_lt_if100_nbn.cfg"
+       for f in (10, 100) for arm in ("bn", "nbn")},
     "imagenet_lt_resnet50_bn.cfg": "imagenet_lt_resnet50_nbn.cfg",
     "imagenet_lt_resnext50_nbn.cfg": "imagenet_lt_resnext50_bn.cfg",
     # Also differs in its head (a linear layer, built and checked against
@@ -104,6 +107,14 @@ def data_overrides(config, tmp_path):
         return write_jpeg_list_files(str(tmp_path / "images")) + [
             "--global_batch_size=2", "--image_size=32", "--nopictures",
             "--mixed_precision=none"]
+    if name.startswith("fashion_mnist"):
+        # Generated idx files with their own checksums; an empty TFDS data
+        # directory so that no prepared copy is read instead.
+        _, sha256sums = write_fashion_mnist(str(tmp_path / "fashion"), 102, 2)
+        os.makedirs(tmp_path / "no_tfds")
+        return [f"--fashion_mnist_dir={tmp_path / 'fashion'}",
+                f"--fashion_mnist_sha256={sha256sums}", f"--data_dir={tmp_path / 'no_tfds'}",
+                "--fashion_mnist_val_per_class=2", "--n_max=100", "--global_batch_size=16"]
     if name.startswith("cifar"):
         # Small head class so a mock split holds every class (tail >= 1).
         return ["--n_max=100", "--global_batch_size=16"]
@@ -267,6 +278,7 @@ from absl import app
 from nbn_keras import config as config_lib
 from nbn_keras import train
 from tests.test_bad_inputs import jpeg_cut_after_scan_header
+from tests.test_data_fashion_mnist import write_fashion_mnist
 app.run(train.main, argv=["train"] + sys.argv[2:])
 """
 
