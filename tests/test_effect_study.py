@@ -158,6 +158,28 @@ def test_reduced_study_end_to_end(tmp_path):
         r["figures"]["top1"] for r in study["runs"]]
 
 
+def test_pair_study_statistics_by_hand():
+    import pair_study
+
+    def record(arm, seed, top1, few, fingerprint):
+        figures = {"top1": top1, "many": 90.0, "medium": 50.0, "few": few,
+                   "classes_per_group": {"many": 2, "medium": 3, "few": 5}}
+        return {"data": "d", "imbalance_factor": 100.0, "arm": arm, "seed": seed,
+                "figures": figures, "conv_kernel_fingerprint": fingerprint}
+
+    records = [record("bn", 0, 50.0, 10.0, "a"), record("nbn", 0, 53.0, 4.0, "a"),
+               record("bn", 1, 60.0, 20.0, "b"), record("nbn", 1, 61.0, 30.0, "c")]
+    stats = pair_study.statistics(records)
+    # NBN − BN: top1 3 and 1 (mean 2, sd sqrt(2), half-width t(1) * sd / sqrt(2)).
+    top1 = stats["paired_nbn_minus_bn"]["top1"]
+    assert (top1["n"], top1["mean"]) == (2, pytest.approx(2.0))
+    assert top1["half_width"] == pytest.approx(T_975[1], abs=1e-3)
+    few = stats["paired_nbn_minus_bn"]["few"]
+    assert few["mean"] == pytest.approx(2.0) and (few["positive"], few["negative"]) == (1, 1)
+    assert stats["paired_nbn_minus_bn"]["many"]["mean"] == pytest.approx(0.0)
+    assert stats["same_initial_convs"] == 1 and stats["seeds"] == [0, 1]
+
+
 def test_pair_study_refuses_configs_that_are_not_a_pair(tmp_path):
     import pair_study
 
