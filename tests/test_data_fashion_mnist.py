@@ -176,3 +176,48 @@ def test_debian_files_match_the_listed_and_upstream_checksums():
         header[4:8] = struct.pack("<I", mtime)
         upstream = bytes(header) + name.removesuffix(".gz").encode() + b"\0" + raw[10:]
         assert hashlib.sha256(upstream).hexdigest() == fashion_mnist.UPSTREAM_SHA256[name]
+
+
+class FakeTFDSBuilder:
+    """Stands for `tfds.builder("fashion_mnist")`: a prepared (or downloadable) copy."""
+
+    data_dir = "/fake/tfds/fashion_mnist/3.0.1"
+
+    def __init__(self, prepared, per_class=12):
+        self.prepared, self.per_class, self.downloads = prepared, per_class, 0
+
+    def is_prepared(self):
+        return self.prepared
+
+    def download_and_prepare(self):
+        self.downloads += 1
+        self.prepared = True
+
+    def as_dataset(self, split, shuffle_files):
+        import tensorflow as tf
+
+        assert not shuffle_files
+        labels = np.arange(10 * (self.per_class if split == "train" else 1)) % 10
+        images = np.zeros((len(labels), 28, 28, 1), np.uint8)
+        images[:, 5, 5, 0] = labels + 1
+        return tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
+
+
+def test_a_prepared_tfds_copy_comes_first_and_download_needs_the_flag(idx_dir, monkeypatch):
+    directory, checksums = idx_dir
+    builder = FakeTFDSBuilder(prepared=True)
+    monkeypatch.setattr(fashion_mnist, "_tfds_builder", lambda data_dir: builder)
+    data = nbn_data.load("fashion_mnist_lt", idx_dir=directory, checksums=checksums,
+                         val_per_class=2, imbalance_factor=10)
+    assert data.info["source"].startswith("TFDS") and "read order" in data.subset.index_space
+    assert data.image_shape == (28, 28, 1) and len(data.test_split) == 10
+    np.testing.assert_array_equal(data.train_split.records[:, 5, 5, 0],
+                                  data.train_split.labels + 1)
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", "/nonexistent/fashion-mnist")
+    builder.prepared = False
+    with pytest.raises(FileNotFoundError, match="not found"):
+        nbn_data.load("fashion_mnist_lt", val_per_class=2)
+    assert builder.downloads == 0
+    data = nbn_data.load("fashion_mnist_lt", val_per_class=2, download=True,
+                         imbalance_factor=10)
+    assert builder.downloads == 1 and int(data.class_counts[0]) == 10
