@@ -221,6 +221,19 @@ def test_bad_flags_fail_before_any_work(tmp_path, argv, messages):
     assert not (tmp_path / "run").exists()
 
 
+def test_fashion_mnist_flags_are_checked_together(tmp_path):
+    config = parse_config("--data=fashion_mnist_lt", "--fashion_mnist_dir=/no/such/dir",
+                          "--fashion_mnist_sha256=/no/such/file", "--image_size=32",
+                          "--fashion_mnist_val_per_class=0", f"--run_dir={tmp_path}/run")
+    with pytest.raises(config_lib.ConfigError) as error:
+        config_lib.validate(config)
+    for message in ("--fashion_mnist_dir does not exist: /no/such/dir",
+                    "--fashion_mnist_sha256 does not exist: /no/such/file",
+                    "--image_size is not supported for --data=fashion_mnist_lt",
+                    "--fashion_mnist_val_per_class must be positive"):
+        assert message in str(error.value)
+
+
 def test_list_file_flags_reach_the_loader(tmp_path):
     lists = write_jpeg_list_files(str(tmp_path / "images"))  # labels 0, 1, 2
     result = run_command(f"--run_dir={tmp_path}/run", "--data=imagenet_lt", *lists,
