@@ -297,9 +297,9 @@ def validate(config):
         numbers = value if isinstance(value, tuple) else (value,)
         if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
             problems.append(f"--{field.name}={value} is not a finite number.")
-    positive = ("n_max", "image_size", "fashion_mnist_val_per_class", "num_classes", "max_image_pixels", "epochs",
+    positive = ("n_max", "image_size", "num_classes", "max_image_pixels", "epochs",
                 "global_batch_size", "base_lr", "learning_rate", "steps_per_epoch",
-                "ride_experts", "cosine_t_max")
+                "ride_experts", "cosine_t_max", "fashion_mnist_val_per_class")
     for name in positive:
         value = getattr(config, name)
         if value is not None and not value > 0:

@@ -95,7 +95,8 @@ def load(name, **options):
 
 __all__ = [
     "LIST_FILE_DATA_SETS", "LOADERS", "LongTailSubset", "TFDS_DATA_SETS", "LongTailedData", "SAMPLERS", "Split", "class_counts",
-    "load", "load_cifar_lt", "load_digits_lt", "load_fashion_mnist_lt", "load_list_file_lt", "load_synthetic_lt",
+    "load", "load_cifar_lt", "load_digits_lt", "load_fashion_mnist_lt", "load_list_file_lt",
+    "load_synthetic_lt",
     "make_eval_dataset", "make_train_dataset", "read_subset", "steps_per_epoch",
     "uses_list_files", "uses_tfds",
 ]
