@@ -148,6 +148,9 @@ def test_missing_files_and_no_source(tmp_path, monkeypatch):
     os.remove(os.path.join(directory, "t10k-images-idx3-ubyte.gz"))
     with pytest.raises(FileNotFoundError, match="lacks the Fashion-MNIST file.*t10k-images"):
         load((directory, checksums), tmp_path)
+    # A folder given but absent is an error, not a silent fall-back to Debian's.
+    with pytest.raises(FileNotFoundError, match="idx folder .*/absent does not exist"):
+        load((str(tmp_path / "absent"), checksums), tmp_path)
     monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", str(tmp_path / "no_debian"))
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist.*"
                                                 "--download_fashion_mnist"):

@@ -222,6 +222,8 @@ def read_raw(idx_dir=None, data_dir=None, download=False, checksums=None):
     builder = _tfds_builder(data_dir)
     if builder.is_prepared():
         return _read_tfds(builder), f"TFDS fashion_mnist in {builder.data_dir}"
+    if idx_dir is not None and not os.path.isdir(idx_dir):
+        raise FileNotFoundError(f"Fashion-MNIST idx folder {idx_dir} does not exist.")
     for directory in (idx_dir, DEBIAN_DIR):
         if directory is not None and os.path.isdir(directory):
             return read_idx_dir(directory, checksums), f"idx files in {directory}"
@@ -231,7 +233,7 @@ def read_raw(idx_dir=None, data_dir=None, download=False, checksums=None):
     raise FileNotFoundError(
         "Fashion-MNIST not found: no prepared TFDS `fashion_mnist` in "
         f"{data_dir or 'the default TFDS data directory'}, "
-        f"{'no --fashion_mnist_dir given' if idx_dir is None else f'no folder {idx_dir}'}, "
+        "no --fashion_mnist_dir given, "
         f"no {DEBIAN_DIR} (`apt-get install dataset-fashion-mnist`). Pass "
         "--download_fashion_mnist to let TFDS download it.")
 
