@@ -174,14 +174,19 @@ def command(args, data, imbalance_factor, arm, seed, run_dir):
             *flags, *args.extra_flags]
 
 
-def train(args, job):
+def train(args, job, make_command=None):
     """Trains one run unless a finished one with the same command exists.
+
+    Args:
+        args: The parsed study arguments (`work_dir`, `threads`).
+        job: `(data, imbalance_factor, arm, seed)`.
+        make_command: `(args, *job, run_dir) -> argv`; default `command`.
 
     Returns:
         `(run_dir, seconds)`, seconds `None` for a reused run.
     """
     run_dir = os.path.join(args.work_dir, run_name(*job))
-    cmd = command(args, *job, run_dir)
+    cmd = (make_command or command)(args, *job, run_dir)
     marker = os.path.join(run_dir, "study_command.json")
     recorded = None
     if os.path.exists(marker):
@@ -217,31 +222,32 @@ def train(args, job):
     return run_dir, seconds
 
 
-def finished_runs(args):
+def finished_runs(args, todo=None, make_command=None):
     """`{job: (run_dir, True)}` for the jobs whose run finished with this command."""
     done = {}
-    for job in jobs(args):
+    make_command = make_command or command
+    for job in jobs(args) if todo is None else todo:
         run_dir = os.path.join(args.work_dir, run_name(*job))
         marker = os.path.join(run_dir, "study_command.json")
         if not (os.path.exists(marker)
                 and os.path.exists(os.path.join(run_dir, "test_metrics.json"))):
             continue
         with open(marker) as f:
-            if json.load(f)["command"][1:] == command(args, *job, run_dir)[1:]:
+            if json.load(f)["command"][1:] == make_command(args, *job, run_dir)[1:]:
                 done[job] = (run_dir, True)
     return done
 
 
-def train_all(args):
-    """Trains every job, `args.workers` at a time.
+def train_all(args, todo=None, make_command=None):
+    """Trains every job (default `jobs(args)`), `args.workers` at a time.
 
     Returns:
         `{job: (run_dir, reused)}`.
     """
-    todo = jobs(args)
+    todo = jobs(args) if todo is None else todo
     done = {}
     with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
-        futures = {pool.submit(train, args, job): job for job in todo}
+        futures = {pool.submit(train, args, job, make_command): job for job in todo}
         for future in concurrent.futures.as_completed(futures):
             job = futures[future]
             try:
@@ -280,14 +286,13 @@ def lr_sum_and_shrink(run_dir):
     """
     import numpy as np
 
-    from nbn_keras import schedules
+    from nbn_keras import train as train_lib
 
     config = run_config(run_dir)
-    schedule = schedules.WarmupStepDecay(
-        config.learning_rate, config.steps_per_epoch, warmup_epochs=config.warmup_epochs,
-        boundaries=config.lr_drop_epochs, factors=config.lr_drop_factors)
-    total = float(np.sum(np.asarray(schedule(np.arange(config.steps_per_epoch
-                                                       * config.epochs)))))
+    # Without --steps_per_epoch the run's epoch length came from its data.
+    steps = config.steps_per_epoch or read_figures(run_dir)["steps_trained"] // config.epochs
+    schedule = train_lib.build_schedule(config, steps)
+    total = float(np.sum(np.asarray(schedule(np.arange(steps * config.epochs)))))
     return total, math.exp(-config.weight_decay * total / (1.0 - config.momentum))
 
 
@@ -480,6 +485,18 @@ def _final_scales(record):
     return list(last.values())
 
 
+def mechanism_cells(runs):
+    """The mechanism table's measured columns for `runs`, `|`-separated."""
+    scales = [s for r in runs for s in _final_scales(r)]
+    return " | ".join([
+        median_range(_layer_values(runs, "gamma_direction_change"), 2, True),
+        median_range(_layer_values(runs, "beta_direction_change"), 2, True),
+        median_range(_layer_values(runs, "gamma_norm_ratio"), 3),
+        median_range(_layer_values(runs, "beta_norm_shrink_from_peak"), 3),
+        median_range(_layer_values(runs, "beta_norm_peak"), 2, True),
+        median_range(scales, 2) if scales else "–"])
+
+
 def tables(args, records, stats, shrink):
     """The Markdown tables of the study."""
     arms_in_order = (["bn", "nbn"] + args.ablations
@@ -574,15 +591,8 @@ def tables(args, records, stats, shrink):
             runs = list(by_cell(records, data, factor, arm).values())
             if not runs:
                 continue
-            scales = [s for r in runs for s in _final_scales(r)]
-            lines.append(
-                f"| {data} | {factor:g} | {LABELS[arm]} | {len(runs)} | "
-                f"{median_range(_layer_values(runs, 'gamma_direction_change'), 2, True)} | "
-                f"{median_range(_layer_values(runs, 'beta_direction_change'), 2, True)} | "
-                f"{median_range(_layer_values(runs, 'gamma_norm_ratio'), 3)} | "
-                f"{median_range(_layer_values(runs, 'beta_norm_shrink_from_peak'), 3)} | "
-                f"{median_range(_layer_values(runs, 'beta_norm_peak'), 2, True)} | "
-                f"{median_range(scales, 2) if scales else '–'} |")
+            lines.append(f"| {data} | {factor:g} | {LABELS[arm]} | {len(runs)} | "
+                         f"{mechanism_cells(runs)} |")
     lines += ["", "## The paper's premise: are frequent-class channels stronger?", "",
               "Last BN layer of the last stage (effective gamma/beta, NBN folded) of the "
               "selected model. A channel serves the class with the largest classifier "
@@ -612,6 +622,27 @@ def _all_cells(args):
 # --- Main --------------------------------------------------------------------
 
 
+def timing_sentence(args, records, train_minutes):
+    """Runs reused, wall times, the machine's load and the machine itself."""
+    seconds = [r["seconds"] for r in records if r["seconds"] is not None]
+    starts = [r["start"] for r in records if r["start"] is not None]
+    ends = [r["end"] for r in records if r["end"] is not None]
+    span = (max(ends) - min(starts)) / 60 if starts and ends else float("nan")
+    reused = sum(r["reused"] for r in records)
+    loads = [x for r in records for x in r["load"]]
+    return (
+        f"{len(records)} finished runs ({reused} reused from an earlier invocation); "
+        f"training of this invocation {train_minutes:.1f} min wall. The runs were trained "
+        f"{args.workers} at a time with {args.threads} TF thread(s) each, first start "
+        f"to last end {span:.1f} min wall"
+        + (f", one run {min(seconds):.0f}–{max(seconds):.0f} s wall (median "
+           f"{sorted(seconds)[len(seconds) // 2]:.0f} s)" if seconds else "")
+        + (f", the machine's 1-minute load average {min(loads):.1f}–{max(loads):.1f} "
+           "at the runs' starts and ends" if loads else "") + ". "
+        + common.machine_line(args.threads))
+
+
+
 def main(argv=None):
     args = parse_args(argv)
     start = time.time()
@@ -628,24 +659,10 @@ def main(argv=None):
         import effect_figures
 
         pictures = effect_figures.write_all(args, records, stats, args.out_dir)
-    seconds = [r["seconds"] for r in records if r["seconds"] is not None]
-    starts = [r["start"] for r in records if r["start"] is not None]
-    ends = [r["end"] for r in records if r["end"] is not None]
-    span = (max(ends) - min(starts)) / 60 if starts and ends else float("nan")
-    reused = sum(r["reused"] for r in records)
-    loads = [x for r in records for x in r["load"]]
     header = [
         "# NBN against BN: effect study", "",
         f"`python benchmarks/effect_study.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
-        f": {len(records)} finished runs ({reused} reused from an earlier invocation); "
-        f"training of this invocation {train_minutes:.1f} min wall. The runs were trained "
-        f"{args.workers} at a time with {args.threads} TF thread(s) each, first start "
-        f"to last end {span:.1f} min wall"
-        + (f", one run {min(seconds):.0f}–{max(seconds):.0f} s wall (median "
-           f"{sorted(seconds)[len(seconds) // 2]:.0f} s)" if seconds else "")
-        + (f", the machine's 1-minute load average {min(loads):.1f}–{max(loads):.1f} "
-           "at the runs' starts and ends" if loads else "") + ". "
-        + common.machine_line(args.threads), "",
+        f": {timing_sentence(args, records, train_minutes)}", "",
         f"Recipe: `configs/effect_study.cfg` (extra flags: {' '.join(args.extra_flags) or 'none'}). "
         "Every run is `python -m nbn_keras.train --flagfile=configs/effect_study.cfg "
         "--seed=S --data_seed=S --imbalance_factor=IF [--data=synthetic_lt] "

@@ -76,12 +76,27 @@ class TrainConfig:
                                        "images (default: 32 for digits-LT and the "
                                        "synthetic set, 224 for list files). Not for "
                                        "CIFAR-LT.", "int")
-    data_dir: Optional[str] = _field(None, "TFDS data directory (CIFAR-LT). Must exist "
-                                     "when given.", "string")
+    data_dir: Optional[str] = _field(None, "TFDS data directory (CIFAR-LT, "
+                                     "Fashion-MNIST-LT). Must exist when given.", "string")
     manual_dir: Optional[str] = _field(None, "Directory with a manually downloaded TFDS "
                                        "archive (CIFAR-LT).", "string")
     download: bool = _field(True, "Let TFDS download CIFAR when it is not prepared in "
                             "--data_dir.", "bool")
+    fashion_mnist_dir: Optional[str] = _field(
+        None, "Folder of the four Fashion-MNIST idx .gz files (read when no prepared "
+        "TFDS fashion_mnist is in --data_dir; then /usr/share/datasets/fashion-mnist).",
+        "string")
+    fashion_mnist_sha256: Optional[str] = _field(
+        None, "A sha256sum-format file of the accepted Fashion-MNIST idx files, instead "
+        "of the upstream and Debian checksums the code lists.", "string")
+    download_fashion_mnist: bool = _field(
+        False, "Let TFDS download Fashion-MNIST when no copy is found.", "bool")
+    fashion_mnist_val_per_class: int = _field(
+        500, "Fashion-MNIST-LT: validation images per class, held out of the training "
+        "split before the long-tailed selection.", "int")
+    fashion_mnist_padded: bool = _field(
+        False, "Zero-pad Fashion-MNIST to 32x32 and repeat it over 3 channels (default: "
+        "28x28x1).", "bool")
     image_root: Optional[str] = _field(None, "Image root of list-file data sets.", "string")
     train_list: Optional[str] = _field(None, "`path label` training list file.", "string")
     val_list: Optional[str] = _field(None, "`path label` validation list file.", "string")
@@ -287,7 +302,7 @@ def validate(config):
             problems.append(f"--{field.name}={value} is not a finite number.")
     positive = ("n_max", "image_size", "num_classes", "max_image_pixels", "epochs",
                 "global_batch_size", "base_lr", "learning_rate", "steps_per_epoch",
-                "ride_experts", "cosine_t_max")
+                "ride_experts", "cosine_t_max", "fashion_mnist_val_per_class")
     for name in positive:
         value = getattr(config, name)
         if value is not None and not value > 0:
@@ -306,7 +321,7 @@ def validate(config):
             or list(config.lr_drop_epochs) != sorted(config.lr_drop_epochs)):
         problems.append("--lr_drop_epochs and --lr_drop_factors need the same number of "
                         "entries, epochs increasing.")
-    for name in ("data_dir", "manual_dir"):
+    for name in ("data_dir", "manual_dir", "fashion_mnist_dir"):
         path = getattr(config, name)
         if path is not None and not os.path.isdir(path):
             problems.append(f"--{name} does not exist: {path}")
@@ -318,6 +333,11 @@ def validate(config):
                             "--train_list and --val_list.")
         if config.test_list and not os.path.isfile(config.test_list):
             problems.append(f"--test_list does not exist: {config.test_list}")
+    if config.fashion_mnist_sha256 and not os.path.isfile(config.fashion_mnist_sha256):
+        problems.append(f"--fashion_mnist_sha256 does not exist: {config.fashion_mnist_sha256}")
+    if config.image_size and config.data == "fashion_mnist_lt":
+        problems.append("--image_size is not supported for --data=fashion_mnist_lt (28x28; "
+                        "--fashion_mnist_padded gives 32x32).")
     if config.image_size and data_lib.uses_tfds(config.data):
         problems.append(f"--image_size is not supported for --data={config.data} "
                         "(its images are 32x32).")

@@ -201,6 +201,12 @@ def load_data(config):
         if data_lib.uses_tfds(config.data):
             options.update(data_dir=config.data_dir, manual_dir=config.manual_dir,
                            download=config.download)
+        if config.data == "fashion_mnist_lt":
+            options.update(idx_dir=config.fashion_mnist_dir, data_dir=config.data_dir,
+                           download=config.download_fashion_mnist,
+                           padded=config.fashion_mnist_padded,
+                           val_per_class=config.fashion_mnist_val_per_class,
+                           checksums=config.fashion_mnist_sha256)
     return data_lib.load(config.data, **options)
 
 
@@ -231,21 +237,25 @@ def build_model(config, data):
                           if config.nbn_beta_init_std else None))
 
 
-def build_optimizer(config, steps_per_epoch):
-    """SGD with the run's schedule and weight decay."""
+def build_schedule(config, steps_per_epoch):
+    """The run's learning-rate schedule, a function of the step."""
     lr = config.learning_rate or schedules.scaled_learning_rate(
         config.base_lr, config.global_batch_size)
     if config.schedule == "cosine_annealing":
-        schedule = schedules.EpochCosineAnnealing(
+        return schedules.EpochCosineAnnealing(
             lr, steps_per_epoch, config.cosine_t_max or config.epochs)
-    elif config.schedule == "cosine":
-        schedule = schedules.WarmupCosineDecay(
+    if config.schedule == "cosine":
+        return schedules.WarmupCosineDecay(
             lr, total_steps=config.epochs * steps_per_epoch,
             warmup_steps=config.warmup_epochs * steps_per_epoch)
-    else:
-        schedule = schedules.WarmupStepDecay(
-            lr, steps_per_epoch, warmup_epochs=config.warmup_epochs,
-            boundaries=list(config.lr_drop_epochs), factors=list(config.lr_drop_factors))
+    return schedules.WarmupStepDecay(
+        lr, steps_per_epoch, warmup_epochs=config.warmup_epochs,
+        boundaries=list(config.lr_drop_epochs), factors=list(config.lr_drop_factors))
+
+
+def build_optimizer(config, steps_per_epoch):
+    """SGD with the run's schedule and weight decay."""
+    schedule = build_schedule(config, steps_per_epoch)
     exclude = [] if config.decay_nbn_scale else ["alpha"]
     if config.weight_decay_mode == "coupled":
         return CoupledSGD(schedule, momentum=config.momentum,

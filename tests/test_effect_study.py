@@ -156,3 +156,89 @@ def test_reduced_study_end_to_end(tmp_path):
     assert not any(r["reused"] for r in study["runs"])
     assert [r["figures"]["top1"] for r in again["runs"]] == [
         r["figures"]["top1"] for r in study["runs"]]
+
+
+def test_pair_study_statistics_by_hand():
+    import pair_study
+
+    def record(arm, seed, top1, few, fingerprint):
+        figures = {"top1": top1, "many": 90.0, "medium": 50.0, "few": few,
+                   "classes_per_group": {"many": 2, "medium": 3, "few": 5}}
+        return {"data": "d", "imbalance_factor": 100.0, "arm": arm, "seed": seed,
+                "figures": figures, "conv_kernel_fingerprint": fingerprint}
+
+    records = [record("bn", 0, 50.0, 10.0, "a"), record("nbn", 0, 53.0, 4.0, "a"),
+               record("bn", 1, 60.0, 20.0, "b"), record("nbn", 1, 61.0, 30.0, "c")]
+    stats = pair_study.statistics(records)
+    # NBN − BN: top1 3 and 1 (mean 2, sd sqrt(2), half-width t(1) * sd / sqrt(2)).
+    top1 = stats["paired_nbn_minus_bn"]["top1"]
+    assert (top1["n"], top1["mean"]) == (2, pytest.approx(2.0))
+    assert top1["half_width"] == pytest.approx(T_975[1], abs=1e-3)
+    few = stats["paired_nbn_minus_bn"]["few"]
+    assert few["mean"] == pytest.approx(2.0) and (few["positive"], few["negative"]) == (1, 1)
+    assert stats["paired_nbn_minus_bn"]["many"]["mean"] == pytest.approx(0.0)
+    assert stats["same_initial_convs"] == 1 and stats["seeds"] == [0, 1]
+
+
+def test_pair_study_refuses_configs_that_are_not_a_pair(tmp_path):
+    import pair_study
+
+    configs = os.path.join(os.path.dirname(BENCHMARKS), "configs")
+    args = pair_study.parse_args([
+        os.path.join(configs, "fashion_mnist_lt_if100_bn.cfg"),
+        os.path.join(configs, "fashion_mnist_lt_if10_nbn.cfg"),
+        "--work_dir", str(tmp_path), "--out_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="differ in --imbalance_factor: not a paired"):
+        pair_study.check_pair(args)
+    args.nbn_config = args.bn_config
+    with pytest.raises(ValueError, match="must train BN .* NBN"):
+        pair_study.check_pair(args)
+
+
+@pytest.mark.slow
+def test_pair_study_of_two_configs_end_to_end(tmp_path):
+    import pair_study
+    from tests.test_data_fashion_mnist import write_fashion_mnist
+
+    _, sha256sums = write_fashion_mnist(str(tmp_path / "idx"), 102, 2)
+    (tmp_path / "no_tfds").mkdir()
+    # IF 100 from n_max 100: int(100 * 0.01 ** (i / 9)) = 100, 59, 35, 21, 12, 7,
+    # 4, 2, 1, 1 images, 242 in all: floor(242 / 16) = 15 steps an epoch (the
+    # config sets no --steps_per_epoch); 2 epochs at lr 0.2 * 16 / 256 = 0.0125,
+    # the second at 0.1x.
+    flags = [f"--fashion_mnist_dir={tmp_path / 'idx'}", f"--fashion_mnist_sha256={sha256sums}",
+             f"--data_dir={tmp_path / 'no_tfds'}", "--fashion_mnist_val_per_class=2",
+             "--n_max=100", "--backbone=resnet8", "--global_batch_size=16", "--epochs=2",
+             "--warmup_epochs=0", "--lr_drop_epochs=1", "--lr_drop_factors=0.1"]
+    configs = os.path.join(os.path.dirname(BENCHMARKS), "configs")
+    argv = [os.path.join(configs, "fashion_mnist_lt_if100_bn.cfg"),
+            os.path.join(configs, "fashion_mnist_lt_if100_nbn.cfg"), "--seeds", "0",
+            "--workers", "2", "--threads", "1", "--work_dir", str(tmp_path / "runs"),
+            "--out_dir", str(tmp_path / "out"), *[f"--extra_flag={f}" for f in flags]]
+    pair_study.main(argv)
+    study = json.loads((tmp_path / "out" / "pair_study.json").read_text())
+    runs = {r["arm"]: r for r in study["runs"]}
+    assert set(runs) == {"bn", "nbn"}
+    top1 = {arm: json.loads((tmp_path / "runs" / f"fashion_mnist_lt_if100_{arm}_seed0"
+                             / "test_metrics.json").read_text())["top1"] for arm in runs}
+    paired = study["statistics"]["paired_nbn_minus_bn"]["top1"]
+    assert paired["n"] == 1 and paired["mean"] == pytest.approx(top1["nbn"] - top1["bn"])
+    assert study["statistics"]["same_initial_convs"] == 1
+    assert all(r["steps_trained"] == 30 for r in runs.values())
+    # Σlr = 15 * 0.0125 + 15 * 0.00125; shrink exp(-5e-4 * Σlr / (1 - 0.9)).
+    assert study["shrink"]["sum_lr"] == pytest.approx(0.20625, rel=1e-5)
+    assert study["shrink"]["predicted"] == pytest.approx(math.exp(-5e-4 * 0.20625 / 0.1))
+    nbn_layer = runs["nbn"]["tracked_layers"][-1]
+    assert runs["nbn"]["mechanics"][nbn_layer]["beta_norm_step1"] > 100.0
+    markdown = (tmp_path / "out" / "pair_study.md").read_text()
+    assert "Paired difference NBN − BN" in markdown and "machine:" in markdown
+    assert "load average" in markdown
+    assert (tmp_path / "out" / "pair_paired_differences.png").exists()
+    assert not any(r["reused"] for r in study["runs"])
+    # Resuming: each finished run is found and reused, not trained again.
+    import effect_study
+
+    args = pair_study.parse_args(argv)
+    todo = pair_study.jobs(args, pair_study.check_pair(args))
+    assert [effect_study.train(args, job, pair_study.make_command(args))[1]
+            for job in todo] == [None, None]

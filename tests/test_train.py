@@ -19,6 +19,7 @@ from absl import flags
 from nbn_keras import config as config_lib
 from nbn_keras import train
 from tests.test_bad_inputs import jpeg_cut_after_scan_header
+from tests.test_data_fashion_mnist import write_fashion_mnist
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.cfg")))
@@ -30,6 +31,8 @@ TWINS = {
        for f in (10, 50, 100) for arm in ("bn", "nbn")},
     **{f"cifar100_lt_if{f}_{arm}.cfg": "cifar100_lt_if100_bn.cfg"
        for f in (10, 50, 100) for arm in ("bn", "nbn")},
+    **{f"fashion_mnist_lt_if{f}_{arm}.cfg": "fashion_mnist_lt_if100_nbn.cfg"
+       for f in (10, 100) for arm in ("bn", "nbn")},
     "imagenet_lt_resnet50_bn.cfg": "imagenet_lt_resnet50_nbn.cfg",
     "imagenet_lt_resnext50_nbn.cfg": "imagenet_lt_resnext50_bn.cfg",
     # Also differs in its head (a linear layer, built and checked against
@@ -114,6 +117,14 @@ def data_overrides(config, tmp_path):
         return write_jpeg_list_files(str(tmp_path / "images")) + [
             "--global_batch_size=2", "--image_size=32", "--nopictures",
             "--mixed_precision=none"]
+    if name.startswith("fashion_mnist"):
+        # Generated idx files with their own checksums; an empty TFDS data
+        # directory so that no prepared copy is read instead.
+        _, sha256sums = write_fashion_mnist(str(tmp_path / "fashion"), 102, 2)
+        os.makedirs(tmp_path / "no_tfds")
+        return [f"--fashion_mnist_dir={tmp_path / 'fashion'}",
+                f"--fashion_mnist_sha256={sha256sums}", f"--data_dir={tmp_path / 'no_tfds'}",
+                "--fashion_mnist_val_per_class=2", "--n_max=100", "--global_batch_size=16"]
     if name.startswith("cifar"):
         # Small head class so a mock split holds every class (tail >= 1).
         return ["--n_max=100", "--global_batch_size=16"]
@@ -221,6 +232,19 @@ def test_bad_flags_fail_before_any_work(tmp_path, argv, messages):
     assert not (tmp_path / "run").exists()
 
 
+def test_fashion_mnist_flags_are_checked_together(tmp_path):
+    config = parse_config("--data=fashion_mnist_lt", "--fashion_mnist_dir=/no/such/dir",
+                          "--fashion_mnist_sha256=/no/such/file", "--image_size=32",
+                          "--fashion_mnist_val_per_class=0", f"--run_dir={tmp_path}/run")
+    with pytest.raises(config_lib.ConfigError) as error:
+        config_lib.validate(config)
+    for message in ("--fashion_mnist_dir does not exist: /no/such/dir",
+                    "--fashion_mnist_sha256 does not exist: /no/such/file",
+                    "--image_size is not supported for --data=fashion_mnist_lt",
+                    "--fashion_mnist_val_per_class must be positive"):
+        assert message in str(error.value)
+
+
 def test_list_file_flags_reach_the_loader(tmp_path):
     lists = write_jpeg_list_files(str(tmp_path / "images"))  # labels 0, 1, 2
     result = run_command(f"--run_dir={tmp_path}/run", "--data=imagenet_lt", *lists,
@@ -291,6 +315,7 @@ from absl import app
 from nbn_keras import config as config_lib
 from nbn_keras import train
 from tests.test_bad_inputs import jpeg_cut_after_scan_header
+from tests.test_data_fashion_mnist import write_fashion_mnist
 app.run(train.main, argv=["train"] + sys.argv[2:])
 """
 

@@ -20,6 +20,7 @@ int32.
 from nbn_keras.data.base import LongTailedData, Split
 from nbn_keras.data.cifar_lt import load_cifar_lt
 from nbn_keras.data.digits import load_digits_lt
+from nbn_keras.data.fashion_mnist import load_fashion_mnist_lt
 from nbn_keras.data.list_files import load_list_file_lt
 from nbn_keras.data.list_files import INATURALIST_MEAN, INATURALIST_STD
 from nbn_keras.data.long_tail import LongTailSubset, class_counts, read_subset
@@ -44,6 +45,7 @@ def _list_files(name, recipe, mean=None, std=None):
 
 LOADERS = {
     "digits_lt": load_digits_lt,
+    "fashion_mnist_lt": load_fashion_mnist_lt,
     "synthetic_lt": load_synthetic_lt,
     "cifar10_lt": _cifar("cifar10"),
     "cifar100_lt": _cifar("cifar100"),
@@ -69,11 +71,12 @@ def load(name, **options):
     """Loads a long-tailed data set by name.
 
     Args:
-        name: One of `LOADERS`: `"digits_lt"`, `"synthetic_lt"`,
-            `"cifar10_lt"`, `"cifar100_lt"`, `"imagenet_lt"`, `"places_lt"`,
+        name: One of `LOADERS`: `"digits_lt"`, `"fashion_mnist_lt"`,
+            `"synthetic_lt"`, `"cifar10_lt"`, `"cifar100_lt"`, `"imagenet_lt"`, `"places_lt"`,
             `"inaturalist"`.
         **options: Keyword arguments of the loader: `load_digits_lt`,
-            `load_synthetic_lt`, `load_cifar_lt` (without `name`) or
+            `load_fashion_mnist_lt`, `load_synthetic_lt`, `load_cifar_lt`
+            (without `name`) or
             `load_list_file_lt` (`train_list`, `val_list`, `image_root`, ...).
 
     Returns:
@@ -92,7 +95,8 @@ def load(name, **options):
 
 __all__ = [
     "LIST_FILE_DATA_SETS", "LOADERS", "LongTailSubset", "TFDS_DATA_SETS", "LongTailedData", "SAMPLERS", "Split", "class_counts",
-    "load", "load_cifar_lt", "load_digits_lt", "load_list_file_lt", "load_synthetic_lt",
+    "load", "load_cifar_lt", "load_digits_lt", "load_fashion_mnist_lt", "load_list_file_lt",
+    "load_synthetic_lt",
     "make_eval_dataset", "make_train_dataset", "read_subset", "steps_per_epoch",
     "uses_list_files", "uses_tfds",
 ]
