@@ -17,6 +17,9 @@ from torch.nn import functional as F
 
 import nbn_keras
 from nbn_keras import import_torch
+from nbn_keras import train
+from nbn_keras.data import make_eval_dataset
+from nbn_keras.evaluate import evaluate_file
 from nbn_keras.conversion import leaf_layers
 from tests.torch_nets import NUM_CLASSES
 from tests.torch_nets import SIZE
@@ -28,6 +31,8 @@ from tests.torch_nets import make_head
 from tests.torch_nets import randomize
 from tests.torch_nets import run_importer
 from tests.torch_nets import torch_logits
+from tests.test_train import parse_config
+from tests.test_train import write_jpeg_list_files
 
 # arch: (groups, width per group, NBN, their fc_type). resnet50_nbn is the
 # arch whose builder passes fc_type on: its case has the affine logit BN
@@ -263,3 +268,12 @@ def test_imported_model_exports_for_serving(nbn_state_dict, tmp_path):
     expected = torch_logits(theirs, x)
     got = served(images=tf.constant(x))["logits"].numpy()
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    # The evaluation command's code on the imported file scores what their
+    # model predicts on the same (pipeline-decoded) images.
+    lists = write_jpeg_list_files(str(tmp_path / "images"), num_classes=NUM_CLASSES)
+    config = parse_config("--data=imagenet_lt", *lists, f"--image_size={SIZE}")
+    figures, _ = evaluate_file(str(tmp_path / "nbn.keras"), config)
+    data = train.load_data(config)
+    pixels = np.concatenate([x for x, _ in make_eval_dataset(data, "test").as_numpy_iterator()])
+    theirs_right = torch_logits(theirs, pixels).argmax(-1) == data.get_split("test").labels
+    assert figures["top1"] == pytest.approx(100 * theirs_right.mean())
