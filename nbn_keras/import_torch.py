@@ -11,8 +11,9 @@ under DataParallel/DDP), builds the same network with `nbn_keras.backbones`
 `nbn_keras.ride`, whose experts, head type, `reduce_dimension` and
 `share_layer3` are read from the checkpoint), reads the head type from the
 checkpoint's keys (`fc.bn.*`: their `Linear_fcbn`, or without weight and bias
-`Linear_fcbn_notaffine`, for the archs whose builders pass `fc_type` on), loads every weight and BN statistic into it and saves it as
-a `.keras` file. The model takes what nbn_keras models take: raw pixels in
+`Linear_fcbn_notaffine`, for the archs whose builders pass `fc_type` on;
+printed), loads every weight and BN statistic into it and saves it as a
+`.keras` file. The model takes what nbn_keras models take: raw pixels in
 [0, 255], NHWC, with the ImageNet mean/std normalisation inside the graph, so
 its logits on `x` are those of their model in eval mode on
 `(x / 255 - mean) / std` in NCHW. It loads with `import nbn_keras;
