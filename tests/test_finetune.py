@@ -1,8 +1,10 @@
 """Classifier re-training: weights matched from a `.keras` file, only the head trained."""
 
 import numpy as np
+import pytest
 
 import nbn_keras
+from nbn_keras import config as config_lib
 from nbn_keras import finetune
 from nbn_keras import train
 from nbn_keras.backbones import build_classifier
@@ -56,3 +58,16 @@ def test_retraining_moves_only_the_head_and_the_nbn_scale(trained_run, tmp_path,
     moved = {key for key in before if not np.array_equal(before[key], after[key])}
     # Every backbone weight, BN moving statistics included ("shifted BN"), is kept.
     assert moved == {"logits/kernel", "logits/bias", "nbn_scale/alpha"}
+
+
+def test_retraining_flags_are_checked_before_any_work(tmp_path):
+    config = parse_config("--flagfile=configs/digits_lt_nbn.cfg", f"--run_dir={tmp_path}/run",
+                          f"--init_from={tmp_path}/none.keras", "--train_only_head",
+                          "--nbn_scale_sharing=layer", "--samples_per_class=0")
+    with pytest.raises(config_lib.ConfigError) as error:
+        config_lib.validate(config)
+    message = str(error.value)
+    assert f"--init_from does not exist: {tmp_path}/none.keras" in message
+    assert "--train_only_head needs --nbn_scale_sharing=model" in message
+    assert "--samples_per_class must be positive (got 0)" in message
+    assert not (tmp_path / "run").exists()
