@@ -78,14 +78,17 @@ def test_command_scores_the_test_split_as_numpy_does(tmp_path):
 
 
 def test_list_files_bad_shapes_and_existing_outputs(tmp_path):
-    # Places-LT's flags with tiny lists; the model must fit the data.
+    # iNaturalist's and Places-LT's configs with tiny lists.
     lists = write_jpeg_list_files(str(tmp_path / "images"))
-    config = parse_config(f"--flagfile={REPO}/configs/places_lt_resnet50_nbn.cfg", *lists,
-                          "--num_classes=3", "--image_size=32")
     random_model(str(tmp_path / "m.keras"), classes=3, size=32)
-    figures, path = evaluate_file(str(tmp_path / "m.keras"), config, split="val")
-    assert figures["split"] == "val" and path == str(tmp_path / "m.val_metrics.json")
-    assert json.dumps(json.loads(open(path).read())) == json.dumps(figures)  # NaN: no many
+    for name in ("inaturalist", "places_lt"):
+        config = parse_config(f"--flagfile={REPO}/configs/{name}_resnet50_nbn.cfg", *lists,
+                              "--num_classes=3", "--image_size=32")
+        figures, path = evaluate_file(str(tmp_path / "m.keras"), config, split="val",
+                                      output=str(tmp_path / f"{name}.json"))
+        assert figures["split"] == "val" and len(figures["per_class"]) == 3
+        assert json.dumps(json.loads(open(path).read())) == json.dumps(figures)  # NaN: no many
+    evaluate_file(str(tmp_path / "m.keras"), config, split="val")
     with pytest.raises(FileExistsError, match=r"--output=.*m\.val_metrics\.json exists; "
                                               r"pass --overwrite"):
         evaluate_file(str(tmp_path / "m.keras"), config, split="val")
