@@ -210,8 +210,9 @@ def build_classifier(
     name=None,
     head_initializer="auto",
     ride_options=None,
+    head="linear",
 ):
-    """An image classifier: normalisation, backbone, pooling, linear head.
+    """An image classifier: normalisation, backbone, pooling, head.
 
     The model takes raw pixels in [0, 255] (input named `"images"`),
     normalises them with `mean` and `std` inside the graph, and returns
@@ -235,9 +236,13 @@ def build_classifier(
             `"torch"` for the authors' networks, `"keras"` otherwise.
         ride_options: For a RIDE backbone (`"resnet50_ride"`), keyword
             arguments of `nbn_keras.ride.build_ride_classifier`
-            (`num_experts`, `reduce_dimension`, `share_layer3`, `head`).
+            (`num_experts`, `reduce_dimension`, `share_layer3`).
             A RIDE classifier has one head per expert and outputs their
             mean logits.
+        head: The head, one of `nbn_keras.resnet.HEADS`: `"linear"`,
+            `"fcbn"` (a BN over the logits, the authors' `Linear_fcbn`) or
+            `"fcbn_notaffine"` (that BN without gamma and beta); see
+            `nbn_keras.resnet.apply_head`. For RIDE, every expert's head.
 
     Returns:
         A functional `keras.Model` with the backbone nested as one layer.
@@ -258,7 +263,7 @@ def build_classifier(
         return ride.build_ride_classifier(
             num_classes, input_shape, mean=mean, std=std, arch=backbone,
             name=name, synchronized_bn=synchronized_bn,
-            **(ride_options or {}),
+            **{"head": head, **(ride_options or {})},
         )
     if ride_options:
         raise ValueError(f"ride_options need a RIDE backbone, not '{backbone}'.")
@@ -285,8 +290,8 @@ def build_classifier(
     if head_initializer == "torch":
         kernel, bias = resnet.torch_linear_initializers(x.shape[-1])
         initializers = dict(kernel_initializer=kernel, bias_initializer=bias)
-    # Logits stay float32 under mixed precision for a stable softmax.
-    outputs = layers.Dense(
-        num_classes, dtype="float32", name="logits", **initializers
-    )(x)
+    outputs = resnet.apply_head(
+        x, num_classes, head, name="logits", synchronized_bn=synchronized_bn,
+        **initializers,
+    )
     return keras.Model(inputs, outputs, name=name or backbone.name)

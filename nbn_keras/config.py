@@ -21,6 +21,7 @@ from nbn_keras import ride
 from nbn_keras.backbones import BACKBONES
 from nbn_keras.conversion import SCALE_SHARING_MODES
 from nbn_keras.data.samplers import SAMPLERS
+from nbn_keras.resnet import HEADS
 from nbn_keras.losses import LOSS_NAMES
 
 
@@ -112,7 +113,11 @@ class TrainConfig:
     allow_duplicate_paths: bool = _field(
         False, "Accept a list-file path listed more than once with the same label "
         "(oversampling on purpose).", "bool")
-    sampler: str = _field("instance", "Training sampler.", "enum", SAMPLERS)
+    sampler: str = _field("instance", "Training sampler ('class_aware': the authors' "
+                          "resample, --samples_per_class images of a class in a row).",
+                          "enum", SAMPLERS)
+    samples_per_class: int = _field(4, "--sampler=class_aware: images of one class in a "
+                                    "row (the authors' resample: 4).", "int")
     many_threshold: int = _field(100, "Classes with more training images than this are "
                                  "'many'.", "int")
     few_threshold: int = _field(20, "Classes with fewer training images than this are "
@@ -121,6 +126,10 @@ class TrainConfig:
     # Model.
     backbone: str = _field("resnet32", "Backbone network.", "enum", BACKBONES)
     nbn: bool = _field(True, "Convert the selected BN layers to NBN.", "bool")
+    head: str = _field("linear", "Classifier head (every expert's, for RIDE), the authors' "
+                       "fc_type: 'linear'; 'fcbn' = linear + BN over the logits "
+                       "(Linear_fcbn); 'fcbn_notaffine' = the same BN without gamma and "
+                       "beta (Linear_fcbn_notaffine).", "enum", HEADS)
     nbn_selection: str = _field(
         "paper", "'paper' (last stage: last BN of each block and shortcut BN), 'ride' "
         "(RIDE backbones: every BN of each expert's last stage, one scale per expert), "
@@ -136,6 +145,14 @@ class TrainConfig:
     nbn_dynamics: bool = _field(
         False, "Write the raw gamma/beta norms, directions and scales of the NBN (or "
         "would-be NBN) layers per epoch to <run_dir>/nbn_dynamics.json.", "bool")
+    init_from: Optional[str] = _field(
+        None, "A .keras file (trained here or from nbn_keras.import_torch) whose weights "
+        "start the model, matched by layer name, weight name and shape; what did not "
+        "match is printed.", "string")
+    train_only_head: bool = _field(
+        False, "Classifier re-training: train only the head (and its logit BN) and the "
+        "NBN scales; every other layer is frozen, its BN in inference mode (statistics "
+        "kept).", "bool")
     synchronized_bn: bool = _field(
         True, "Synchronise BN batch statistics across replicas; off = per-replica "
         "statistics, as in PyTorch DDP without SyncBatchNorm.", "bool")
@@ -145,9 +162,6 @@ class TrainConfig:
         "256/512.", "bool")
     ride_share_layer3: bool = _field(False, "RIDE backbones: one layer3 shared by the "
                                      "experts.", "bool")
-    ride_head: str = _field("Linear", "RIDE backbones: the experts' heads (their fc_type); "
-                            "Linear_fcbn_notaffine = linear + BN without gamma and beta "
-                            "over the logits.", "enum", ("Linear", "Linear_fcbn_notaffine"))
 
     # Optimisation.
     epochs: int = _field(200, "Training epochs.", "int")
@@ -302,7 +316,8 @@ def validate(config):
             problems.append(f"--{field.name}={value} is not a finite number.")
     positive = ("n_max", "image_size", "num_classes", "max_image_pixels", "epochs",
                 "global_batch_size", "base_lr", "learning_rate", "steps_per_epoch",
-                "ride_experts", "cosine_t_max", "fashion_mnist_val_per_class")
+                "ride_experts", "cosine_t_max", "fashion_mnist_val_per_class",
+                "samples_per_class")
     for name in positive:
         value = getattr(config, name)
         if value is not None and not value > 0:
@@ -338,6 +353,11 @@ def validate(config):
     if config.image_size and config.data == "fashion_mnist_lt":
         problems.append("--image_size is not supported for --data=fashion_mnist_lt (28x28; "
                         "--fashion_mnist_padded gives 32x32).")
+    if config.init_from and not os.path.isfile(config.init_from):
+        problems.append(f"--init_from does not exist: {config.init_from}")
+    if config.train_only_head and config.nbn and config.nbn_scale_sharing != "model":
+        problems.append("--train_only_head needs --nbn_scale_sharing=model (per-layer "
+                        "scales live in the frozen BN layers).")
     if config.image_size and data_lib.uses_tfds(config.data):
         problems.append(f"--image_size is not supported for --data={config.data} "
                         "(its images are 32x32).")

@@ -9,8 +9,11 @@ under DataParallel/DDP), builds the same network with `nbn_keras.backbones`
 (`--arch` = their `arch`: `resnet50`, `resnet50_nbn`, `resnext50`,
 `resnext50_nbn`, and the multi-expert `resnet50_ride`, `resnet50_ride_nbn` of
 `nbn_keras.ride`, whose experts, head type, `reduce_dimension` and
-`share_layer3` are read from the checkpoint), loads every weight and BN statistic into it and saves it as
-a `.keras` file. The model takes what nbn_keras models take: raw pixels in
+`share_layer3` are read from the checkpoint), reads the head type from the
+checkpoint's keys (`fc.bn.*`: their `Linear_fcbn`, or without weight and bias
+`Linear_fcbn_notaffine`, for the archs whose builders pass `fc_type` on;
+printed), loads every weight and BN statistic into it and saves it as a
+`.keras` file. The model takes what nbn_keras models take: raw pixels in
 [0, 255], NHWC, with the ImageNet mean/std normalisation inside the graph, so
 its logits on `x` are those of their model in eval mode on
 `(x / 255 - mean) / std` in NCHW. It loads with `import nbn_keras;
@@ -33,6 +36,7 @@ from nbn_keras.backbones import build_classifier
 from nbn_keras.data.list_files import IMAGENET_MEAN
 from nbn_keras.data.list_files import IMAGENET_STD
 from nbn_keras.layers import NBNScale
+from nbn_keras.resnet import TORCH_FC_TYPES
 
 # Their `arch` -> (our backbone, converted to NBN).
 ARCHS = {
@@ -48,6 +52,17 @@ ARCHS = {
 # with one entry per NBN-capable BN (the rest are never used); RIDE's hold
 # expert e's alpha as `scale_factor[e]`.
 SCALE_KEY = "scale_factor"
+# The heads each of their builders can build: `resnet50_nbn` and the RIDE NBN
+# model pass `arch_args.fc_type` on (RIDE NBN knows Linear and
+# Linear_fcbn_notaffine only); the others always build `nn.Linear`.
+ARCH_HEADS = {
+    "resnet50": ("linear",),
+    "resnet50_nbn": ("linear", "fcbn", "fcbn_notaffine"),
+    "resnext50": ("linear",),
+    "resnext50_nbn": ("linear",),
+    "resnet50_ride": ("linear",),
+    "resnet50_ride_nbn": ("linear", "fcbn_notaffine"),
+}
 # A BN counter PyTorch keeps; unused at inference, accepted when present.
 OPTIONAL_SUFFIX = ".num_batches_tracked"
 _MAX_LISTED = 10
@@ -142,8 +157,13 @@ def read_checkpoint(path, weights_only=True):
 
 
 def torch_key(layer_name):
-    """The PyTorch module path of a layer of the authors' networks."""
-    return "fc" if layer_name == "logits" else layer_name.replace("_", ".")
+    """The PyTorch module path of a layer of the authors' networks.
+
+    The head `logits` is their `fc`, its logit BN `logits_bn` their `fc.bn`.
+    """
+    if layer_name == "logits" or layer_name.startswith("logits_"):
+        layer_name = "fc" + layer_name[len("logits"):]
+    return layer_name.replace("_", ".")
 
 
 def _conv_kernel(weight):
@@ -170,7 +190,7 @@ def _expected_arrays(model):
                    tuple(layer.kernel.shape)[::-1])
             expect(path + ".bias", layer.bias)
         elif isinstance(layer, keras.layers.BatchNormalization):
-            if layer.scale:  # Not in RIDE's BN over the logits (affine=False).
+            if layer.scale:  # Not in a BN over the logits with affine=False.
                 expect(path + ".weight", layer.gamma)
             if layer.center:
                 expect(path + ".bias", layer.beta)
@@ -234,7 +254,7 @@ def _listed(keys):
     return ", ".join(keys[:_MAX_LISTED]) + (f" and {more} more" if more > 0 else "")
 
 
-def build_model(arch, num_classes, image_size=224, ride_options=None):
+def build_model(arch, num_classes, image_size=224, ride_options=None, head="linear"):
     """The authors' network `arch` in Keras, freshly initialised.
 
     Args:
@@ -243,6 +263,7 @@ def build_model(arch, num_classes, image_size=224, ride_options=None):
         image_size: Height and width of the model's input.
         ride_options: For the RIDE archs, options of
             `nbn_keras.ride.build_ride_classifier` (see `ride_options`).
+        head: The head, one of `nbn_keras.resnet.HEADS` (see `head_type`).
 
     Returns:
         A `keras.Model` from raw pixels in [0, 255] (ImageNet mean/std
@@ -255,6 +276,7 @@ def build_model(arch, num_classes, image_size=224, ride_options=None):
         backbone, num_classes, (image_size, image_size, 3),
         mean=IMAGENET_MEAN, std=IMAGENET_STD, name=arch,
         ride_options=ride_options if backbone in ride.ARCHITECTURES else None,
+        head=head,
     )
     if not nbn:
         return model
@@ -265,9 +287,8 @@ def build_model(arch, num_classes, image_size=224, ride_options=None):
 def ride_options(state_dict):
     """The RIDE options of the network a state dict is from.
 
-    Experts are counted from the `layer4s.{e}` keys; the head is
-    `Linear_fcbn_notaffine` when `linears.0.bn` has statistics;
-    `share_layer3` when `layer3.` keys exist; the `planes` of `layer3` and
+    Experts are counted from the `layer4s.{e}` keys (the head type:
+    `head_type`); `share_layer3` when `layer3.` keys exist; the `planes` of `layer3` and
     `layer4` (256/512, or 192/384 with `reduce_dimension`) from the first
     blocks' `conv1` weights.
     """
@@ -282,11 +303,44 @@ def ride_options(state_dict):
     return dict(
         num_experts=max(experts) + 1,
         share_layer3=share_layer3,
-        head=("Linear_fcbn_notaffine" if "linears.0.bn.running_mean" in state_dict
-              else "Linear"),
         layer3_output_dim=int(state_dict[layer3].shape[0]),
         layer4_output_dim=int(state_dict["layer4s.0.0.conv1.weight"].shape[0]),
     )
+
+
+def head_type(state_dict, arch):
+    """The head a state dict of the authors' `arch` holds, and the evidence.
+
+    Their `fc` (RIDE: each of `linears.{e}`) is `Linear_fcbn` when it has a
+    BN (`fc.bn.running_mean`) with `fc.bn.weight`, `Linear_fcbn_notaffine`
+    when that BN has no weight and bias, else `Linear`.
+
+    Args:
+        state_dict: A dict from their keys (without `module.`) to arrays.
+        arch: One of `ARCHS`; the head must be one its builder makes
+            (`ARCH_HEADS`).
+
+    Returns:
+        `(head, description)`: one of `nbn_keras.resnet.HEADS` and a
+        sentence saying which keys decided it.
+
+    Raises:
+        ValueError: if `arch`'s builder never makes that head.
+    """
+    fc = "linears.0" if ARCHS[arch][0] in ride.ARCHITECTURES else "fc"
+    if f"{fc}.bn.running_mean" not in state_dict:
+        head, keys = "linear", f"no '{fc}.bn.*' keys"
+    elif f"{fc}.bn.weight" in state_dict:
+        head, keys = "fcbn", f"'{fc}.bn.*' with weight and bias"
+    else:
+        head, keys = "fcbn_notaffine", f"'{fc}.bn.*' without weight and bias"
+    found = f"head {TORCH_FC_TYPES[head]} ({keys})"
+    if head not in ARCH_HEADS[arch]:
+        makes = ", ".join(TORCH_FC_TYPES[h] for h in ARCH_HEADS[arch])
+        raise ValueError(
+            f"The checkpoint has a {found}, which their arch '{arch}' never "
+            f"builds (it builds {makes}); is it another arch?")
+    return head, found
 
 
 def load_state_dict(model, state_dict):
@@ -387,11 +441,15 @@ def import_checkpoint(
             f"The checkpoint was trained as arch '{recorded_arch}', not "
             f"'{arch}'."
         )
+    if arch not in ARCHS:
+        raise ValueError(f"Unknown arch '{arch}'. Choose one of {tuple(ARCHS)}.")
     options = None
-    if arch in ARCHS and ARCHS[arch][0] in ride.ARCHITECTURES:
+    if ARCHS[arch][0] in ride.ARCHITECTURES:
         options = ride_options(state_dict)
+    head, found = head_type(state_dict, arch)
+    print(f"{arch}: found {found}.", flush=True)
     model = load_state_dict(
-        build_model(arch, num_classes, image_size, options), state_dict)
+        build_model(arch, num_classes, image_size, options, head), state_dict)
     if output is not None:
         directory = os.path.dirname(os.path.abspath(output))
         os.makedirs(directory, exist_ok=True)

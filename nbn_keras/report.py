@@ -82,11 +82,11 @@ def table(figures):
     """A plain-text table of the group figures and the per-class ones."""
     groups = figures["classes_per_group"]
     lines = [
-        f"{'split':<8}{'top1':>9}{'many':>9}{'medium':>9}{'few':>9}",
+        f"{'split':<8}{'top1':>9}{'many':>9}{'medium':>9}{'few':>9}{'balanced':>10}",
         f"{figures['split']:<8}{figures['top1']:>9.2f}{figures['many']:>9.2f}"
-        f"{figures['medium']:>9.2f}{figures['few']:>9.2f}",
+        f"{figures['medium']:>9.2f}{figures['few']:>9.2f}{figures['balanced']:>10.2f}",
         f"{'classes':<8}{sum(groups.values()):>9}{groups['many']:>9}"
-        f"{groups['medium']:>9}{groups['few']:>9}",
+        f"{groups['medium']:>9}{groups['few']:>9}{sum(groups.values()):>10}",
         "",
         f"{'class':>6}{'train images':>14}{'accuracy':>10}",
     ]

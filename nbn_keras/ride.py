@@ -40,9 +40,6 @@ from nbn_keras.layers import NormalizedBatchNormalization
 
 # name: (block, blocks per stage)
 ARCHITECTURES = {"resnet50_ride": ("bottleneck", (3, 4, 6, 3))}
-# Their `fc_type`s: a linear layer, or a linear layer followed by a BN1d
-# without affine parameters over the logits.
-HEAD_TYPES = ("Linear", "Linear_fcbn_notaffine")
 # The BN layers of expert `e`'s last stage: `layer4s_{e}_...`.
 LAST_STAGE = re.compile(r"^layer4s_(\d+)_")
 SCALE_NAME = "nbn_scale_expert{}"
@@ -106,7 +103,7 @@ def build_ride_classifier(
     num_experts=3,
     reduce_dimension=False,
     share_layer3=False,
-    head="Linear",
+    head="linear",
     layer3_output_dim=None,
     layer4_output_dim=None,
     synchronized_bn=False,
@@ -131,9 +128,11 @@ def build_ride_classifier(
         reduce_dimension: Experts' `planes` 192 and 384 instead of 256 and
             512 in `layer3` and `layer4`.
         share_layer3: One `layer3` shared by all experts (named `layer3`).
-        head: `"Linear"` or `"Linear_fcbn_notaffine"` (their `fc_type`: a
-            linear layer followed by a BN over the logits with neither gamma
-            nor beta).
+        head: Every expert's head, one of `nbn_keras.resnet.HEADS`
+            (`nbn_keras.resnet.apply_head`; their `fc_type` names are
+            accepted): their RIDE NBN config uses `"fcbn_notaffine"`
+            (`Linear_fcbn_notaffine`: a linear layer followed by a BN over the
+            logits with neither gamma nor beta).
         layer3_output_dim: `planes` of the experts' `layer3`, overriding
             `reduce_dimension`.
         layer4_output_dim: `planes` of the experts' `layer4`, likewise.
@@ -154,8 +153,7 @@ def build_ride_classifier(
             f"Unknown RIDE architecture '{arch}'. Choose one of "
             f"{tuple(ARCHITECTURES)}."
         )
-    if head not in HEAD_TYPES:
-        raise ValueError(f"head must be one of {HEAD_TYPES}, got '{head}'.")
+    head = resnet.head_name(head)
     if int(num_experts) < 1:
         raise ValueError(f"num_experts must be >= 1, got {num_experts}.")
     block, stage_blocks = ARCHITECTURES[arch]
@@ -180,17 +178,11 @@ def build_ride_classifier(
         y = resnet.apply_stage(y, block, dim4, stage_blocks[3], 2, make, f"layer4s_{e}")
         y = layers.GlobalAveragePooling2D(name=f"avg_pool_{e}")(y)
         kernel, bias = resnet.torch_linear_initializers(y.shape[-1])
-        # Logits stay float32 under mixed precision for a stable softmax.
-        y = layers.Dense(
-            num_classes, dtype="float32", kernel_initializer=kernel,
-            bias_initializer=bias, name=f"linears_{e}",
-        )(y)
-        if head == "Linear_fcbn_notaffine":
-            y = layers.BatchNormalization(
-                momentum=bn_momentum, epsilon=bn_epsilon, center=False,
-                scale=False, synchronized=synchronized_bn, dtype="float32",
-                name=f"linears_{e}_bn",
-            )(y)
+        y = resnet.apply_head(
+            y, num_classes, head, name=f"linears_{e}", kernel_initializer=kernel,
+            bias_initializer=bias, bn_momentum=bn_momentum, bn_epsilon=bn_epsilon,
+            synchronized_bn=synchronized_bn,
+        )
         expert_logits.append(
             layers.Reshape((1, num_classes), dtype="float32", name=f"expert_{e}")(y))
     stacked = (

@@ -32,6 +32,7 @@ from nbn_keras import callbacks as nbn_callbacks
 from nbn_keras import config as config_lib
 from nbn_keras import data as data_lib
 from nbn_keras import distribute
+from nbn_keras import finetune
 from nbn_keras import losses
 from nbn_keras import metrics
 from nbn_keras import plots
@@ -220,11 +221,11 @@ def build_model(config, data):
     if config.backbone in ride.ARCHITECTURES:
         ride_options = dict(
             num_experts=config.ride_experts, reduce_dimension=config.ride_reduce_dimension,
-            share_layer3=config.ride_share_layer3, head=config.ride_head)
+            share_layer3=config.ride_share_layer3)
     model = build_classifier(
         config.backbone, data.num_classes, data.image_shape, mean=data.mean,
         std=data.std, synchronized_bn=config.synchronized_bn, name=config.backbone,
-        ride_options=ride_options)
+        ride_options=ride_options, head=config.head)
     if not config.nbn:
         return model
     selection = config.nbn_selection
@@ -235,6 +236,17 @@ def build_model(config, data):
         scale_sharing=config.nbn_scale_sharing, separate_scales=config.nbn_separate_scales,
         beta_initializer=(keras.initializers.RandomNormal(stddev=config.nbn_beta_init_std)
                           if config.nbn_beta_init_std else None))
+
+
+def start_model(config, model):
+    """`--init_from` weights and `--train_only_head` freezing, before compiling."""
+    if config.init_from:
+        found = finetune.load_matching_weights(model, config.init_from)
+        print(finetune.summary(found, config.init_from), flush=True)
+    if config.train_only_head:
+        trained = finetune.train_only_head(model)
+        print(f"--train_only_head: training {', '.join(trained)}; every other layer "
+              "frozen, BN statistics kept.", flush=True)
 
 
 def build_schedule(config, steps_per_epoch):
@@ -287,6 +299,7 @@ def train(config, data, strategy, run_dir):
     steps = epoch_steps(config, data)
     with strategy.scope():
         model = build_model(config, data)
+        start_model(config, model)
         model.compile(optimizer=build_optimizer(config, steps),
                       loss=build_loss(config, data.class_counts),
                       metrics=metrics.long_tail_metrics(
@@ -298,7 +311,8 @@ def train(config, data, strategy, run_dir):
         print(f"Resuming training at epoch {initial_epoch}.", flush=True)
     train_ds = data_lib.make_train_dataset(
         data, config.global_batch_size, sampler=config.sampler, epochs=config.epochs,
-        seed=config.seed, steps_per_epoch=steps, initial_epoch=initial_epoch)
+        seed=config.seed, steps_per_epoch=steps, initial_epoch=initial_epoch,
+        samples_per_class=config.samples_per_class)
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         with strategy.scope():
             distribute.adapt_to_multi_worker(model, next(iter(train_ds)))

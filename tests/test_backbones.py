@@ -111,3 +111,70 @@ def test_names():
         build_backbone("resnet51", (32, 32, 3))
     with pytest.raises(ValueError, match="head_initializer"):
         build_classifier("resnet20", 10, (32, 32, 3), head_initializer="zeros")
+
+
+def head_model(head, features=6, classes=4):
+    """Pooled features -> `apply_head`, with random weights and BN statistics."""
+    inputs = keras.Input((features,))
+    model = keras.Model(inputs, nbn_keras.resnet.apply_head(inputs, classes, head))
+    rng = np.random.default_rng(0)
+    for weight in model.weights:
+        low = 0.5 if "variance" in weight.path or "gamma" in weight.path else -0.5
+        weight.assign(rng.uniform(low, 1.5, weight.shape).astype("float32"))
+    return model
+
+
+@pytest.mark.parametrize("fc_type", ["Linear", "Linear_fcbn", "Linear_fcbn_notaffine"])
+def test_heads_are_the_authors_fc_types(fc_type):
+    import torch
+
+    from tests.torch_nets import make_head
+
+    head = {v: k for k, v in nbn_keras.resnet.TORCH_FC_TYPES.items()}[fc_type]
+    ours = head_model(head)
+    theirs = make_head(fc_type, 6, 4)
+    dense = ours.get_layer("logits")
+    state = {"weight": dense.kernel.numpy().T, "bias": dense.bias.numpy()}
+    if head != "linear":
+        bn = ours.get_layer("logits_bn")
+        state.update({"bn.running_mean": bn.moving_mean.numpy(),
+                      "bn.running_var": bn.moving_variance.numpy()})
+        if head == "fcbn":
+            state.update({"bn.weight": bn.gamma.numpy(), "bn.bias": bn.beta.numpy()})
+    theirs.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
+    assert {k for k, _ in theirs.named_parameters()} | {
+        k for k, _ in theirs.named_buffers() if "num_batches" not in k} == set(state)
+    x = np.random.default_rng(1).normal(size=(8, 6)).astype("float32")
+    with torch.no_grad():
+        eval_logits = theirs.eval()(torch.from_numpy(x)).numpy()
+        train_logits = theirs.train()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(ours(x, training=False), eval_logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours(x, training=True), train_logits, rtol=1e-4, atol=1e-4)
+    if head != "linear":  # The same update of the moving mean (momentum 0.1).
+        np.testing.assert_allclose(ours.get_layer("logits_bn").moving_mean.numpy(),
+                                   theirs.bn.running_mean.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("head", ["fcbn", "fcbn_notaffine"])
+def test_logit_bn_runs_in_float32_under_mixed_precision(head):
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = build_classifier("resnet8", 3, (16, 16, 3), head=head)
+        ride_model = nbn_keras.ride.build_ride_classifier(
+            3, (32, 32, 3), num_experts=1, layer3_output_dim=4, layer4_output_dim=4,
+            head=head)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    for model, bn_name in ((model, "logits_bn"), (ride_model, "linears_0_bn")):
+        bn = model.get_layer(bn_name)
+        assert bn.compute_dtype == "float32" and bn.center == bn.scale == (head == "fcbn")
+        assert model.get_layer(bn_name.removesuffix("_bn")).compute_dtype == "float32"
+        assert model.output.dtype == "float32"
+        x = np.random.default_rng(0).uniform(0, 255, (2, *model.input.shape[1:]))
+        assert model(x.astype("float32"), training=True).dtype == "float32"
+
+
+def test_unknown_head_is_named():
+    with pytest.raises(ValueError, match=r"head must be one of \('linear', 'fcbn', "
+                                         r"'fcbn_notaffine'\).*got 'bn'"):
+        build_classifier("resnet8", 3, (16, 16, 3), head="bn")

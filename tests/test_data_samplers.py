@@ -132,3 +132,27 @@ def test_steps_per_epoch_and_initial_epoch_reach_the_pipeline(data):
                                       epochs=3, seed=1)
     np.testing.assert_array_equal(np.concatenate([y for _, y in whole[4:]]),
                                   data.train_split.labels[expected])
+
+
+def test_class_aware_gives_turns_of_n_images_of_each_class_in_cycles():
+    # The authors' resample: 4 images of one class in a row, the classes in
+    # a fresh order each cycle, each class's images used once before twice.
+    per_class, classes = 4, len(COUNTS)
+    indices = _draw("class_aware", 3 * classes * per_class + 2, examples_per_epoch=1000,
+                    samples_per_class=per_class)
+    turns = LABELS[indices[:-2]].reshape(-1, per_class)
+    assert (turns == turns[:, :1]).all()
+    cycles = turns[:, 0].reshape(3, classes)
+    assert all(sorted(cycle) == list(range(classes)) for cycle in cycles)
+    assert [cycle.tolist() for cycle in cycles] != [cycles[0].tolist()] * 3
+    assert LABELS[indices[-2]] == LABELS[indices[-1]]  # a turn cut by the draw
+    whole_epoch = _draw("class_aware", 1000, examples_per_epoch=1000)
+    for c, count in enumerate(COUNTS):
+        used = whole_epoch[LABELS[whole_epoch] == c]
+        first = used[:min(count, len(used))]
+        assert len(set(first.tolist())) == len(first)
+    # Class-balanced frequencies, though the data are long-tailed.
+    np.testing.assert_allclose(np.bincount(LABELS[whole_epoch]) / 1000, 1 / classes,
+                               atol=per_class / 1000 + 1e-9)
+    with pytest.raises(ValueError, match="samples_per_class"):
+        samplers.index_stream(LABELS, "class_aware", samples_per_class=0)

@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 from nbn_keras import export
+from nbn_keras import resnet
 from nbn_keras.conversion import convert_to_nbn
 
 SIZE = 12
@@ -52,6 +53,20 @@ def nbn_classifier():
             weights = layer.get_weights()
             weights[1] = rng.normal(size=weights[1].shape).astype("float32")
             layer.set_weights(weights)
+    return model
+
+
+def head_classifier(head):
+    """`tiny_classifier` with a logit-rectification head and NBN in the body."""
+    body = tiny_classifier(name=f"tiny_{head}")
+    features = body.get_layer(index=-2).output
+    logits = resnet.apply_head(features, 4, head)
+    model = convert_to_nbn(keras.Model(body.input, logits),
+                           selection=["stack_0_block1_1_bn"])
+    bn = model.get_layer("logits_bn")
+    rng = np.random.default_rng(2)
+    bn.set_weights([rng.uniform(0.5, 2.0, w.shape) if i == len(bn.weights) - 1
+                    else rng.normal(size=w.shape) for i, w in enumerate(bn.weights)])
     return model
 
 
@@ -176,11 +191,16 @@ def test_fresh_process_without_nbn_keras_gives_same_predictions(tmp_path):
         resized = tf.image.resize(big.astype("float32"), [SIZE, SIZE],
                                   antialias=True)
         add_case(path, predict(model, resized), encoded=png_bytes(big))
+    # Each logit-rectification head (its BN a stock BN in the export).
+    for head in ("fcbn", "fcbn_notaffine"):
+        model = head_classifier(head)
+        add_case(export.export_for_serving(model, str(tmp_path / "models")),
+                 predict(model, images), images=images.astype("float32"))
 
-    nbn_path = cases[-1]["dir"]
-    saved = open(os.path.join(nbn_path, "saved_model.pb"), "rb").read()
-    assert b"NormalizedBatchNormalization" not in saved
-    assert b"nbn_keras" not in saved
+    for path in {case["dir"] for case in cases}:
+        saved = open(os.path.join(path, "saved_model.pb"), "rb").read()
+        assert b"NormalizedBatchNormalization" not in saved
+        assert b"nbn_keras" not in saved
 
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     (tmp_path / "load.py").write_text(_LOAD_SCRIPT)
@@ -365,6 +385,7 @@ _CONCURRENT_SCRIPT = textwrap.dedent(
     import os, sys, time
     import keras
     from nbn_keras import export
+from nbn_keras import resnet
 
     model_path, base, ready, me, count = sys.argv[1:6]
     model = keras.models.load_model(model_path, compile=False)

@@ -19,6 +19,9 @@ from torch.nn import functional as F
 
 import nbn_keras
 from nbn_keras import import_torch
+from nbn_keras import train
+from nbn_keras.data import make_eval_dataset
+from nbn_keras.evaluate import evaluate_file
 from nbn_keras.conversion import leaf_layers
 from tests.torch_nets import NUM_CLASSES
 from tests.torch_nets import SIZE
@@ -26,21 +29,27 @@ from tests.torch_nets import Bottleneck
 from tests.torch_nets import ScalableBN
 from tests.torch_nets import images
 from tests.torch_nets import import_and_check_logits
+from tests.torch_nets import make_head
 from tests.torch_nets import randomize
 from tests.torch_nets import run_importer
 from tests.torch_nets import torch_logits
+from tests.test_train import parse_config
+from tests.test_train import write_jpeg_list_files
 
-# arch: (groups, width per group, NBN)
+# arch: (groups, width per group, NBN, their fc_type). resnet50_nbn is the
+# arch whose builder passes fc_type on: its case has the affine logit BN
+# (RIDE's NBN case in test_ride_import.py has the non-affine one).
 ARCHS = {
-    "resnet50": (1, 64, False),
-    "resnet50_nbn": (1, 64, True),
-    "resnext50": (32, 4, False),
-    "resnext50_nbn": (32, 4, True),
+    "resnet50": (1, 64, False, "Linear"),
+    "resnet50_nbn": (1, 64, True, "Linear_fcbn"),
+    "resnext50": (32, 4, False, "Linear"),
+    "resnext50_nbn": (32, 4, True, "Linear"),
 }
 
 
 class TorchResNet50(nn.Module):
-    def __init__(self, num_classes, groups=1, width_per_group=64, nbn=False):
+    def __init__(self, num_classes, groups=1, width_per_group=64, nbn=False,
+                 fc_type="Linear"):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -53,7 +62,7 @@ class TorchResNet50(nn.Module):
                 stage.append(Bottleneck(in_channels, planes, stride, groups, width_per_group))
                 in_channels = planes * 4
             setattr(self, f"layer{index + 1}", nn.Sequential(*stage))
-        self.fc = nn.Linear(2048, num_classes)
+        self.fc = make_head(fc_type, 2048, num_classes)
         if nbn:
             scalable = [m for m in self.modules() if isinstance(m, ScalableBN)]
             # One entry per scalable BN, as in the authors' code; only [0] is used.
@@ -71,9 +80,8 @@ class TorchResNet50(nn.Module):
 
 
 def randomized_torch_model(arch, seed=0):
-    groups, width_per_group, nbn = ARCHS[arch]
     torch.manual_seed(seed)
-    return randomize(TorchResNet50(NUM_CLASSES, groups, width_per_group, nbn), seed)
+    return randomize(TorchResNet50(NUM_CLASSES, *ARCHS[arch]), seed)
 
 
 def save_authors_checkpoint(model, arch, path):
@@ -122,7 +130,8 @@ def test_imported_checkpoint_gives_the_authors_logits(arch, tmp_path):
 
 @pytest.fixture(scope="module")
 def nbn_state_dict():
-    model = randomized_torch_model("resnet50_nbn", seed=1)
+    torch.manual_seed(1)
+    model = randomize(TorchResNet50(NUM_CLASSES, nbn=True, fc_type="Linear"), seed=1)
     return model, {k: v.numpy() for k, v in model.state_dict().items()}
 
 
@@ -177,6 +186,36 @@ def test_nbn_and_plain_checkpoints_are_told_apart(nbn_state_dict, keras_models):
     with pytest.raises(ValueError, match=r"missing keys: scale_factor.*"
                                          r"is it arch 'resnet50'"):
         import_torch.load_state_dict(keras_models["resnet50_nbn"], plain)
+
+
+def logit_bn_keys(affine):
+    keys = ["fc.bn.running_mean", "fc.bn.running_var", "fc.bn.num_batches_tracked"]
+    return keys + (["fc.bn.weight", "fc.bn.bias"] if affine else [])
+
+
+@pytest.mark.parametrize("arch, keys, head, found", [
+    ("resnet50_nbn", [], "linear", "head Linear (no 'fc.bn.*' keys)"),
+    ("resnet50_nbn", logit_bn_keys(True), "fcbn",
+     "head Linear_fcbn ('fc.bn.*' with weight and bias)"),
+    ("resnet50_nbn", logit_bn_keys(False), "fcbn_notaffine",
+     "head Linear_fcbn_notaffine ('fc.bn.*' without weight and bias)"),
+    ("resnet50_ride_nbn", ["linears.0.bn.running_mean", "linears.1.bn.running_mean"],
+     "fcbn_notaffine", "head Linear_fcbn_notaffine ('linears.0.bn.*' without weight "
+     "and bias)"),
+])
+def test_head_type_is_read_from_the_keys(nbn_state_dict, arch, keys, head, found):
+    state_dict = {**nbn_state_dict[1], **{key: np.zeros(NUM_CLASSES) for key in keys}}
+    assert import_torch.head_type(state_dict, arch) == (head, found)
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "resnext50", "resnext50_nbn"])
+def test_a_logit_bn_their_builder_never_makes_is_refused(nbn_state_dict, arch):
+    # Their resnet50, resnext50 and resnext50_nbn builders always build nn.Linear.
+    state_dict = {**nbn_state_dict[1], **{k: np.zeros(NUM_CLASSES) for k in logit_bn_keys(True)}}
+    with pytest.raises(ValueError, match=rf"has a head Linear_fcbn \('fc.bn.\*' with "
+                                         rf"weight and bias\), which their arch '{arch}' "
+                                         r"never builds \(it builds Linear\)"):
+        import_torch.head_type(state_dict, arch)
 
 
 def test_errors_keep_existing_files(nbn_state_dict, tmp_path):
@@ -265,3 +304,12 @@ def test_imported_model_exports_for_serving(nbn_state_dict, tmp_path):
     expected = torch_logits(theirs, x)
     got = served(images=tf.constant(x))["logits"].numpy()
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    # The evaluation command's code on the imported file scores what their
+    # model predicts on the same (pipeline-decoded) images.
+    lists = write_jpeg_list_files(str(tmp_path / "images"), num_classes=NUM_CLASSES)
+    config = parse_config("--data=imagenet_lt", *lists, f"--image_size={SIZE}")
+    figures, _ = evaluate_file(str(tmp_path / "nbn.keras"), config)
+    data = train.load_data(config)
+    pixels = np.concatenate([x for x, _ in make_eval_dataset(data, "test").as_numpy_iterator()])
+    theirs_right = torch_logits(theirs, pixels).argmax(-1) == data.get_split("test").labels
+    assert figures["top1"] == pytest.approx(100 * theirs_right.mean())

@@ -120,7 +120,7 @@ def small_ride():
     # layer3/4 narrowed to keep the test fast; the structure is unchanged.
     return ride.build_ride_classifier(
         5, (32, 32, 3), num_experts=2, layer3_output_dim=8, layer4_output_dim=8,
-        head="Linear_fcbn_notaffine")
+        head="fcbn_notaffine")
 
 
 def test_ride_structure(small_ride):

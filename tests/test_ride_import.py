@@ -23,6 +23,7 @@ from tests.torch_nets import NUM_CLASSES
 from tests.torch_nets import Bottleneck
 from tests.torch_nets import ScalableBN
 from tests.torch_nets import import_and_check_logits
+from tests.torch_nets import make_head
 from tests.torch_nets import randomize
 
 
@@ -31,17 +32,6 @@ def stage(in_channels, planes, blocks, stride):
     layers += [Bottleneck(planes * 4, planes, 1, all_scalable=True)
                for _ in range(blocks - 1)]
     return nn.Sequential(*layers)
-
-
-class NotAffineHead(nn.Module):
-    def __init__(self, in_features, classes):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(classes, in_features))
-        self.bias = nn.Parameter(torch.empty(classes))
-        self.bn = nn.BatchNorm1d(classes, affine=False)
-
-    def forward(self, x):
-        return self.bn(F.linear(x, self.weight, self.bias))
 
 
 class TorchRIDE(nn.Module):
@@ -58,8 +48,8 @@ class TorchRIDE(nn.Module):
         else:
             self.layer3s = nn.ModuleList(stage(512, dim3, 6, 2) for _ in range(experts))
         self.layer4s = nn.ModuleList(stage(dim3 * 4, dim4, 3, 2) for _ in range(experts))
-        make_head = nn.Linear if head == "Linear" else NotAffineHead
-        self.linears = nn.ModuleList(make_head(dim4 * 4, NUM_CLASSES) for _ in range(experts))
+        self.linears = nn.ModuleList(make_head(head, dim4 * 4, NUM_CLASSES)
+                                     for _ in range(experts))
         if nbn:
             count = sum(isinstance(m, ScalableBN) for m in self.modules())
             self.scale_factor = nn.Parameter(torch.ones(count))
@@ -92,7 +82,7 @@ CASES = {
 
 def randomized_torch_model(arch, seed=0):
     torch.manual_seed(seed)
-    return randomize(TorchRIDE(*CASES[arch]), seed, linear_types=(nn.Linear, NotAffineHead))
+    return randomize(TorchRIDE(*CASES[arch]), seed)
 
 
 @pytest.mark.slow

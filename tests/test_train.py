@@ -38,12 +38,35 @@ TWINS = {
     # Also differs in its head (a linear layer, built and checked against
     # PyTorch in test_ride_import.py).
     "imagenet_lt_ride_bn.cfg": "imagenet_lt_ride_nbn.cfg",
+    # Also differ in their head (checked against PyTorch in test_backbones.py
+    # and test_import_torch.py; RIDE NBN trains its rectified heads here).
+    "imagenet_lt_resnet50_fcbn_nbn.cfg": "imagenet_lt_resnet50_nbn.cfg",
+    "imagenet_lt_resnet50_fcbn_notaffine_nbn.cfg": "imagenet_lt_resnet50_nbn.cfg",
+    # Also differs in its re-training flags (trained in test_finetune.py).
+    "imagenet_lt_resnet50_crt_nbn.cfg": "imagenet_lt_resnet50_nbn.cfg",
+    # Also differ in their data flags (test_list_file_recipes_...): the
+    # ImageNet-LT network and command (a step of ResNet-50 costs 30-50 s
+    # here); their data sets are loaded and scored in test_evaluate.py.
+    **{f"{data}_resnet50_{arm}.cfg": "imagenet_lt_resnet50_nbn.cfg"
+       for data in ("inaturalist", "places_lt") for arm in ("bn", "nbn")},
 }
 TRAINED_CONFIGS = [c for c in CONFIGS
                    if TWINS.get(os.path.basename(c), os.path.basename(c))
                    == os.path.basename(c)]
 TWIN_MAY_DIFFER = {"imbalance_factor", "nbn", "run_dir", "model_name"}
-TWIN_ALSO_DIFFERS = {"imagenet_lt_ride_bn.cfg": {"nbn_selection", "ride_head"}}
+LIST_FILE_FLAGS = ("data", "num_classes", "image_root", "train_list", "val_list",
+                   "test_list")
+TWIN_ALSO_DIFFERS = {
+    "imagenet_lt_ride_bn.cfg": {"nbn_selection", "head"},
+    "imagenet_lt_resnet50_fcbn_nbn.cfg": {"head"},
+    "imagenet_lt_resnet50_fcbn_notaffine_nbn.cfg": {"head"},
+    "imagenet_lt_resnet50_crt_nbn.cfg": {"init_from", "train_only_head", "sampler",
+                                         "samples_per_class", "epochs"},
+    **{f"{data}_resnet50_{arm}.cfg": set(LIST_FILE_FLAGS)
+       for data in ("inaturalist", "places_lt") for arm in ("bn", "nbn")},
+}
+# List-file families: the ImageNet-LT recipe's networks on the lists of each.
+LIST_FILE_FAMILIES = ("imagenet_lt", "inaturalist", "places_lt")
 QUICK = ["--epochs=1", "--steps_per_epoch=1", "--verbose=0"]
 # The smallest digits network, for tests of the command rather than of a config.
 SMALL = ["--backbone=resnet8", "--image_size=16", "--nopictures"]
@@ -108,15 +131,16 @@ def refuse_json_constant(name):
 
 def data_overrides(config, tmp_path):
     name = os.path.basename(config)
-    if name.startswith("imagenet_lt"):
+    if name.startswith(LIST_FILE_FAMILIES):
         # The ImageNet-LT networks at 32x32 instead of 224x224 (the same
         # layers, the last stage at 1x1, at a fiftieth of the cost), in
         # float32: at this size and batch all 8 float16 steps of ResNet-50
         # and ResNeXt-50 overflowed in trials. Float16 training:
-        # test_float16_training_applies_a_step.
+        # test_float16_training_applies_a_step. The tiny lists have 3
+        # classes (the configs' class counts: test_list_file_recipes_...).
         return write_jpeg_list_files(str(tmp_path / "images")) + [
             "--global_batch_size=2", "--image_size=32", "--nopictures",
-            "--mixed_precision=none"]
+            "--mixed_precision=none", "--num_classes=3"]
     if name.startswith("fashion_mnist"):
         # Generated idx files with their own checksums; an empty TFDS data
         # directory so that no prepared copy is read instead.
@@ -145,6 +169,24 @@ def test_untrained_configs_differ_from_a_trained_twin(config):
     assert this.nbn == name.endswith("_nbn")
     factor = re.search(r"_if(\d+)_", name)
     assert factor is None or this.imbalance_factor == float(factor.group(1))
+
+
+@pytest.mark.parametrize("recipe, data, classes, lists", [
+    ("inaturalist", "inaturalist", 8142, ("iNaturalist18_train.txt", "iNaturalist18_val.txt",
+                                          "iNaturalist18_val.txt")),
+    ("places_lt", "places_lt", 365, ("Places_LT_train.txt", "Places_LT_val.txt",
+                                     "Places_LT_test.txt")),
+])
+def test_list_file_recipes_follow_the_authors_data_lists(recipe, data, classes, lists):
+    # Class counts and list names of the authors' data/iNaturalist18/ and
+    # data/Places_LT/ (iNaturalist 2018 has no labelled test split: val twice).
+    config = parse_config(f"--flagfile={REPO}/configs/recipes/{recipe}.cfg")
+    assert (config.data, config.num_classes) == (data, classes)
+    assert tuple(os.path.basename(p) for p in
+                 (config.train_list, config.val_list, config.test_list)) == lists
+    imagenet = parse_config(f"--flagfile={REPO}/configs/recipes/imagenet_lt.cfg")
+    differ = {k for k, v in vars(config).items() if getattr(imagenet, k) != v}
+    assert differ == set(LIST_FILE_FLAGS)
 
 
 @pytest.mark.parametrize("config", TRAINED_CONFIGS, ids=os.path.basename)

@@ -74,7 +74,29 @@ class Bottleneck(nn.Module):
         return F.relu(out + shortcut)
 
 
-def randomize(model, seed=0, linear_types=(nn.Linear,)):
+class LinearFcbn(nn.Module):
+    """Their `Linear_fcbn` (`affine=True`) / `Linear_fcbn_notaffine`: a linear
+    layer, then a BatchNorm1d over the logits, as `models/LRClassifier.py`
+    defines them (parameters `weight`, `bias` and the BN as `bn`)."""
+
+    def __init__(self, in_features, classes, affine=True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(classes, in_features))
+        self.bias = nn.Parameter(torch.empty(classes))
+        self.bn = nn.BatchNorm1d(classes, affine=affine)
+
+    def forward(self, x):
+        return self.bn(F.linear(x, self.weight, self.bias))
+
+
+def make_head(fc_type, in_features, classes):
+    """Their `fc` for an `fc_type`: `Linear`, `Linear_fcbn`, `Linear_fcbn_notaffine`."""
+    if fc_type == "Linear":
+        return nn.Linear(in_features, classes)
+    return LinearFcbn(in_features, classes, affine=fc_type == "Linear_fcbn")
+
+
+def randomize(model, seed=0, linear_types=(nn.Linear, LinearFcbn)):
     """Random weights and BN statistics (He-scaled convolutions, BN near 1/0).
 
     Every module of `linear_types` gets a random `weight` and `bias`; an NBN

@@ -65,14 +65,15 @@ def _full_batches(data, global_batch_size):
 
 
 def make_train_dataset(data, global_batch_size, sampler="instance", epochs=None,
-                       seed=0, augment=True, steps_per_epoch=None, initial_epoch=0):
+                       seed=0, augment=True, steps_per_epoch=None, initial_epoch=0,
+                       samples_per_class=4):
     """The training pipeline: sample, decode, augment, batch, prefetch.
 
     Args:
         data: A `LongTailedData`.
         global_batch_size: Batch size summed over all replicas.
         sampler: One of `samplers.SAMPLERS`: `"instance"`,
-            `"class_balanced"`, `"sqrt"` or `"progressive"`.
+            `"class_balanced"`, `"sqrt"`, `"progressive"` or `"class_aware"`.
         epochs: If given, the dataset holds exactly
             `epochs * steps_per_epoch(data, global_batch_size)` batches;
             otherwise it repeats forever. Required by `"progressive"`, whose
@@ -87,6 +88,8 @@ def make_train_dataset(data, global_batch_size, sampler="instance", epochs=None,
             to `model.fit`.
         initial_epoch: Start at this epoch (a resumed run): the batches are
             those the uninterrupted pipeline yields from this epoch on.
+        samples_per_class: With `"class_aware"`, images of one class in a
+            row (the authors' `resample`: 4).
 
     Returns:
         A `tf.data.Dataset` of `(float32 images, int32 labels)` batches with
@@ -110,6 +113,7 @@ def make_train_dataset(data, global_batch_size, sampler="instance", epochs=None,
     indices = samplers_lib.index_stream(
         split.labels, sampler, examples_per_epoch=steps * global_batch_size,
         epochs=epochs, seed=seed, initial_epoch=initial_epoch,
+        samples_per_class=samples_per_class,
     )
     records = tf.constant(split.records)
     labels = tf.constant(split.labels)

@@ -12,6 +12,12 @@ epoch after another:
   class-balanced at the last, linearly in the epoch index
   (`p(e) = (1 - t) n_c / N + t / C`, `t = e / (epochs - 1)`; Kang et al.,
   2020, use `t = e / epochs`, which never reaches class-balanced).
+- `"class_aware"`: the NBN authors' `resample` (their `ClassAwareSampler`
+  with `num_samples_cls=4`, after Shen et al., 2016): the classes come in
+  turn, in a fresh shuffle of all classes each cycle, and each turn yields
+  `samples_per_class` images of that class in a row; so a batch of `B`
+  holds `B / samples_per_class` classes. Their cycles run on across epochs;
+  here each epoch starts new cycles, drawn from `(seed, epoch)`.
 
 The indices of an epoch are a function of `(seed, epoch)` only, so a resumed
 run starts its input exactly where the interrupted one stood
@@ -25,7 +31,7 @@ used once before any is used twice. The draw is computed per epoch in NumPy
 import numpy as np
 import tensorflow as tf
 
-SAMPLERS = ("instance", "class_balanced", "sqrt", "progressive")
+SAMPLERS = ("instance", "class_balanced", "sqrt", "progressive", "class_aware")
 
 
 def check_sampler(sampler):
@@ -86,7 +92,33 @@ def progressive_schedule(class_counts, epochs):
     )
 
 
-def epoch_indices(labels, sampler, epoch, examples_per_epoch, epochs=None, seed=0):
+def _take_cycling(rng, labels, classes, indices, slots_of_class):
+    """Fills `indices[slots_of_class[c]]` with class `c`'s images, cycling."""
+    for c in classes:
+        slots = slots_of_class(c)
+        members = rng.permutation(np.flatnonzero(labels == c))
+        indices[slots] = np.resize(members, len(slots))
+    return indices
+
+
+def class_aware_indices(labels, examples, samples_per_class, rng):
+    """`examples` indices in turns of `samples_per_class` images of one class.
+
+    The turns go through every class present in a fresh random order per
+    cycle; within a class, its images in a shuffle, cycling.
+    """
+    present = np.flatnonzero(np.bincount(labels))
+    turns = -(-int(examples) // int(samples_per_class))
+    cycles = -(-turns // len(present))
+    turn_classes = np.concatenate([rng.permutation(present) for _ in range(cycles)])[:turns]
+    slot_classes = np.repeat(turn_classes, samples_per_class)[:examples]
+    indices = np.empty(int(examples), np.int64)
+    return _take_cycling(rng, labels, present, indices,
+                         lambda c: np.flatnonzero(slot_classes == c))
+
+
+def epoch_indices(labels, sampler, epoch, examples_per_epoch, epochs=None, seed=0,
+                  samples_per_class=4):
     """The training example indices of one epoch, as a NumPy array.
 
     Args:
@@ -96,6 +128,7 @@ def epoch_indices(labels, sampler, epoch, examples_per_epoch, epochs=None, seed=
         examples_per_epoch: Number of indices to return.
         epochs: Number of epochs of the run (needed by `"progressive"`).
         seed: Seed of the run; the result depends on `(seed, epoch)` only.
+        samples_per_class: Images of one class in a row (`"class_aware"`).
 
     Returns:
         An int64 array of shape `(examples_per_epoch,)`.
@@ -106,6 +139,8 @@ def epoch_indices(labels, sampler, epoch, examples_per_epoch, epochs=None, seed=
         passes = -(-int(examples_per_epoch) // len(labels))
         order = np.concatenate([rng.permutation(len(labels)) for _ in range(passes)])
         return order[:examples_per_epoch].astype(np.int64)
+    if sampler == "class_aware":
+        return class_aware_indices(labels, examples_per_epoch, samples_per_class, rng)
     counts = np.bincount(labels)
     if sampler == "progressive":
         weights = progressive_schedule(counts, epochs)[int(epoch)]
@@ -113,15 +148,13 @@ def epoch_indices(labels, sampler, epoch, examples_per_epoch, epochs=None, seed=
         weights = class_weights(counts, sampler)
     classes = rng.choice(len(counts), size=int(examples_per_epoch), p=weights)
     indices = np.empty(int(examples_per_epoch), np.int64)
-    for c in np.flatnonzero(np.bincount(classes, minlength=len(counts))):
-        slots = np.flatnonzero(classes == c)
-        members = rng.permutation(np.flatnonzero(labels == c))
-        indices[slots] = np.resize(members, len(slots))
-    return indices
+    drawn = np.flatnonzero(np.bincount(classes, minlength=len(counts)))
+    return _take_cycling(rng, labels, drawn, indices,
+                         lambda c: np.flatnonzero(classes == c))
 
 
 def index_stream(labels, sampler="instance", examples_per_epoch=None, epochs=None, seed=0,
-                 initial_epoch=0):
+                 initial_epoch=0, samples_per_class=4):
     """A dataset of `(position, index)` pairs drawn by a sampler, epoch by epoch.
 
     Args:
@@ -133,6 +166,7 @@ def index_stream(labels, sampler="instance", examples_per_epoch=None, epochs=Non
             otherwise it is infinite (not allowed for `"progressive"`).
         seed: Seed of all shuffles and draws.
         initial_epoch: The first epoch of the stream (to resume a run).
+        samples_per_class: Images of one class in a row (`"class_aware"`).
 
     Returns:
         A `tf.data.Dataset` of int64 scalar pairs: the position of the draw in
@@ -150,13 +184,17 @@ def index_stream(labels, sampler="instance", examples_per_epoch=None, epochs=Non
     labels = np.asarray(labels)
     if labels.ndim != 1 or len(labels) == 0:
         raise ValueError("`labels` must be a non-empty 1D array.")
+    if int(samples_per_class) < 1:
+        raise ValueError(
+            f"`samples_per_class` must be >= 1. Received: {samples_per_class!r}")
     if sampler == "progressive" and (epochs is None or int(epochs) < 1):
         raise ValueError(
             f"The progressive sampler needs `epochs` >= 1. Received: {epochs!r}")
     examples = int(examples_per_epoch or len(labels))
 
     def draw(epoch):
-        return epoch_indices(labels, sampler, epoch, examples, epochs, seed)
+        return epoch_indices(labels, sampler, epoch, examples, epochs, seed,
+                             samples_per_class)
 
     def one_epoch(epoch):
         indices = tf.numpy_function(draw, [epoch], tf.int64, stateful=False)
