@@ -55,6 +55,7 @@ def custom_objects():
         schedules.WarmupCosineDecay,
         schedules.WarmupStepDecay,
         schedules.EpochCosineAnnealing,
+        schedules.EpochWarmupStepDecay,
         losses.LogitAdjustedCrossEntropy,
         losses.BalancedSoftmaxCrossEntropy,
         losses.LDAMLoss,

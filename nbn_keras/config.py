@@ -146,15 +146,19 @@ class TrainConfig:
         "reference (PyTorch SGD); 'decoupled': Keras' own.", "enum", ("coupled", "decoupled"))
     decay_nbn_scale: bool = _field(True, "Apply weight decay to the NBN scale too (the "
                                    "reference does).", "bool")
-    schedule: str = _field("warmup_steps", "'warmup_steps' (CIFAR-LT recipe), 'cosine' "
-                           "(ImageNet-LT) or 'cosine_annealing' (PyTorch's CosineAnnealingLR "
-                           "stepped once per epoch with period --cosine_t_max epochs).", "enum",
-                           ("warmup_steps", "cosine", "cosine_annealing"))
+    schedule: str = _field(
+        "warmup_steps", "'warmup_steps' (warmup and drops per step), 'cifar_warm_step' (the "
+        "NBN authors' CIFARWarmStepLR per epoch: epoch e <= --warmup_epochs at lr * e / "
+        "warmup, each factor for epochs > its --lr_drop_epochs), 'ldam_drw_warm_step' "
+        "(LDAM-DRW's: the same rule on e + 1), 'cosine' (per step, to 0 at the end) or "
+        "'cosine_annealing' (PyTorch's CosineAnnealingLR stepped once per epoch with period "
+        "--cosine_t_max epochs).", "enum",
+        ("warmup_steps", "cifar_warm_step", "ldam_drw_warm_step", "cosine", "cosine_annealing"))
     cosine_t_max: Optional[int] = _field(None, "T_max in epochs of --schedule=cosine_annealing "
                                          "(default: --epochs).", "int")
     warmup_epochs: int = _field(5, "Linear warmup epochs.", "int")
-    lr_drop_epochs: tuple = _field((160, 180), "Epochs of the step drops ('warmup_steps' "
-                                   "schedule).", "int_list")
+    lr_drop_epochs: tuple = _field((160, 180), "Epochs of the step drops ('warmup_steps': "
+                                   "from that epoch on; '*_warm_step': after it).", "int_list")
     lr_drop_factors: tuple = _field((0.01, 0.001), "Learning-rate factors from each drop "
                                     "epoch on.", "float_list")
     loss: str = _field("cross_entropy", "Training loss.", "enum", LOSS_NAMES)

@@ -237,6 +237,11 @@ def build_optimizer(config, steps_per_epoch):
     if config.schedule == "cosine_annealing":
         schedule = schedules.EpochCosineAnnealing(
             lr, steps_per_epoch, config.cosine_t_max or config.epochs)
+    elif config.schedule in ("cifar_warm_step", "ldam_drw_warm_step"):
+        schedule = schedules.EpochWarmupStepDecay(
+            lr, steps_per_epoch, warmup_epochs=config.warmup_epochs,
+            boundaries=list(config.lr_drop_epochs), factors=list(config.lr_drop_factors),
+            first_epoch=int(config.schedule == "ldam_drw_warm_step"))
     elif config.schedule == "cosine":
         schedule = schedules.WarmupCosineDecay(
             lr, total_steps=config.epochs * steps_per_epoch,
@@ -296,6 +301,7 @@ def train(config, data, strategy, run_dir):
         # the last good one survives a NaN loss.
         keras.callbacks.TerminateOnNaN(raise_error=True),
         nbn_callbacks.NBNScaleLogger(),
+        nbn_callbacks.LearningRateLogger(),
         checkpoint,
         keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard")),
     ]

@@ -153,7 +153,7 @@ def test_config_trains_and_reports(config, tmp_path):
     # (RIDE models have one scale per expert: nbn_scale_expert{e}.)
     assert any(column.startswith("nbn_scale/nbn_scale") and column.endswith("/alpha")
                for column in header) == name.endswith("_nbn.cfg")
-    assert {"top1", "many", "medium", "few", "val_top1", "val_few"} <= set(header)
+    assert {"top1", "many", "medium", "few", "val_top1", "val_few", "lr"} <= set(header)
     assert list((run_dir / "tensorboard" / "train").glob("events.out.tfevents.*"))
 
 
