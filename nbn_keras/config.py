@@ -167,8 +167,13 @@ class TrainConfig:
     ride_reweight_epoch: Optional[int] = _field(
         None, "--loss=ride: re-weighting is on in epochs after this one (0-based); "
         "unset = never.", "int")
-    ride_diversity_factor: float = _field(-0.2, "--loss=ride: weight of the diversity "
-                                          "(KL) term.", "float")
+    ride_diversity_factor: float = _field(-0.2, "--loss=ride, ride_balanced_softmax: weight "
+                                          "of the diversity (KL) term.", "float")
+    ride_reweight_factor: float = _field(
+        0.05, "--loss=ride: the reweight_factor of the per-class diversity temperatures "
+        "(0.05 is the default of RIDELoss, 0.02 RIDE's ImageNet-LT config's).", "float")
+    hcm_n: int = _field(300, "--loss=hcm: classes kept by the hard-class mask (the NBN "
+                        "authors' HCM_N).", "int")
     steps_per_epoch: Optional[int] = _field(None, "Steps per epoch (default: training "
                                             "images / global batch).", "int")
     seed: int = _field(0, "Seed of initialisation, sampling and augmentation.", "int")
@@ -288,7 +293,7 @@ def validate(config):
             problems.append(f"--{field.name}={value} is not a finite number.")
     positive = ("n_max", "image_size", "num_classes", "max_image_pixels", "epochs",
                 "global_batch_size", "base_lr", "learning_rate", "steps_per_epoch",
-                "ride_experts", "cosine_t_max")
+                "ride_experts", "cosine_t_max", "hcm_n")
     for name in positive:
         value = getattr(config, name)
         if value is not None and not value > 0:
@@ -335,8 +340,8 @@ def validate(config):
             problems.append(f"--{name}={path}: {problem}")
     if config.schedule == "cosine_annealing" and config.warmup_epochs:
         problems.append("--schedule=cosine_annealing has no warmup: set --warmup_epochs=0.")
-    if config.loss == "ride" and config.backbone not in ride.ARCHITECTURES:
-        problems.append(f"--loss=ride needs a RIDE backbone ({', '.join(ride.ARCHITECTURES)}), "
+    if config.loss in ("ride", "ride_balanced_softmax") and config.backbone not in ride.ARCHITECTURES:
+        problems.append(f"--loss={config.loss} needs a RIDE backbone ({', '.join(ride.ARCHITECTURES)}), "
                         f"not --backbone={config.backbone}.")
     if config.nbn and config.nbn_selection == "ride" and config.backbone not in ride.ARCHITECTURES:
         problems.append(f"--nbn_selection=ride needs a RIDE backbone, not --backbone={config.backbone}.")

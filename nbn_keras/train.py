@@ -272,7 +272,12 @@ def build_loss(config, class_counts):
         options.update(drw_start_epoch=config.drw_epoch, scale_logits=False)
     elif config.loss == "ride":
         options.update(reweight_epoch=config.ride_reweight_epoch,
-                       diversity_factor=config.ride_diversity_factor)
+                       diversity_factor=config.ride_diversity_factor,
+                       reweight_factor=config.ride_reweight_factor)
+    elif config.loss == "ride_balanced_softmax":
+        options.update(diversity_factor=config.ride_diversity_factor)
+    elif config.loss == "hcm":
+        options.update(hcm_n=config.hcm_n)
     return losses.build_loss(config.loss, class_counts, **options)
 
 

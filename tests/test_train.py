@@ -35,12 +35,16 @@ TWINS = {
     # Also differs in its head (a linear layer, built and checked against
     # PyTorch in test_ride_import.py).
     "imagenet_lt_ride_bn.cfg": "imagenet_lt_ride_nbn.cfg",
+    # Also differs in its loss (fitted in test_ride.py, checked against
+    # PyTorch in test_losses.py).
+    "imagenet_lt_ride_balanced_softmax_nbn.cfg": "imagenet_lt_ride_nbn.cfg",
 }
 TRAINED_CONFIGS = [c for c in CONFIGS
                    if TWINS.get(os.path.basename(c), os.path.basename(c))
                    == os.path.basename(c)]
 TWIN_MAY_DIFFER = {"imbalance_factor", "nbn", "run_dir", "model_name"}
-TWIN_ALSO_DIFFERS = {"imagenet_lt_ride_bn.cfg": {"nbn_selection", "ride_head"}}
+TWIN_ALSO_DIFFERS = {"imagenet_lt_ride_bn.cfg": {"nbn_selection", "ride_head"},
+                     "imagenet_lt_ride_balanced_softmax_nbn.cfg": {"loss"}}
 QUICK = ["--epochs=1", "--steps_per_epoch=1", "--verbose=0"]
 # The smallest digits network, for tests of the command rather than of a config.
 SMALL = ["--backbone=resnet8", "--image_size=16", "--nopictures"]
