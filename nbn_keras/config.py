@@ -174,8 +174,13 @@ class TrainConfig:
         "(0.05 is the default of RIDELoss, 0.02 RIDE's ImageNet-LT config's).", "float")
     hcm_n: int = _field(300, "--loss=hcm: classes kept by the hard-class mask (the NBN "
                         "authors' HCM_N).", "int")
-    steps_per_epoch: Optional[int] = _field(None, "Steps per epoch (default: training "
-                                            "images / global batch).", "int")
+    steps_per_epoch: Optional[int] = _field(
+        None, "Steps per epoch, all complete batches (default: see --keep_partial_batch).",
+        "int")
+    keep_partial_batch: bool = _field(
+        True, "End each epoch with its partial batch, as the NBN authors' DataLoader does: "
+        "ceil(N' / global batch) steps, N' the training images rounded up to a multiple of "
+        "the replicas; off: floor(N / global batch) complete batches.", "bool")
     seed: int = _field(0, "Seed of initialisation, sampling and augmentation.", "int")
 
     # Execution.

@@ -118,7 +118,7 @@ def train_and_evaluate(config):
         if state["phase"] == "train":
             data.write_subset(run_dir)
             print(f"{data.name}: {len(data.train_split)} training images in "
-                  f"{data.num_classes} classes, {epoch_steps(config, data)} steps per "
+                  f"{data.num_classes} classes, {epoch_steps(config, data, replicas)} steps per "
                   f"epoch, {replicas} replica(s); run directory {run_dir}", flush=True)
             steps_trained = train(config, data, strategy, run_dir)
             if not chief:
@@ -203,8 +203,9 @@ def load_data(config):
     return data_lib.load(config.data, **options)
 
 
-def epoch_steps(config, data):
-    return config.steps_per_epoch or data_lib.steps_per_epoch(data, config.global_batch_size)
+def epoch_steps(config, data, replicas):
+    return config.steps_per_epoch or data_lib.steps_per_epoch(
+        data, config.global_batch_size, config.keep_partial_batch, replicas)
 
 
 def build_model(config, data):
@@ -283,7 +284,7 @@ def build_loss(config, class_counts):
 
 def train(config, data, strategy, run_dir):
     """The `train` phase: fits from the last checkpoint; returns the optimizer steps."""
-    steps = epoch_steps(config, data)
+    steps = epoch_steps(config, data, strategy.num_replicas_in_sync)
     with strategy.scope():
         model = build_model(config, data)
         model.compile(optimizer=build_optimizer(config, steps),
@@ -297,7 +298,9 @@ def train(config, data, strategy, run_dir):
         print(f"Resuming training at epoch {initial_epoch}.", flush=True)
     train_ds = data_lib.make_train_dataset(
         data, config.global_batch_size, sampler=config.sampler, epochs=config.epochs,
-        seed=config.seed, steps_per_epoch=steps, initial_epoch=initial_epoch)
+        seed=config.seed, steps_per_epoch=config.steps_per_epoch,
+        initial_epoch=initial_epoch, keep_partial_batch=config.keep_partial_batch,
+        replicas=strategy.num_replicas_in_sync)
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         with strategy.scope():
             distribute.adapt_to_multi_worker(model, next(iter(train_ds)))

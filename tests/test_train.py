@@ -279,11 +279,14 @@ def test_mirrored_strategy_on_two_devices(tmp_path):
     result = subprocess.run(
         [sys.executable, "-c", DISTRIBUTED_SCRIPT, "2",
          f"--flagfile={REPO}/configs/digits_lt_nbn.cfg", f"--run_dir={tmp_path}/run",
-         f"--export_dir={tmp_path}/export", "--epochs=1", "--steps_per_epoch=2",
+         f"--export_dir={tmp_path}/export", "--epochs=1", "--global_batch_size=480",
          "--verbose=0", *SMALL],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 replica(s)" in result.stdout
+    # 503 images, padded to 504 for the 2 replicas: a batch of 480 and a
+    # partial one of 24 (12 per replica).
+    assert "503 training images" in result.stdout
+    assert "2 steps per epoch, 2 replica(s)" in result.stdout
     figures = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
     assert figures["steps_trained"] == 2
     assert (tmp_path / "export" / "digits_lt_nbn" / "1" / "saved_model.pb").exists()

@@ -121,7 +121,7 @@ def epoch_indices(labels, sampler, epoch, examples_per_epoch, epochs=None, seed=
 
 
 def index_stream(labels, sampler="instance", examples_per_epoch=None, epochs=None, seed=0,
-                 initial_epoch=0):
+                 initial_epoch=0, fill_to_multiple_of=None):
     """A dataset of `(position, index)` pairs drawn by a sampler, epoch by epoch.
 
     Args:
@@ -133,6 +133,11 @@ def index_stream(labels, sampler="instance", examples_per_epoch=None, epochs=Non
             otherwise it is infinite (not allowed for `"progressive"`).
         seed: Seed of all shuffles and draws.
         initial_epoch: The first epoch of the stream (to resume a run).
+        fill_to_multiple_of: If given, each epoch is followed by filler pairs
+            `(-1, 0)` up to a multiple of this number of pairs, so that
+            batches of this size never mix two epochs; dropping the fillers
+            (position -1) after batching leaves each epoch's last batch
+            partial, as a PyTorch `DataLoader` without `drop_last` has it.
 
     Returns:
         A `tf.data.Dataset` of int64 scalar pairs: the position of the draw in
@@ -158,10 +163,16 @@ def index_stream(labels, sampler="instance", examples_per_epoch=None, epochs=Non
     def draw(epoch):
         return epoch_indices(labels, sampler, epoch, examples, epochs, seed)
 
+    fillers = -examples % int(fill_to_multiple_of or 1)
+
     def one_epoch(epoch):
         indices = tf.numpy_function(draw, [epoch], tf.int64, stateful=False)
         positions = epoch * examples + tf.range(examples, dtype=tf.int64)
-        return tf.data.Dataset.from_tensor_slices((positions, tf.reshape(indices, [examples])))
+        pairs = tf.data.Dataset.from_tensor_slices((positions, tf.reshape(indices, [examples])))
+        if not fillers:
+            return pairs
+        filler = tf.constant([-1] * fillers, tf.int64), tf.zeros([fillers], tf.int64)
+        return pairs.concatenate(tf.data.Dataset.from_tensor_slices(filler))
 
     # flat_map hides the length, which Keras and tf.data use to count steps.
     if epochs is None:
@@ -169,5 +180,5 @@ def index_stream(labels, sampler="instance", examples_per_epoch=None, epochs=Non
         length = tf.data.INFINITE_CARDINALITY
     else:
         stream = tf.data.Dataset.range(int(initial_epoch), int(epochs)).flat_map(one_epoch)
-        length = max(int(epochs) - int(initial_epoch), 0) * examples
+        length = max(int(epochs) - int(initial_epoch), 0) * (examples + fillers)
     return stream.apply(tf.data.experimental.assert_cardinality(length))
