@@ -325,7 +325,8 @@ def test_multi_worker_mirrored_strategy_on_localhost(tmp_path):
                 [sys.executable, "-c", DISTRIBUTED_SCRIPT, "1",
                  f"--flagfile={REPO}/configs/digits_lt_nbn.cfg",
                  f"--run_dir={tmp_path}/run", "--noexport", "--epochs=1",
-                 "--steps_per_epoch=2", "--verbose=0", *SMALL],
+                 # 504 (padded) images: a batch of 480 and a partial one of 24.
+                 "--global_batch_size=480", "--verbose=0", *SMALL],
                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
     for process in processes:
         process.wait(timeout=300)
