@@ -4,8 +4,9 @@ A sampler turns the training labels into a stream of example indices, one
 epoch after another:
 
 - `"instance"`: every example once per epoch, in a fresh shuffle each epoch
-  (the examples left over by a partial epoch are not carried over, as with
-  PyTorch's `drop_last`).
+  (an epoch shorter than N leaves the rest of its shuffle unused, as
+  PyTorch's `drop_last=True` does; the NBN authors' `DataLoader` keeps the
+  partial batch: `nbn_keras.data.pipeline`'s `keep_partial_batch`).
 - `"class_balanced"`: each class with probability 1/C.
 - `"sqrt"`: class `c` with probability proportional to `sqrt(n_c)`.
 - `"progressive"`: from instance-balanced at the first epoch to
