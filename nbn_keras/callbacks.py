@@ -44,6 +44,29 @@ class NBNScaleLogger(keras.callbacks.Callback):
             logs[f"nbn_scale/{path}"] = float(np.asarray(variable.numpy()))
 
 
+class LearningRateLogger(keras.callbacks.Callback):
+    """Adds the learning rate the epoch trained at to the epoch logs, as `lr`.
+
+    The rate is the schedule's at the epoch's first step: the whole epoch's
+    for the per-epoch schedules. (Keras' TensorBoard callback logs
+    `learning_rate` at the epoch's end, which for a per-epoch schedule is
+    already the next epoch's.) Place it before `RunCheckpoint` and
+    `keras.callbacks.TensorBoard`, which then record it like any metric.
+
+    Example:
+
+    >>> model.fit(data, epochs=3, callbacks=[LearningRateLogger(),
+    ...                                      RunCheckpoint(run_dir)])
+    """
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._rate = float(np.asarray(self.model.optimizer.learning_rate))
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["lr"] = self._rate
+
+
 class RunCheckpoint(keras.callbacks.Callback):
     """Crash-safe epoch checkpoints, best-model selection and `history.csv`.
 

@@ -178,15 +178,19 @@ class TrainConfig:
         "reference (PyTorch SGD); 'decoupled': Keras' own.", "enum", ("coupled", "decoupled"))
     decay_nbn_scale: bool = _field(True, "Apply weight decay to the NBN scale too (the "
                                    "reference does).", "bool")
-    schedule: str = _field("warmup_steps", "'warmup_steps' (CIFAR-LT recipe), 'cosine' "
-                           "(ImageNet-LT) or 'cosine_annealing' (PyTorch's CosineAnnealingLR "
-                           "stepped once per epoch with period --cosine_t_max epochs).", "enum",
-                           ("warmup_steps", "cosine", "cosine_annealing"))
+    schedule: str = _field(
+        "warmup_steps", "'warmup_steps' (warmup and drops per step), 'cifar_warm_step' (the "
+        "NBN authors' CIFARWarmStepLR per epoch: epoch e <= --warmup_epochs at lr * e / "
+        "warmup, each factor for epochs > its --lr_drop_epochs), 'ldam_drw_warm_step' "
+        "(LDAM-DRW's: the same rule on e + 1), 'cosine' (per step, to 0 at the end) or "
+        "'cosine_annealing' (PyTorch's CosineAnnealingLR stepped once per epoch with period "
+        "--cosine_t_max epochs).", "enum",
+        ("warmup_steps", "cifar_warm_step", "ldam_drw_warm_step", "cosine", "cosine_annealing"))
     cosine_t_max: Optional[int] = _field(None, "T_max in epochs of --schedule=cosine_annealing "
                                          "(default: --epochs).", "int")
     warmup_epochs: int = _field(5, "Linear warmup epochs.", "int")
-    lr_drop_epochs: tuple = _field((160, 180), "Epochs of the step drops ('warmup_steps' "
-                                   "schedule).", "int_list")
+    lr_drop_epochs: tuple = _field((160, 180), "Epochs of the step drops ('warmup_steps': "
+                                   "from that epoch on; '*_warm_step': after it).", "int_list")
     lr_drop_factors: tuple = _field((0.01, 0.001), "Learning-rate factors from each drop "
                                     "epoch on.", "float_list")
     loss: str = _field("cross_entropy", "Training loss.", "enum", LOSS_NAMES)
@@ -195,10 +199,20 @@ class TrainConfig:
     ride_reweight_epoch: Optional[int] = _field(
         None, "--loss=ride: re-weighting is on in epochs after this one (0-based); "
         "unset = never.", "int")
-    ride_diversity_factor: float = _field(-0.2, "--loss=ride: weight of the diversity "
-                                          "(KL) term.", "float")
-    steps_per_epoch: Optional[int] = _field(None, "Steps per epoch (default: training "
-                                            "images / global batch).", "int")
+    ride_diversity_factor: float = _field(-0.2, "--loss=ride, ride_balanced_softmax: weight "
+                                          "of the diversity (KL) term.", "float")
+    ride_reweight_factor: float = _field(
+        0.05, "--loss=ride: the reweight_factor of the per-class diversity temperatures "
+        "(0.05 is the default of RIDELoss, 0.02 RIDE's ImageNet-LT config's).", "float")
+    hcm_n: int = _field(300, "--loss=hcm: classes kept by the hard-class mask (the NBN "
+                        "authors' HCM_N).", "int")
+    steps_per_epoch: Optional[int] = _field(
+        None, "Steps per epoch, all complete batches (default: see --keep_partial_batch).",
+        "int")
+    keep_partial_batch: bool = _field(
+        True, "End each epoch with its partial batch, as the NBN authors' DataLoader does: "
+        "ceil(N' / global batch) steps, N' the training images rounded up to a multiple of "
+        "the replicas; off: floor(N / global batch) complete batches.", "bool")
     seed: int = _field(0, "Seed of initialisation, sampling and augmentation.", "int")
 
     # Execution.
@@ -317,7 +331,7 @@ def validate(config):
     positive = ("n_max", "image_size", "num_classes", "max_image_pixels", "epochs",
                 "global_batch_size", "base_lr", "learning_rate", "steps_per_epoch",
                 "ride_experts", "cosine_t_max", "fashion_mnist_val_per_class",
-                "samples_per_class")
+                "samples_per_class", "hcm_n")
     for name in positive:
         value = getattr(config, name)
         if value is not None and not value > 0:
@@ -374,8 +388,8 @@ def validate(config):
             problems.append(f"--{name}={path}: {problem}")
     if config.schedule == "cosine_annealing" and config.warmup_epochs:
         problems.append("--schedule=cosine_annealing has no warmup: set --warmup_epochs=0.")
-    if config.loss == "ride" and config.backbone not in ride.ARCHITECTURES:
-        problems.append(f"--loss=ride needs a RIDE backbone ({', '.join(ride.ARCHITECTURES)}), "
+    if config.loss in ("ride", "ride_balanced_softmax") and config.backbone not in ride.ARCHITECTURES:
+        problems.append(f"--loss={config.loss} needs a RIDE backbone ({', '.join(ride.ARCHITECTURES)}), "
                         f"not --backbone={config.backbone}.")
     if config.nbn and config.nbn_selection == "ride" and config.backbone not in ride.ARCHITECTURES:
         problems.append(f"--nbn_selection=ride needs a RIDE backbone, not --backbone={config.backbone}.")

@@ -104,9 +104,8 @@ def decode_and_resize(image_bytes, height, width, channels, resize_mode):
     aspect ratio not kept; an image already of that size is left unchanged.
     Resizing there is bilinear with antialiasing. With `"crop"` the
     training pipeline's evaluation transform is applied exactly (see
-    `nbn_keras.data.transforms.center_crop_resize`): the central square of
-    side `short side * 224 / 256` is cut out and resized, bilinear, to
-    `height x width` ("resize 256, centre crop 224").
+    `nbn_keras.data.transforms.resize_and_center_crop`): torchvision's
+    "Resize(256), CenterCrop(224)", the resize antialiased.
 
     Args:
         image_bytes: A scalar string tensor.
@@ -118,9 +117,7 @@ def decode_and_resize(image_bytes, height, width, channels, resize_mode):
     Returns:
         A float32 tensor of shape `[height, width, channels]`.
     """
-    image = tf.io.decode_image(
-        image_bytes, channels=channels, dtype=tf.uint8, expand_animations=False
-    )
+    image = transforms.decode_image(image_bytes, channels)
     image.set_shape([None, None, channels])
     image = tf.cast(image, tf.float32)
     shape = tf.shape(image)
@@ -133,11 +130,8 @@ def decode_and_resize(image_bytes, height, width, channels, resize_mode):
         )
     if resize_mode != "crop":
         raise ValueError(f"Unknown resize_mode '{resize_mode}'.")
-    # The evaluation transform of the data pipeline, exactly: crop the
-    # central square first, then resize (bilinear, no antialiasing).
-    y, x, side, _ = tf.unstack(transforms.center_crop_window(h, w))
-    image = tf.image.crop_to_bounding_box(image, y, x, side, side)
-    image = tf.image.resize(image, [height, width], method="bilinear")
+    # The evaluation transform of the data pipeline, exactly.
+    image = transforms.resize_and_center_crop(image, height, width)
     image.set_shape([height, width, channels])
     return image
 

@@ -5,11 +5,14 @@ prior-based losses change training only: at inference the model's plain
 logits are used (argmax of the raw logits).
 """
 
+import functools
+
 import keras
 import numpy as np
 from keras import ops
 
-LOSS_NAMES = ("cross_entropy", "balanced_softmax", "logit_adjusted", "ldam_drw", "ride")
+LOSS_NAMES = ("cross_entropy", "balanced_softmax", "logit_adjusted", "ldam", "ldam_drw", "hcm",
+              "ride", "ride_balanced_softmax")
 
 
 def _as_counts(class_counts):
@@ -133,6 +136,81 @@ class BalancedSoftmaxCrossEntropy(LogitAdjustedCrossEntropy):
     def get_config(self):
         config = super().get_config()
         del config["tau"]
+        return config
+
+
+def _log_prior(class_counts):
+    counts = _as_counts(class_counts)
+    return np.log(counts / counts.sum())
+
+
+def hardest_classes_mask(labels, logits, num_hardest):
+    """1 on the true class and the `num_hardest - 1` highest other logits, else 0.
+
+    The class selection of the NBN authors' `HCMLoss`: the true class is put
+    first, then the classes are ranked by their raw logit.
+
+    Args:
+        labels: Integer labels, shape `(batch,)`.
+        logits: Logits, shape `(batch, classes)`.
+        num_hardest: Classes kept per example (all if more than there are).
+
+    Returns:
+        A `(batch, classes)` mask of the logits' dtype.
+    """
+    num_classes = logits.shape[-1]
+    one_hot = ops.one_hot(labels, num_classes, dtype=logits.dtype)
+    ranked = ops.where(one_hot > 0, ops.cast(float("inf"), logits.dtype), logits)
+    _, hardest = ops.top_k(ranked, k=min(int(num_hardest), num_classes))
+    return ops.max(ops.one_hot(hardest, num_classes, dtype=logits.dtype), axis=1)
+
+
+@keras.saving.register_keras_serializable(package="nbn_keras")
+class HardCategoryMiningLoss(keras.losses.Loss):
+    """Balanced softmax plus balanced softmax on each example's hardest classes.
+
+    The NBN authors' `HCMLoss` (`loss/HCMLoss.py`): with `a = logits +
+    log(prior)`, the loss is `CE(a, y) + CE(a * mask, y)`, where `mask` keeps
+    the true class and the `hcm_n - 1` other classes of highest raw logit.
+    The other classes are multiplied by 0 (so they enter the second softmax
+    with logit 0, not dropped), as in their code. Predict with the raw
+    logits.
+
+    Args:
+        class_counts: Number of training examples of each class.
+        hcm_n: Classes kept by the mask (their `HCM_N`). Defaults to `300`.
+        name: Name of the loss.
+        reduction: Keras loss reduction. Defaults to `"sum_over_batch_size"`.
+        dtype: Dtype of the loss computation. Defaults to float32.
+
+    Example:
+
+    >>> loss = HardCategoryMiningLoss(class_counts, hcm_n=30)
+    >>> model.compile(optimizer, loss=loss)
+    """
+
+    def __init__(self, class_counts, hcm_n=300, name="hcm",
+                 reduction="sum_over_batch_size", dtype=None):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.class_counts = [int(n) for n in _as_counts(class_counts)]
+        if int(hcm_n) < 1:
+            raise ValueError(f"`hcm_n` must be at least 1, got {hcm_n}.")
+        self.hcm_n = int(hcm_n)
+        self._log_prior = _log_prior(self.class_counts)
+
+    def call(self, y_true, y_pred):
+        labels = _sparse_labels(y_true)
+        adjusted = y_pred + ops.convert_to_tensor(self._log_prior, y_pred.dtype)
+        mask = ops.stop_gradient(hardest_classes_mask(labels, y_pred, self.hcm_n))
+        balanced = keras.losses.sparse_categorical_crossentropy(
+            labels, adjusted, from_logits=True)
+        hardest = keras.losses.sparse_categorical_crossentropy(
+            labels, adjusted * mask, from_logits=True)
+        return balanced + hardest
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(class_counts=self.class_counts, hcm_n=self.hcm_n)
         return config
 
 
@@ -310,13 +388,17 @@ def build_loss(name, class_counts=None, **options):
 
     Args:
         name: One of `"cross_entropy"`, `"balanced_softmax"`,
-            `"logit_adjusted"`, `"ldam_drw"`, `"ride"` (a RIDE model's
+            `"logit_adjusted"`, `"ldam"` (LDAM without re-weighting, on
+            unscaled logits: the NBN authors' `LDAMLoss`), `"ldam_drw"`,
+            `"hcm"` (`HardCategoryMiningLoss`), `"ride"` (a RIDE model's
             multi-expert loss, `nbn_keras.ride_loss.RIDELoss`; add its
-            `RIDEEpochHook` callback to `fit`).
+            `RIDEEpochHook` callback to `fit`), `"ride_balanced_softmax"`
+            (`nbn_keras.ride_loss.RIDEBalancedSoftmaxLoss`).
         class_counts: Number of training examples of each class. Needed by
             every loss but `"cross_entropy"`.
         **options: Passed on to the loss (`tau` for `"logit_adjusted"`;
-            `max_m`, `s`, `drw_start_epoch`, `beta` for `"ldam_drw"`).
+            `max_m`, `s`, `drw_start_epoch`, `beta` for `"ldam_drw"`;
+            `hcm_n` for `"hcm"`).
 
     Returns:
         A `keras.losses.Loss`. For `"ldam_drw"`, add a `DeferredReweighting`
@@ -328,17 +410,19 @@ def build_loss(name, class_counts=None, **options):
     """
     if name == "cross_entropy":
         return cross_entropy(**options)
-    if name == "ride":
-        # Imported here: `ride_loss` builds on this module's helpers.
-        from nbn_keras.ride_loss import RIDELoss
+    # Imported here: `ride_loss` builds on this module's helpers.
+    from nbn_keras import ride_loss
 
-        if class_counts is None:
-            raise ValueError("Loss 'ride' needs `class_counts`.")
-        return RIDELoss(class_counts, **options)
     classes = {
         "balanced_softmax": BalancedSoftmaxCrossEntropy,
         "logit_adjusted": LogitAdjustedCrossEntropy,
+        # The NBN authors' LDAMLoss: no re-weighting, margins on unscaled logits.
+        "ldam": functools.partial(LDAMLoss, drw_start_epoch=None, scale_logits=False,
+                                  name="ldam"),
         "ldam_drw": LDAMLoss,
+        "hcm": HardCategoryMiningLoss,
+        "ride": ride_loss.RIDELoss,
+        "ride_balanced_softmax": ride_loss.RIDEBalancedSoftmaxLoss,
     }
     if name not in classes:
         raise ValueError(

@@ -211,3 +211,84 @@ class RIDEEpochHook(keras.callbacks.Callback):
         if not isinstance(loss, RIDELoss):
             raise ValueError(f"RIDEEpochHook needs a RIDELoss, got {loss!r}.")
         loss.set_epoch(epoch)
+
+
+def ride_balanced_softmax_loss(expert_logits, labels, class_counts, diversity_factor=-0.2,
+                               temperature=1.0):
+    """The NBN authors' `RIDE_BalancedSoftmaxLoss`, per example.
+
+    Summed over the experts `e`: the balanced softmax `CE(z_e + log(prior), y)`
+    plus `diversity_factor * T^2 * KL(softmax(z_mean / T) || softmax(z_e / T))`,
+    `z_mean` the mean of the experts' logits, held constant (no gradient).
+    There is no re-weighting and no epoch state.
+
+    Args:
+        expert_logits: Per-expert logits, shape `(batch, experts, classes)`.
+        labels: Integer labels, shape `(batch,)`.
+        class_counts: Number of training examples of each class.
+        diversity_factor: Their `additional_diversity_factor`. Defaults to
+            `-0.2`.
+        temperature: Their `base_diversity_temperature`. Defaults to `1.0`.
+
+    Returns:
+        The loss of each example, shape `(batch,)`; its batch mean is theirs.
+
+    Example:
+
+    >>> ride_balanced_softmax_loss(np.zeros((2, 3, 4)), [0, 3], [40, 20, 5, 1])
+    """
+    experts = ops.cast(expert_logits, "float32")
+    labels = _sparse_labels(labels)
+    counts = _as_counts(class_counts)
+    log_prior = ops.convert_to_tensor(np.log(counts / counts.sum()), "float32")
+    target = ops.stop_gradient(ops.softmax(ops.mean(experts, axis=1) / temperature, axis=-1))
+    log_target = ops.log(ops.maximum(target, 1e-38))
+    total = 0.0
+    for e in range(experts.shape[1]):
+        logits = experts[:, e]
+        total += keras.losses.sparse_categorical_crossentropy(
+            labels, logits + log_prior, from_logits=True)
+        if diversity_factor:
+            log_probs = ops.log_softmax(logits / temperature, axis=-1)
+            kl = ops.sum(target * (log_target - log_probs), axis=-1)
+            total += diversity_factor * temperature ** 2 * kl
+    return total
+
+
+@keras.saving.register_keras_serializable(package="nbn_keras")
+class RIDEBalancedSoftmaxLoss(RIDELoss):
+    """`ride_balanced_softmax_loss` as a Keras loss of a RIDE model.
+
+    Takes `y_pred` as `RIDELoss` does (stacked expert logits, or a RIDE
+    model's mean logits with the experts' recorded in the same step). It has
+    no epoch state: no `RIDEEpochHook` is needed.
+
+    Args:
+        class_counts: Number of training examples of each class.
+        diversity_factor: Weight of the diversity term. Defaults to `-0.2`.
+        base_diversity_temperature: Defaults to `1.0`.
+        name: Name of the loss.
+        reduction: Keras loss reduction. Defaults to `"sum_over_batch_size"`.
+        dtype: Dtype of the loss computation.
+
+    Example:
+
+    >>> model.compile(optimizer, loss=RIDEBalancedSoftmaxLoss(class_counts))
+    """
+
+    def __init__(self, class_counts, diversity_factor=-0.2, base_diversity_temperature=1.0,
+                 name="ride_balanced_softmax", reduction="sum_over_batch_size", dtype=None):
+        super().__init__(class_counts, diversity_factor=diversity_factor,
+                         base_diversity_temperature=base_diversity_temperature,
+                         name=name, reduction=reduction, dtype=dtype)
+
+    def call(self, y_true, y_pred):
+        return ride_balanced_softmax_loss(
+            self._expert_logits(y_pred), y_true, self.class_counts,
+            self.diversity_factor, self.base_diversity_temperature)
+
+    def get_config(self):
+        config = keras.losses.Loss.get_config(self)
+        config.update(class_counts=self.class_counts, diversity_factor=self.diversity_factor,
+                      base_diversity_temperature=self.base_diversity_temperature)
+        return config

@@ -1,8 +1,12 @@
-"""Learning-rate schedules of the reference recipes, stepped per batch.
+"""Learning-rate schedules of the reference recipes.
 
-Both schedules take the optimizer's step (`optimizer.iterations`, 0 for the
-first batch). Warmup is linear per step: step `k < warmup_steps` uses
+Every schedule takes the optimizer's step (`optimizer.iterations`, 0 for the
+first batch). `WarmupCosineDecay` and `WarmupStepDecay` change per step;
+their warmup is linear per step: step `k < warmup_steps` uses
 `base * (k + 1) / warmup_steps`, so the last warmup step reaches `base`.
+`EpochCosineAnnealing` and `EpochWarmupStepDecay` are PyTorch schedulers
+stepped once per epoch: constant within an epoch, as in the NBN authors'
+`main.py`.
 """
 
 import math
@@ -83,6 +87,27 @@ class WarmupCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
         }
 
 
+def _checked_steps(steps_per_epoch, warmup_epochs, boundaries, factors):
+    """The boundaries and factors as lists, after checking all four."""
+    boundaries = [int(b) for b in boundaries]
+    factors = [float(f) for f in factors]
+    if steps_per_epoch <= 0 or warmup_epochs < 0:
+        raise ValueError(
+            "Need steps_per_epoch > 0 and warmup_epochs >= 0, got "
+            f"{steps_per_epoch} and {warmup_epochs}."
+        )
+    if len(boundaries) != len(factors):
+        raise ValueError(
+            f"boundaries {boundaries} and factors {factors} must have the "
+            "same length."
+        )
+    if boundaries != sorted(set(boundaries)):
+        raise ValueError(
+            f"boundaries must increase strictly, got {boundaries}."
+        )
+    return boundaries, factors
+
+
 @keras.saving.register_keras_serializable(package="nbn_keras")
 class WarmupStepDecay(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warmup, then the base rate times a factor that drops at epochs.
@@ -115,22 +140,8 @@ class WarmupStepDecay(keras.optimizers.schedules.LearningRateSchedule):
         boundaries=(160, 180),
         factors=(0.01, 0.001),
     ):
-        boundaries = [int(b) for b in boundaries]
-        factors = [float(f) for f in factors]
-        if steps_per_epoch <= 0 or warmup_epochs < 0:
-            raise ValueError(
-                "Need steps_per_epoch > 0 and warmup_epochs >= 0, got "
-                f"{steps_per_epoch} and {warmup_epochs}."
-            )
-        if len(boundaries) != len(factors):
-            raise ValueError(
-                f"boundaries {boundaries} and factors {factors} must have the "
-                "same length."
-            )
-        if boundaries != sorted(set(boundaries)):
-            raise ValueError(
-                f"boundaries must increase strictly, got {boundaries}."
-            )
+        boundaries, factors = _checked_steps(
+            steps_per_epoch, warmup_epochs, boundaries, factors)
         self.base_learning_rate = float(base_learning_rate)
         self.steps_per_epoch = int(steps_per_epoch)
         self.warmup_epochs = int(warmup_epochs)
@@ -206,4 +217,78 @@ class EpochCosineAnnealing(keras.optimizers.schedules.LearningRateSchedule):
             "steps_per_epoch": self.steps_per_epoch,
             "t_max_epochs": self.t_max_epochs,
             "eta_min": self.eta_min,
+        }
+
+
+@keras.saving.register_keras_serializable(package="nbn_keras")
+class EpochWarmupStepDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """Warmup then step drops, constant within an epoch (a per-epoch scheduler).
+
+    With `t = epoch + first_epoch` (`epoch` counted from 0 by Keras), epoch
+    `epoch` trains at `base * factor(t)`, where `factor(t) = t / warmup_epochs`
+    while `t <= warmup_epochs`, else `factors[i]` for the last `i` with
+    `t > boundaries[i]`, else 1. This is the rule of two CIFAR-LT schedulers:
+
+    - `first_epoch=0`: the NBN authors' `CIFARWarmStepLR`
+      (`scheduler/CIFAR_WarmStep_LR.py`), stepped after every epoch by their
+      `main.py`, so epoch 0 trains at 0, epoch 5 at `base`, epochs 161-180 at
+      `base * 0.01` and 181 on at `base * 0.001`.
+    - `first_epoch=1`: LDAM-DRW's `adjust_learning_rate` (`epoch + 1`),
+      called before every epoch: epoch 0 at `base / 5`, `base * 0.01` from
+      epoch 160 and `base * 0.0001` from 180 with its factors.
+
+    Args:
+        base_learning_rate: Learning rate after warmup.
+        steps_per_epoch: Training steps per epoch.
+        warmup_epochs: `W` above; `0` for no warmup. Defaults to `5`.
+        boundaries: Increasing `t` after which each factor applies.
+            Defaults to `(160, 180)`.
+        factors: Factor of the base rate after each boundary. Defaults to
+            `(0.01, 0.001)`.
+        first_epoch: Number of Keras' first epoch in the scheduler's count.
+            Defaults to `0`.
+
+    Example:
+
+    >>> schedule = EpochWarmupStepDecay(0.1, steps_per_epoch=85)
+    >>> float(schedule(0)), float(schedule(161 * 85))  # 0.0 and 0.1 * 0.01
+    """
+
+    def __init__(
+        self,
+        base_learning_rate,
+        steps_per_epoch,
+        warmup_epochs=5,
+        boundaries=(160, 180),
+        factors=(0.01, 0.001),
+        first_epoch=0,
+    ):
+        boundaries, factors = _checked_steps(
+            steps_per_epoch, warmup_epochs, boundaries, factors)
+        self.base_learning_rate = float(base_learning_rate)
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.warmup_epochs = int(warmup_epochs)
+        self.boundaries = boundaries
+        self.factors = factors
+        self.first_epoch = int(first_epoch)
+
+    def __call__(self, step):
+        epoch = ops.floor(ops.cast(step, "float32") / float(self.steps_per_epoch))
+        t = epoch + float(self.first_epoch)
+        factor = ops.ones_like(t)
+        for boundary, value in zip(self.boundaries, self.factors):
+            factor = ops.where(t > float(boundary), value, factor)
+        if self.warmup_epochs:
+            warming = t <= float(self.warmup_epochs)
+            factor = ops.where(warming, t / float(self.warmup_epochs), factor)
+        return self.base_learning_rate * factor
+
+    def get_config(self):
+        return {
+            "base_learning_rate": self.base_learning_rate,
+            "steps_per_epoch": self.steps_per_epoch,
+            "warmup_epochs": self.warmup_epochs,
+            "boundaries": list(self.boundaries),
+            "factors": list(self.factors),
+            "first_epoch": self.first_epoch,
         }

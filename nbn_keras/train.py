@@ -119,7 +119,7 @@ def train_and_evaluate(config):
         if state["phase"] == "train":
             data.write_subset(run_dir)
             print(f"{data.name}: {len(data.train_split)} training images in "
-                  f"{data.num_classes} classes, {epoch_steps(config, data)} steps per "
+                  f"{data.num_classes} classes, {epoch_steps(config, data, replicas)} steps per "
                   f"epoch, {replicas} replica(s); run directory {run_dir}", flush=True)
             steps_trained = train(config, data, strategy, run_dir)
             if not chief:
@@ -211,8 +211,9 @@ def load_data(config):
     return data_lib.load(config.data, **options)
 
 
-def epoch_steps(config, data):
-    return config.steps_per_epoch or data_lib.steps_per_epoch(data, config.global_batch_size)
+def epoch_steps(config, data, replicas):
+    return config.steps_per_epoch or data_lib.steps_per_epoch(
+        data, config.global_batch_size, config.keep_partial_batch, replicas)
 
 
 def build_model(config, data):
@@ -256,6 +257,11 @@ def build_schedule(config, steps_per_epoch):
     if config.schedule == "cosine_annealing":
         return schedules.EpochCosineAnnealing(
             lr, steps_per_epoch, config.cosine_t_max or config.epochs)
+    if config.schedule in ("cifar_warm_step", "ldam_drw_warm_step"):
+        return schedules.EpochWarmupStepDecay(
+            lr, steps_per_epoch, warmup_epochs=config.warmup_epochs,
+            boundaries=list(config.lr_drop_epochs), factors=list(config.lr_drop_factors),
+            first_epoch=int(config.schedule == "ldam_drw_warm_step"))
     if config.schedule == "cosine":
         return schedules.WarmupCosineDecay(
             lr, total_steps=config.epochs * steps_per_epoch,
@@ -290,13 +296,18 @@ def build_loss(config, class_counts):
         options.update(drw_start_epoch=config.drw_epoch, scale_logits=False)
     elif config.loss == "ride":
         options.update(reweight_epoch=config.ride_reweight_epoch,
-                       diversity_factor=config.ride_diversity_factor)
+                       diversity_factor=config.ride_diversity_factor,
+                       reweight_factor=config.ride_reweight_factor)
+    elif config.loss == "ride_balanced_softmax":
+        options.update(diversity_factor=config.ride_diversity_factor)
+    elif config.loss == "hcm":
+        options.update(hcm_n=config.hcm_n)
     return losses.build_loss(config.loss, class_counts, **options)
 
 
 def train(config, data, strategy, run_dir):
     """The `train` phase: fits from the last checkpoint; returns the optimizer steps."""
-    steps = epoch_steps(config, data)
+    steps = epoch_steps(config, data, strategy.num_replicas_in_sync)
     with strategy.scope():
         model = build_model(config, data)
         start_model(config, model)
@@ -311,8 +322,10 @@ def train(config, data, strategy, run_dir):
         print(f"Resuming training at epoch {initial_epoch}.", flush=True)
     train_ds = data_lib.make_train_dataset(
         data, config.global_batch_size, sampler=config.sampler, epochs=config.epochs,
-        seed=config.seed, steps_per_epoch=steps, initial_epoch=initial_epoch,
-        samples_per_class=config.samples_per_class)
+        seed=config.seed, steps_per_epoch=config.steps_per_epoch,
+        initial_epoch=initial_epoch, samples_per_class=config.samples_per_class,
+        keep_partial_batch=config.keep_partial_batch,
+        replicas=strategy.num_replicas_in_sync)
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         with strategy.scope():
             distribute.adapt_to_multi_worker(model, next(iter(train_ds)))
@@ -321,6 +334,7 @@ def train(config, data, strategy, run_dir):
         # the last good one survives a NaN loss.
         keras.callbacks.TerminateOnNaN(raise_error=True),
         nbn_callbacks.NBNScaleLogger(),
+        nbn_callbacks.LearningRateLogger(),
         checkpoint,
         keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard")),
     ]

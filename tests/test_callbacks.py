@@ -1,11 +1,13 @@
 """`NBNDynamicsLogger`: what it records against the weights themselves."""
 
+import csv
 import json
 import os
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import nbn_keras
 from nbn_keras import callbacks
@@ -116,3 +118,27 @@ def test_conv_fingerprint_equal_for_bn_and_nbn_of_one_seed():
     assert callbacks.conv_kernel_fingerprint(bn) == callbacks.conv_kernel_fingerprint(nbn)
     assert callbacks.conv_kernel_fingerprint(classifier(seed=2)) != \
         callbacks.conv_kernel_fingerprint(nbn)
+
+
+def test_history_and_tensorboard_record_each_epochs_learning_rate(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(),
+                              keras.layers.Dense(3)])
+    # Epoch e at e / 2 until e = 2, then 0.1 (by hand: 0, 0.5, 1, 0.1).
+    schedule = nbn_keras.schedules.EpochWarmupStepDecay(
+        1.0, steps_per_epoch=2, warmup_epochs=2, boundaries=(2,), factors=(0.1,))
+    model.compile(optimizer=keras.optimizers.SGD(schedule),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(X, Y, batch_size=8, epochs=4, verbose=0, callbacks=[
+        callbacks.LearningRateLogger(), callbacks.RunCheckpoint(str(tmp_path)),
+        keras.callbacks.TensorBoard(str(tmp_path / "tensorboard"))])
+    with open(tmp_path / "history.csv", newline="") as f:
+        rates = [float(row["lr"]) for row in csv.DictReader(f)]
+    np.testing.assert_allclose(rates, [0.0, 0.5, 1.0, 0.1], rtol=1e-6)
+    logged = {}
+    for path in (tmp_path / "tensorboard" / "train").glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.tag == "epoch_lr":
+                    logged[event.step] = float(tf.make_ndarray(value.tensor))
+    assert logged == pytest.approx({0: 0.0, 1: 0.5, 2: 1.0, 3: 0.1})

@@ -6,6 +6,7 @@ import tensorflow as tf
 
 import nbn_keras.data as nbn_data
 from nbn_keras.data import list_files
+from nbn_keras.data import transforms
 
 SIZE = 32
 
@@ -305,3 +306,32 @@ def test_file_pipelines_keep_order_and_seeds(image_root):
             expected = augment(tf.constant(data.train_split.records[index]),
                                tf.constant([3, position], tf.int64))
             np.testing.assert_allclose(image, expected, atol=1e-4)
+
+
+def torchvision_resize_center_crop(path, short_side=256, crop=224):
+    """torchvision's Resize(256) + CenterCrop(224) of a PIL image, restated with PIL."""
+    from PIL import Image
+
+    image = Image.open(path).convert("RGB")
+    width, height = image.size
+    size = ((short_side, int(short_side * height / width)) if width <= height
+            else (int(short_side * width / height), short_side))
+    image = image.resize(size, Image.BILINEAR)  # PIL's filter widens when reducing.
+    top, left = int(round((size[1] - crop) / 2.0)), int(round((size[0] - crop) / 2.0))
+    return np.asarray(image.crop((left, top, left + crop, top + crop)), np.float32)
+
+
+@pytest.mark.parametrize("name, box", [("china.jpg", None), ("flower.jpg", (0, 0, 300, 427))])
+def test_eval_transform_is_torchvisions_on_a_photo(tmp_path, name, box):
+    """A landscape photo and a portrait crop of one, saved as JPEG."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    path = str(tmp_path / name)
+    image = Image.fromarray(load_sample_image(name))
+    (image.crop(box) if box else image).save(path, quality=90)
+    ours = transforms.eval_transform("imagenet", (224, 224, 3))(tf.constant(path)).numpy()
+    difference = np.abs(ours - torchvision_resize_center_crop(path))
+    # Only rounding to whole levels differs (without antialiasing: ~6 levels
+    # on average; with TensorFlow's default JPEG IDCT: ~1).
+    assert difference.max() <= 1 and difference.mean() < 0.25

@@ -156,3 +156,28 @@ def test_class_aware_gives_turns_of_n_images_of_each_class_in_cycles():
                                atol=per_class / 1000 + 1e-9)
     with pytest.raises(ValueError, match="samples_per_class"):
         samplers.index_stream(LABELS, "class_aware", samples_per_class=0)
+
+
+@pytest.mark.parametrize("sampler", ["instance", "progressive"])
+def test_partial_last_batch_is_kept_padded_to_the_replicas_and_resumes(data, sampler):
+    n, batch, replicas = len(data.train_split), 16, 2
+    padded = n + n % 2  # N rounded up to a multiple of the 2 replicas.
+    steps = nbn_data.steps_per_epoch(data, batch, keep_partial_batch=True, replicas=replicas)
+    assert steps == -(-padded // batch)
+    make = lambda initial_epoch=0: nbn_data.make_train_dataset(
+        data, batch, sampler=sampler, epochs=3, seed=7, augment=False,
+        keep_partial_batch=True, replicas=replicas, initial_epoch=initial_epoch)
+    batches = list(make().as_numpy_iterator())
+    last = padded - (steps - 1) * batch
+    assert [len(y) for _, y in batches] == ([batch] * (steps - 1) + [last]) * 3
+    epochs = [np.concatenate([y for _, y in batches[e * steps:(e + 1) * steps]])
+              for e in range(3)]
+    if sampler == "instance":  # Every image once, plus the padding.
+        for labels in epochs:
+            extra = np.bincount(labels, minlength=5) - np.asarray(data.class_counts)
+            assert extra.min() == 0 and extra.sum() == padded - n
+    # A run resumed at epoch 1 gets exactly the batches of epochs 1 and 2.
+    for (x1, y1), (x2, y2) in zip(batches[steps:], make(initial_epoch=1).as_numpy_iterator(),
+                                  strict=True):
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(y1, y2)

@@ -251,11 +251,11 @@ def test_crop_mode_geometry():
     image = rng.integers(0, 256, size=(40, 60, 3), dtype=np.uint8)
     data = tf.io.encode_png(image)
     out = export.decode_and_resize(data, 16, 16, 3, "crop")
-    # Shorter side 40: the central square of side round(40 * 224 / 256) = 35
-    # starts at row (40 - 35) // 2 = 2, column (60 - 35) // 2 = 12, and is
-    # resized (bilinear) to 16x16.
-    window = image[2:37, 12:47].astype("float32")
-    np.testing.assert_allclose(out, tf.image.resize(window, [16, 16]), atol=1e-4)
+    # torchvision's Resize(round(16 * 256 / 224) = 18): 40x60 to 18x27
+    # (antialiased bilinear, whole levels), then CenterCrop(16) at row
+    # round(2 / 2) = 1, column round(11 / 2) = 6 (half to even).
+    resized = np.round(tf.image.resize(image.astype("float32"), [18, 27], antialias=True))
+    np.testing.assert_allclose(out, resized[1:17, 6:22], atol=1e-4)
     grey = export.decode_and_resize(data, 16, 16, 1, "resize")
     assert grey.shape == (16, 16, 1)
 

@@ -1,6 +1,9 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
+import torch
+import torch.nn.functional as F
 
 from nbn_keras import losses
 
@@ -164,6 +167,7 @@ def test_callback_needs_a_drw_loss():
         ("logit_adjusted", {"tau": 0.7}),
         ("ldam_drw", {"max_m": 0.4, "s": 20.0, "drw_start_epoch": 160,
                       "beta": 0.999, "scale_logits": False}),
+        ("hcm", {"hcm_n": 2}),
     ],
 )
 def test_serialization_round_trip(batch, name, options):
@@ -188,3 +192,106 @@ def test_build_loss_errors():
         losses.build_loss("balanced_softmax")
     with pytest.raises(ValueError, match="non-positive"):
         losses.build_loss("balanced_softmax", [10, 0, 3])
+
+
+# ---------------------------------------------- the NBN authors' losses, in PyTorch
+# Restated from their loss/*.py: `freq` is the class frequency their main.py
+# passes (`freq = counts / counts.sum()`, `cls_num_list = freq * N`).
+
+TORCH_COUNTS = np.array([300, 120, 60, 20, 8, 3])
+
+
+def torch_hcm(logits, labels, freq, hcm_n):
+    adjusted = logits + torch.log(freq)
+    ranked = logits.scatter(1, labels[:, None], float("inf"))
+    hardest = ranked.argsort(dim=1, descending=True)[:, :hcm_n]
+    mask = torch.zeros_like(logits).scatter(1, hardest, 1.0)
+    return F.cross_entropy(adjusted, labels) + F.cross_entropy(adjusted * mask, labels)
+
+
+def torch_ldam(logits, labels, counts, max_m=0.5, s=30.0):
+    margins = 1.0 / counts.double() ** 0.25
+    margins = margins * (max_m / margins.max())
+    one_hot = F.one_hot(labels, logits.shape[1]).bool()
+    shifted = logits - s * margins[labels][:, None]
+    return F.cross_entropy(torch.where(one_hot, shifted, logits), labels)
+
+
+def torch_ride_balanced_softmax(experts, labels, freq, factor=-0.2, temperature=1.0):
+    """`experts` is `(experts, batch, classes)`, as their extra_info['logits']."""
+    with torch.no_grad():
+        target = F.softmax(experts.mean(0) / temperature, dim=1)
+    loss = 0.0
+    for logits in experts:
+        loss = loss + F.cross_entropy(logits + torch.log(freq), labels)
+        log_probs = F.log_softmax(logits / temperature, dim=1)
+        loss = loss + factor * temperature ** 2 * F.kl_div(log_probs, target,
+                                                           reduction="batchmean")
+    return loss
+
+
+def torch_value_and_gradient(fn, logits, *args):
+    x = torch.tensor(np.asarray(logits, np.float64), requires_grad=True)
+    value = fn(x, *args)
+    value.backward()
+    return value.item(), x.grad.numpy()
+
+
+def keras_value_and_gradient(loss, labels, logits):
+    x = tf.constant(logits)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        value = loss(labels, x)
+    return float(value), tape.gradient(value, x).numpy()
+
+
+@pytest.fixture
+def torch_batch():
+    rng = np.random.default_rng(3)
+    logits = (3 * rng.normal(size=(12, 6))).astype("float32")
+    labels = rng.integers(0, 6, 12)
+    freq = torch.tensor(TORCH_COUNTS / TORCH_COUNTS.sum())
+    return logits, labels, torch.tensor(labels), freq
+
+
+@pytest.mark.parametrize("hcm_n", [1, 3, 300])
+def test_hcm_is_the_authors_loss(torch_batch, hcm_n):
+    logits, labels, torch_labels, freq = torch_batch
+    expected = torch_value_and_gradient(torch_hcm, logits, torch_labels, freq, hcm_n)
+    loss = losses.build_loss("hcm", TORCH_COUNTS, hcm_n=hcm_n)
+    value, gradient = keras_value_and_gradient(loss, labels, logits)
+    np.testing.assert_allclose(value, expected[0], rtol=1e-5)
+    np.testing.assert_allclose(gradient, expected[1], rtol=1e-4, atol=1e-7)
+
+
+def test_hcm_mask_keeps_the_label_and_the_hardest():
+    logits = np.array([[5.0, 4.0, -1.0, 3.0], [0.0, 1.0, 2.0, 3.0]], "float32")
+    mask = losses.hardest_classes_mask(np.array([2, 3]), logits, 2)
+    np.testing.assert_array_equal(np.asarray(mask), [[1, 0, 1, 0], [0, 0, 1, 1]])
+
+
+def test_ldam_is_the_authors_loss_without_drw(torch_batch):
+    logits, labels, torch_labels, _ = torch_batch
+    expected = torch_value_and_gradient(
+        torch_ldam, logits, torch_labels, torch.tensor(TORCH_COUNTS))
+    loss = losses.build_loss("ldam", TORCH_COUNTS)
+    loss.set_epoch(500)  # Never re-weights.
+    value, gradient = keras_value_and_gradient(loss, labels, logits)
+    np.testing.assert_allclose(value, expected[0], rtol=1e-5)
+    np.testing.assert_allclose(gradient, expected[1], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("factor", [-0.2, 0.0])
+def test_ride_balanced_softmax_is_the_authors_loss(torch_batch, factor):
+    _, labels, torch_labels, freq = torch_batch
+    experts = (3 * np.random.default_rng(4).normal(size=(12, 3, 6))).astype("float32")
+    expected = torch_value_and_gradient(
+        lambda x: torch_ride_balanced_softmax(x.transpose(0, 1), torch_labels, freq, factor),
+        experts)
+    loss = losses.build_loss("ride_balanced_softmax", TORCH_COUNTS, diversity_factor=factor)
+    value, gradient = keras_value_and_gradient(loss, labels, experts)
+    np.testing.assert_allclose(value, expected[0], rtol=1e-5)
+    np.testing.assert_allclose(gradient, expected[1], rtol=1e-4, atol=1e-7)
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss))
+    assert type(restored) is type(loss) and restored.get_config() == loss.get_config()
+    assert float(restored(labels, experts)) == pytest.approx(value, rel=1e-6)

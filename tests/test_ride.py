@@ -7,12 +7,15 @@ import pytest
 
 import keras
 import tensorflow as tf
+import torch
 
 import nbn_keras
 from nbn_keras import ride
+from nbn_keras.losses import build_loss
 from nbn_keras.ride_loss import RIDEEpochHook
 from nbn_keras.ride_loss import RIDELoss
 from nbn_keras.schedules import EpochCosineAnnealing
+from tests.test_losses import torch_ride_balanced_softmax
 
 
 # ---------------------------------------------------------------- the loss
@@ -110,6 +113,24 @@ def test_ride_loss_reads_expert_logits_of_the_model_in_fit():
                                  epoch, 0) for epoch in (0, 1)]
     np.testing.assert_allclose(history.history["loss"], per_epoch, rtol=1e-4)
     assert per_epoch[0] != pytest.approx(per_epoch[1])
+
+
+def test_ride_balanced_softmax_reads_expert_logits_of_the_model_in_fit():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,), name="images")
+    stacked = keras.layers.Concatenate(axis=1)(
+        [keras.layers.Reshape((1, 3))(keras.layers.Dense(3)(inputs)) for _ in range(2)])
+    model = keras.Model(inputs, ride.ExpertAverage(name="logits")(stacked))
+    experts = keras.Model(inputs, stacked)
+    model.compile(keras.optimizers.SGD(0.0),
+                  loss=build_loss("ride_balanced_softmax", [30, 10, 2]))
+    x = np.random.default_rng(2).normal(size=(8, 4)).astype("float32")
+    y = np.array([0, 1, 2, 0, 1, 2, 0, 0])
+    history = model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    freq = torch.tensor(np.array([30, 10, 2]) / 42)
+    expected = torch_ride_balanced_softmax(
+        torch.tensor(np.asarray(experts(x), np.float64)).transpose(0, 1), torch.tensor(y), freq)
+    assert history.history["loss"][0] == pytest.approx(expected.item(), rel=1e-4)
 
 
 # ------------------------------------------------------ model and NBN

@@ -49,6 +49,9 @@ TWINS = {
     # here); their data sets are loaded and scored in test_evaluate.py.
     **{f"{data}_resnet50_{arm}.cfg": "imagenet_lt_resnet50_nbn.cfg"
        for data in ("inaturalist", "places_lt") for arm in ("bn", "nbn")},
+    # Also differs in its loss (fitted in test_ride.py, checked against
+    # PyTorch in test_losses.py).
+    "imagenet_lt_ride_balanced_softmax_nbn.cfg": "imagenet_lt_ride_nbn.cfg",
 }
 TRAINED_CONFIGS = [c for c in CONFIGS
                    if TWINS.get(os.path.basename(c), os.path.basename(c))
@@ -58,6 +61,7 @@ LIST_FILE_FLAGS = ("data", "num_classes", "image_root", "train_list", "val_list"
                    "test_list")
 TWIN_ALSO_DIFFERS = {
     "imagenet_lt_ride_bn.cfg": {"nbn_selection", "head"},
+    "imagenet_lt_ride_balanced_softmax_nbn.cfg": {"loss"},
     "imagenet_lt_resnet50_fcbn_nbn.cfg": {"head"},
     "imagenet_lt_resnet50_fcbn_notaffine_nbn.cfg": {"head"},
     "imagenet_lt_resnet50_crt_nbn.cfg": {"init_from", "train_only_head", "sampler",
@@ -217,7 +221,7 @@ def test_config_trains_and_reports(config, tmp_path):
     # (RIDE models have one scale per expert: nbn_scale_expert{e}.)
     assert any(column.startswith("nbn_scale/nbn_scale") and column.endswith("/alpha")
                for column in header) == name.endswith("_nbn.cfg")
-    assert {"top1", "many", "medium", "few", "val_top1", "val_few"} <= set(header)
+    assert {"top1", "many", "medium", "few", "val_top1", "val_few", "lr"} <= set(header)
     assert list((run_dir / "tensorboard" / "train").glob("events.out.tfevents.*"))
 
 
@@ -366,11 +370,14 @@ def test_mirrored_strategy_on_two_devices(tmp_path):
     result = subprocess.run(
         [sys.executable, "-c", DISTRIBUTED_SCRIPT, "2",
          f"--flagfile={REPO}/configs/digits_lt_nbn.cfg", f"--run_dir={tmp_path}/run",
-         f"--export_dir={tmp_path}/export", "--epochs=1", "--steps_per_epoch=2",
+         f"--export_dir={tmp_path}/export", "--epochs=1", "--global_batch_size=480",
          "--verbose=0", *SMALL],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 replica(s)" in result.stdout
+    # 503 images, padded to 504 for the 2 replicas: a batch of 480 and a
+    # partial one of 24 (12 per replica).
+    assert "503 training images" in result.stdout
+    assert "2 steps per epoch, 2 replica(s)" in result.stdout
     figures = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
     assert figures["steps_trained"] == 2
     assert (tmp_path / "export" / "digits_lt_nbn" / "1" / "saved_model.pb").exists()
@@ -409,7 +416,8 @@ def test_multi_worker_mirrored_strategy_on_localhost(tmp_path):
                 [sys.executable, "-c", DISTRIBUTED_SCRIPT, "1",
                  f"--flagfile={REPO}/configs/digits_lt_nbn.cfg",
                  f"--run_dir={tmp_path}/run", "--noexport", "--epochs=1",
-                 "--steps_per_epoch=2", "--verbose=0", *SMALL],
+                 # 504 (padded) images: a batch of 480 and a partial one of 24.
+                 "--global_batch_size=480", "--verbose=0", *SMALL],
                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
     for process in processes:
         process.wait(timeout=300)

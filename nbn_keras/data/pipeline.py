@@ -7,12 +7,16 @@ replicas under a `tf.distribute` strategy) or to
 `(images, labels)`: float32 `(batch, H, W, C)` in [0, 255] and int32
 `(batch,)`.
 
-Epoch length: every sampler gives an epoch of
-`steps_per_epoch(data, global_batch_size) = floor(N / global_batch_size)`
-steps, N the number of training images, so that runs with different
-samplers do the same amount of work. Training batches are complete
-(`drop_remainder=True`) and have fully static shapes; the images left over at
-the end of one pass of the instance sampler start the next.
+Epoch length: every sampler gives an epoch of the same number of examples,
+so that runs with different samplers do the same amount of work. By default
+(`keep_partial_batch=False`) that is `floor(N / global_batch_size)` complete
+batches, N the number of training images; the instance sampler's left-over
+images are not used in that epoch. With `keep_partial_batch=True` (the
+training command's default, as the NBN authors' PyTorch `DataLoader`, which
+does not drop its last batch) an epoch holds `M` examples, N rounded up to a
+multiple of the number of replicas (as PyTorch's `DistributedSampler` pads
+it), in `ceil(M / global_batch_size)` steps, the last one partial; the
+padding repeats images of the epoch's draw.
 """
 
 import tensorflow as tf
@@ -39,17 +43,28 @@ def _with_options(ds):
     return ds.with_options(options)
 
 
-def steps_per_epoch(data, global_batch_size):
-    """Training steps in one epoch: `floor(N / global_batch_size)`.
+def steps_per_epoch(data, global_batch_size, keep_partial_batch=False, replicas=1):
+    """Training steps in one epoch (see the module's "Epoch length").
 
     Args:
         data: A `LongTailedData`.
         global_batch_size: Batch size summed over all replicas.
+        keep_partial_batch: Count the epoch's last, partial batch.
+        replicas: Replicas in sync (with `keep_partial_batch`, the epoch is
+            padded to a multiple of them).
 
     Returns:
-        A positive int.
+        A positive int: `floor(N / global_batch_size)`, or with
+        `keep_partial_batch` `ceil(M / global_batch_size)`.
     """
+    if keep_partial_batch:
+        return -(-epoch_examples(data, replicas) // _check_batch(global_batch_size))
     return _full_batches(data, global_batch_size)
+
+
+def epoch_examples(data, replicas=1):
+    """`M`: the training images rounded up to a multiple of `replicas`."""
+    return -(-len(data.train_split) // int(replicas)) * int(replicas)
 
 
 def _full_batches(data, global_batch_size):
@@ -66,7 +81,7 @@ def _full_batches(data, global_batch_size):
 
 def make_train_dataset(data, global_batch_size, sampler="instance", epochs=None,
                        seed=0, augment=True, steps_per_epoch=None, initial_epoch=0,
-                       samples_per_class=4):
+                       samples_per_class=4, keep_partial_batch=False, replicas=1):
     """The training pipeline: sample, decode, augment, batch, prefetch.
 
     Args:
@@ -90,11 +105,17 @@ def make_train_dataset(data, global_batch_size, sampler="instance", epochs=None,
             those the uninterrupted pipeline yields from this epoch on.
         samples_per_class: With `"class_aware"`, images of one class in a
             row (the authors' `resample`: 4).
+        keep_partial_batch: End each epoch with its partial batch (see the
+            module's "Epoch length"). Ignored when `steps_per_epoch` is
+            given: the epoch is then `steps_per_epoch` complete batches.
+        replicas: Replicas in sync; with `keep_partial_batch`, every batch
+            (the partial one too) is a multiple of them.
 
     Returns:
-        A `tf.data.Dataset` of `(float32 images, int32 labels)` batches with
-        static shapes `(global_batch_size, *data.image_shape)` and
-        `(global_batch_size,)`. Call `model.fit(ds, epochs=epochs,
+        A `tf.data.Dataset` of `(float32 images, int32 labels)` batches of
+        `global_batch_size` examples (static shapes), or with
+        `keep_partial_batch` of at most that many (the batch dimension
+        unknown). Call `model.fit(ds, epochs=epochs,
         steps_per_epoch=steps_per_epoch(data, global_batch_size),
         initial_epoch=initial_epoch)`.
 
@@ -108,12 +129,16 @@ def make_train_dataset(data, global_batch_size, sampler="instance", epochs=None,
     """
     global_batch_size = _check_batch(global_batch_size)
     samplers_lib.check_sampler(sampler)
-    steps = steps_per_epoch or _full_batches(data, global_batch_size)
+    partial = keep_partial_batch and not steps_per_epoch
+    if partial:
+        examples = epoch_examples(data, replicas)
+    else:
+        examples = (steps_per_epoch or _full_batches(data, global_batch_size)) * global_batch_size
     split = data.train_split
     indices = samplers_lib.index_stream(
-        split.labels, sampler, examples_per_epoch=steps * global_batch_size,
-        epochs=epochs, seed=seed, initial_epoch=initial_epoch,
-        samples_per_class=samples_per_class,
+        split.labels, sampler, examples_per_epoch=examples, epochs=epochs, seed=seed,
+        initial_epoch=initial_epoch, samples_per_class=samples_per_class,
+        fill_to_multiple_of=global_batch_size if partial else None,
     )
     records = tf.constant(split.records)
     labels = tf.constant(split.labels)
@@ -125,7 +150,8 @@ def make_train_dataset(data, global_batch_size, sampler="instance", epochs=None,
 
     def load_example(position, index):
         example_seed = tf.stack([tf.constant(seed, tf.int64), position])
-        return transform(records[index], example_seed), labels[index]
+        # Fillers (position -1) load example `index` = 0, dropped below.
+        return transform(records[index], example_seed), labels[index], position >= 0
 
     if transforms.is_file_recipe(data.recipe):
         # A file that fails to decode is named in the error.
@@ -133,7 +159,12 @@ def make_train_dataset(data, global_batch_size, sampler="instance", epochs=None,
     else:
         ds = indices.map(load_example, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(global_batch_size, drop_remainder=True)
+    ds = ds.map(_drop_fillers if partial else lambda images, labels, real: (images, labels))
     return _with_options(ds.prefetch(tf.data.AUTOTUNE))
+
+
+def _drop_fillers(images, labels, real):
+    return tf.boolean_mask(images, real), tf.boolean_mask(labels, real)
 
 
 def make_eval_dataset(data, split="val", batch_size=256):

@@ -4,8 +4,9 @@ A sampler turns the training labels into a stream of example indices, one
 epoch after another:
 
 - `"instance"`: every example once per epoch, in a fresh shuffle each epoch
-  (the examples left over by a partial epoch are not carried over, as with
-  PyTorch's `drop_last`).
+  (an epoch shorter than N leaves the rest of its shuffle unused, as
+  PyTorch's `drop_last=True` does; the NBN authors' `DataLoader` keeps the
+  partial batch: `nbn_keras.data.pipeline`'s `keep_partial_batch`).
 - `"class_balanced"`: each class with probability 1/C.
 - `"sqrt"`: class `c` with probability proportional to `sqrt(n_c)`.
 - `"progressive"`: from instance-balanced at the first epoch to
@@ -154,7 +155,7 @@ def epoch_indices(labels, sampler, epoch, examples_per_epoch, epochs=None, seed=
 
 
 def index_stream(labels, sampler="instance", examples_per_epoch=None, epochs=None, seed=0,
-                 initial_epoch=0, samples_per_class=4):
+                 initial_epoch=0, samples_per_class=4, fill_to_multiple_of=None):
     """A dataset of `(position, index)` pairs drawn by a sampler, epoch by epoch.
 
     Args:
@@ -167,6 +168,11 @@ def index_stream(labels, sampler="instance", examples_per_epoch=None, epochs=Non
         seed: Seed of all shuffles and draws.
         initial_epoch: The first epoch of the stream (to resume a run).
         samples_per_class: Images of one class in a row (`"class_aware"`).
+        fill_to_multiple_of: If given, each epoch is followed by filler pairs
+            `(-1, 0)` up to a multiple of this number of pairs, so that
+            batches of this size never mix two epochs; dropping the fillers
+            (position -1) after batching leaves each epoch's last batch
+            partial, as a PyTorch `DataLoader` without `drop_last` has it.
 
     Returns:
         A `tf.data.Dataset` of int64 scalar pairs: the position of the draw in
@@ -196,10 +202,16 @@ def index_stream(labels, sampler="instance", examples_per_epoch=None, epochs=Non
         return epoch_indices(labels, sampler, epoch, examples, epochs, seed,
                              samples_per_class)
 
+    fillers = -examples % int(fill_to_multiple_of or 1)
+
     def one_epoch(epoch):
         indices = tf.numpy_function(draw, [epoch], tf.int64, stateful=False)
         positions = epoch * examples + tf.range(examples, dtype=tf.int64)
-        return tf.data.Dataset.from_tensor_slices((positions, tf.reshape(indices, [examples])))
+        pairs = tf.data.Dataset.from_tensor_slices((positions, tf.reshape(indices, [examples])))
+        if not fillers:
+            return pairs
+        filler = tf.constant([-1] * fillers, tf.int64), tf.zeros([fillers], tf.int64)
+        return pairs.concatenate(tf.data.Dataset.from_tensor_slices(filler))
 
     # flat_map hides the length, which Keras and tf.data use to count steps.
     if epochs is None:
@@ -207,5 +219,5 @@ def index_stream(labels, sampler="instance", examples_per_epoch=None, epochs=Non
         length = tf.data.INFINITE_CARDINALITY
     else:
         stream = tf.data.Dataset.range(int(initial_epoch), int(epochs)).flat_map(one_epoch)
-        length = max(int(epochs) - int(initial_epoch), 0) * examples
+        length = max(int(epochs) - int(initial_epoch), 0) * (examples + fillers)
     return stream.apply(tf.data.experimental.assert_cardinality(length))

@@ -14,9 +14,11 @@ Recipes:
 - `"imagenet"`: from encoded image files. Training: random-resized crop
   (scale 0.08-1, aspect ratio 3/4-4/3, ten attempts, whole image as
   fallback), horizontal flip, colour jitter (brightness, contrast,
-  saturation 0.4, hue 0). Evaluation: resize the short side to
-  `size * 256 / 224` and take the central `size` x `size` crop, done as one
-  crop of the original followed by one resize.
+  saturation 0.4, hue 0). Evaluation: torchvision's `Resize(256)`,
+  `CenterCrop(224)` (for other sizes, the short side to
+  `round(size * 256 / 224)`): antialiased bilinear resize of the whole image,
+  rounded to whole pixel values as PIL's 8-bit output is, then the central
+  crop. JPEGs are decoded as PIL decodes them (`decode_image`).
 - `"inaturalist"`: `"imagenet"` without the colour jitter.
 
 Colour jitter follows torchvision's definitions (multiply for brightness,
@@ -175,8 +177,23 @@ def map_image_files(indices, paths, fn, num_parallel_calls=tf.data.AUTOTUNE):
     return checked
 
 
+def decode_image(data, channels=3):
+    """Decodes an encoded image to uint8 `[height, width, channels]`.
+
+    JPEGs are decoded with libjpeg's accurate integer IDCT, as PIL (and so
+    torchvision) decodes them; TensorFlow's default, the fast one, differs
+    by about one pixel level on average.
+    """
+    is_jpeg = tf.equal(tf.strings.substr(data, 0, len(_SIGNATURES[0])), _SIGNATURES[0])
+    return tf.cond(
+        is_jpeg,
+        lambda: tf.io.decode_jpeg(data, channels=channels, dct_method="INTEGER_ACCURATE"),
+        lambda: tf.io.decode_image(data, channels=channels, expand_animations=False),
+    )
+
+
 def _decode_full(data):
-    return tf.io.decode_image(data, channels=3, expand_animations=False)
+    return decode_image(data)
 
 
 def encoded_shape(data, is_jpeg):
@@ -192,7 +209,8 @@ def decode_crop(data, is_jpeg, window):
     """Decodes the `[y, x, height, width]` window of an encoded image."""
     return tf.cond(
         is_jpeg,
-        lambda: tf.io.decode_and_crop_jpeg(data, window, channels=3),
+        lambda: tf.io.decode_and_crop_jpeg(data, window, channels=3,
+                                           dct_method="INTEGER_ACCURATE"),
         lambda: tf.image.crop_to_bounding_box(
             _decode_full(data), window[0], window[1], window[2], window[3]
         ),
@@ -218,20 +236,67 @@ def random_resized_crop(data, is_jpeg, seed, size,
     return tf.image.resize(image, [size, size], method="bilinear")
 
 
-def center_crop_window(height, width, resize_ratio=EVAL_RESIZE_RATIO):
-    """`[y, x, side, side]` of the central square that "resize the short side
-    to size * ratio, centre-crop size" keeps, in original pixels."""
-    short = tf.cast(tf.minimum(height, width), tf.float32)
-    crop = tf.maximum(tf.cast(tf.round(short / resize_ratio), tf.int32), 1)
-    return tf.stack([(height - crop) // 2, (width - crop) // 2, crop, crop])
+def resize_short_side(image, short_side):
+    """torchvision's `Resize(short_side)` of a PIL image, in TensorFlow.
+
+    The short side becomes `short_side`, the long side
+    `floor(short_side * long / short)`; the resize is bilinear with
+    antialiasing (PIL's, which torchvision uses, widens the filter when it
+    reduces) and the result is rounded to whole pixel values, as PIL's
+    8-bit output is.
+
+    Args:
+        image: `[height, width, channels]` image, pixel values in [0, 255].
+        short_side: Length of the short side after resizing.
+
+    Returns:
+        A float32 image.
+    """
+    shape = tf.shape(image)
+    height, width = shape[0], shape[1]
+    short, long = tf.minimum(height, width), tf.maximum(height, width)
+    new_long = (short_side * long) // short
+    size = tf.cond(height <= width, lambda: tf.stack([short_side, new_long]),
+                   lambda: tf.stack([new_long, short_side]))
+    resized = tf.image.resize(tf.cast(image, tf.float32), size, method="bilinear",
+                              antialias=True)
+    return tf.clip_by_value(tf.round(resized), 0.0, 255.0)
+
+
+def center_crop(image, height, width):
+    """torchvision's `CenterCrop((height, width))` (offsets rounded half to even)."""
+    shape = tf.shape(image)
+    top = tf.cast(tf.round((shape[0] - height) / 2), tf.int32)
+    left = tf.cast(tf.round((shape[1] - width) / 2), tf.int32)
+    return tf.image.crop_to_bounding_box(image, top, left, height, width)
+
+
+def resize_and_center_crop(image, height, width=None, resize_ratio=EVAL_RESIZE_RATIO):
+    """torchvision's `Resize(s)` then `CenterCrop((height, width))`.
+
+    `s = round(min(height, width) * resize_ratio)`: 256 for a 224 crop.
+
+    Args:
+        image: `[h, w, channels]` decoded image, pixel values in [0, 255].
+        height: Output height.
+        width: Output width; defaults to `height`.
+        resize_ratio: Short side over crop side. Defaults to 256 / 224.
+
+    Returns:
+        A float32 `[height, width, channels]` image.
+    """
+    width = height if width is None else width
+    short_side = int(round(min(height, width) * resize_ratio))
+    return center_crop(resize_short_side(image, short_side), height, width)
 
 
 def center_crop_resize(data, is_jpeg, size, resize_ratio=EVAL_RESIZE_RATIO):
-    """Equivalent of "resize short side to size*ratio, centre-crop size"."""
-    shape = encoded_shape(data, is_jpeg)
-    window = center_crop_window(shape[0], shape[1], resize_ratio)
-    image = decode_crop(data, is_jpeg, window)
-    return tf.image.resize(image, [size, size], method="bilinear")
+    """The evaluation transform of an encoded image: "Resize(256), CenterCrop(224)".
+
+    Decodes the whole image and applies `resize_and_center_crop`.
+    """
+    del is_jpeg  # The whole image is decoded either way.
+    return resize_and_center_crop(_decode_full(data), size, resize_ratio=resize_ratio)
 
 
 def color_jitter(image, seed, brightness=JITTER_STRENGTH,
