@@ -1,19 +1,78 @@
 """Choosing the tf.distribute strategy of a training run, and fitting to it."""
 
+import contextlib
 import os
+import threading
 
 import tensorflow as tf
 
 
-def cluster_workers():
-    """Number of workers `TF_CONFIG` describes (1 when it is unset)."""
+def _cluster_spec():
     try:
-        cluster = tf.distribute.cluster_resolver.TFConfigClusterResolver().cluster_spec()
+        return tf.distribute.cluster_resolver.TFConfigClusterResolver().cluster_spec()
     except ValueError as error:
         raise ValueError(f"TF_CONFIG is not valid: {error}") from None
-    jobs = cluster.as_dict()
-    return max(1, sum(len(cluster.job_tasks(job)) for job in ("worker", "chief")
-                      if job in jobs))
+
+
+def cluster_addresses():
+    """`[(task, address)]` of every task `TF_CONFIG` names, e.g. `("worker 1", "h:2222")`."""
+    cluster = _cluster_spec()
+    return [(f"{job} {index}", cluster.task_address(job, index))
+            for job in sorted(cluster.jobs) for index in cluster.task_indices(job)]
+
+
+def cluster_workers():
+    """Number of workers `TF_CONFIG` describes (1 when it is unset).
+
+    Raises:
+        ValueError: `TF_CONFIG` is not valid, or names one address for two
+            tasks (each would wait for the other for ever).
+    """
+    seen = {}
+    for task, address in cluster_addresses():
+        if address in seen:
+            raise ValueError(
+                f"TF_CONFIG names the address {address} twice ({seen[address]} and "
+                f"{task}); every task needs its own host:port.")
+        seen[address] = task
+    jobs = _cluster_spec().as_dict()
+    return max(1, sum(len(jobs[job]) for job in ("worker", "chief") if job in jobs))
+
+
+@contextlib.contextmanager
+def peer_deadline(timeout_s):
+    """Ends the process with an error when the block outlasts `timeout_s` seconds.
+
+    For the part of a multi-worker run that needs every peer (creating the
+    strategy, building the model, the first step): TensorFlow waits for
+    unreachable peers for ever, inside C++ that nothing in Python can
+    interrupt, so a timer thread prints one line naming the cluster's
+    addresses and exits with status 1. Without a `TF_CONFIG` cluster it does
+    nothing.
+
+    Args:
+        timeout_s: Seconds to wait (`--cluster_timeout`).
+    """
+    if cluster_workers() < 2:
+        yield
+        return
+    addresses = ", ".join(f"{task} at {address}" for task, address in cluster_addresses())
+    print(f"Waiting up to {timeout_s} s for the cluster ({addresses}).", flush=True)
+
+    def give_up():
+        os.write(2, (f"Error: the cluster's workers could not all be reached within "
+                     f"--cluster_timeout={timeout_s} s ({addresses}). Start the same "
+                     "command on every worker and check the addresses in TF_CONFIG.\n"
+                     ).encode())
+        os._exit(1)  # pylint: disable=protected-access
+
+    timer = threading.Timer(timeout_s, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def make_strategy(single_device=False):
