@@ -1,8 +1,8 @@
 """Choosing the tf.distribute strategy of a training run, and fitting to it."""
 
-import contextlib
 import os
-import threading
+import socket
+import time
 
 import tensorflow as tf
 
@@ -39,43 +39,71 @@ def cluster_workers():
     return max(1, sum(len(jobs[job]) for job in ("worker", "chief") if job in jobs))
 
 
-@contextlib.contextmanager
-def peer_deadline(timeout_s):
-    """Ends the process with an error when the block outlasts `timeout_s` seconds.
+def wait_for_peers(timeout_s, poll_s=0.2):
+    """Returns once every other task of `TF_CONFIG` accepts a TCP connection.
 
-    For the part of a multi-worker run that needs every peer (creating the
-    strategy, building the model, the first step): TensorFlow waits for
-    unreachable peers for ever, inside C++ that nothing in Python can
-    interrupt, so a timer thread prints one line naming the cluster's
-    addresses and exits with status 1. Without a `TF_CONFIG` cluster it does
-    nothing.
+    TensorFlow waits for unreachable peers for ever, inside C++ that holds
+    the interpreter (no signal handler runs there), so this worker checks
+    first, in Python: it listens on its own port (for its peers' checks)
+    until it has reached each peer, on that peer's listener or, once the
+    peer went on, on its TensorFlow server.
 
     Args:
         timeout_s: Seconds to wait (`--cluster_timeout`).
+        poll_s: Seconds between two attempts.
+
+    Raises:
+        ValueError: A peer was not reached in time; the message names the
+            addresses.
     """
-    if cluster_workers() < 2:
-        yield
-        return
-    addresses = ", ".join(f"{task} at {address}" for task, address in cluster_addresses())
-    print(f"Waiting up to {timeout_s} s for the cluster ({addresses}).", flush=True)
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    own = resolver.cluster_spec().task_address(resolver.task_type, resolver.task_id)
+    waiting = {task: address for task, address in cluster_addresses() if address != own}
+    print(f"Waiting up to {timeout_s} s for {_named(waiting)}.", flush=True)
+    deadline = time.monotonic() + timeout_s
+    with _listen(own):
+        while waiting:
+            for task, address in list(waiting.items()):
+                if _accepts(address):
+                    del waiting[task]
+            if waiting and time.monotonic() > deadline:
+                raise ValueError(
+                    f"This worker ({own}) could not reach {_named(waiting)} within "
+                    f"--cluster_timeout={timeout_s} s. Start the same command on every "
+                    "worker and check the addresses in TF_CONFIG.")
+            time.sleep(poll_s if waiting else 0)
 
-    def give_up():
-        os.write(2, (f"Error: the cluster's workers could not all be reached within "
-                     f"--cluster_timeout={timeout_s} s ({addresses}). Start the same "
-                     "command on every worker and check the addresses in TF_CONFIG.\n"
-                     ).encode())
-        os._exit(1)  # pylint: disable=protected-access
 
-    timer = threading.Timer(timeout_s, give_up)
-    timer.daemon = True
-    timer.start()
+def _named(tasks):
+    return ", ".join(f"{task} at {address}" for task, address in tasks.items())
+
+
+def _split_address(address):
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _listen(address):
+    port = _split_address(address)[1]
     try:
-        yield
-    finally:
-        timer.cancel()
+        if socket.has_dualstack_ipv6():
+            return socket.create_server(("", port), family=socket.AF_INET6,
+                                        dualstack_ipv6=True, backlog=64)
+        return socket.create_server(("", port), backlog=64)
+    except OSError as error:
+        raise ValueError(f"This worker cannot listen on its TF_CONFIG address {address}: "
+                         f"{error.strerror}.") from None
 
 
-def make_strategy(single_device=False):
+def _accepts(address):
+    try:
+        socket.create_connection(_split_address(address), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def make_strategy(single_device=False, cluster_timeout=300):
     """Returns the strategy for this process.
 
     - `TF_CONFIG` describing more than one worker: `MultiWorkerMirroredStrategy`
@@ -90,6 +118,8 @@ def make_strategy(single_device=False):
 
     Args:
         single_device: Use one device and no distribution strategy.
+        cluster_timeout: Seconds to wait for the other workers of a cluster
+            (`wait_for_peers`).
 
     Returns:
         A `tf.distribute.Strategy`.
@@ -108,6 +138,7 @@ def make_strategy(single_device=False):
             )
         return tf.distribute.get_strategy()
     if workers > 1:
+        wait_for_peers(cluster_timeout)
         return tf.distribute.MultiWorkerMirroredStrategy()
     devices = tf.config.list_logical_devices("GPU" if gpus else "CPU")
     return tf.distribute.MirroredStrategy([device.name for device in devices])

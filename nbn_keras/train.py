@@ -105,24 +105,24 @@ def train_and_evaluate(config):
     """
     config_lib.validate(config)
     # Everything that can refuse the run happens before its first file.
-    with distribute.peer_deadline(config.cluster_timeout):
-        strategy = distribute.make_strategy(single_device=config.xla)
-        replicas = strategy.num_replicas_in_sync
-        if config.global_batch_size % replicas:
-            raise config_lib.ConfigError(
-                f"--global_batch_size={config.global_batch_size} is not divisible by the "
-                f"{replicas} replicas.")
-        chief = distribute.is_chief(strategy)
-        run_dir = config.run_dir if chief else distribute.worker_dir(config.run_dir, strategy)
-        # Phases only advance, so the phase read here before taking the lock
-        # needs the data whenever the phase found under the lock does.
-        phase = run_files.read_json(os.path.join(run_dir, STATE_FILENAME), {}).get(
-            "phase", "train")
-        if config.mixed_precision != "none":
-            keras.mixed_precision.set_global_policy(f"mixed_{config.mixed_precision}")
-        keras.utils.set_random_seed(config.seed)
-        data = load_data(config) if phase in PHASES[:3] else None
-        model = build_training_model(config, data, strategy) if phase == "train" else None
+    strategy = distribute.make_strategy(
+        single_device=config.xla, cluster_timeout=config.cluster_timeout)
+    replicas = strategy.num_replicas_in_sync
+    if config.global_batch_size % replicas:
+        raise config_lib.ConfigError(
+            f"--global_batch_size={config.global_batch_size} is not divisible by the "
+            f"{replicas} replicas.")
+    chief = distribute.is_chief(strategy)
+    run_dir = config.run_dir if chief else distribute.worker_dir(config.run_dir, strategy)
+    # Phases only advance, so the phase read here before taking the lock
+    # needs the data whenever the phase found under the lock does.
+    phase = run_files.read_json(os.path.join(run_dir, STATE_FILENAME), {}).get(
+        "phase", "train")
+    if config.mixed_precision != "none":
+        keras.mixed_precision.set_global_policy(f"mixed_{config.mixed_precision}")
+    keras.utils.set_random_seed(config.seed)
+    data = load_data(config) if phase in PHASES[:3] else None
+    model = build_training_model(config, data, strategy) if phase == "train" else None
     os.makedirs(run_dir, exist_ok=True)
     with run_files.RunLock(run_dir):
         state = open_run(config, run_dir)

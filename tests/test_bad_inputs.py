@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -918,6 +919,21 @@ def cluster_address_named_twice(ctx):
         {"cluster": {"worker": ["localhost:1", "localhost:1"]},
          "task": {"type": "worker", "index": 0}}))
     run_training(ctx)
+
+
+@case("training flag", "`TF_CONFIG` naming a worker nobody runs, `--cluster_timeout=1`",
+      ValueError, r"This worker \(127\.0\.0\.1:\d+\) could not reach worker 1 at "
+      r"127\.0\.0\.1:\d+ within --cluster_timeout=1 s")
+def cluster_peer_unreachable(ctx):
+    ports = []
+    for _ in range(2):  # Two free loopback ports, nobody listening.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    ctx.request.getfixturevalue("monkeypatch").setenv("TF_CONFIG", json.dumps(
+        {"cluster": {"worker": [f"127.0.0.1:{port}" for port in ports]},
+         "task": {"type": "worker", "index": 0}}))
+    run_training(ctx, "--cluster_timeout=1")
 
 
 @case("export flag", "`<base_dir>/<model_name>/` holding a user's file", SystemExit,
