@@ -48,6 +48,7 @@ import time
 import keras
 import tensorflow as tf
 
+from nbn_keras import interrupts
 from nbn_keras import run_files
 from nbn_keras import saving
 from nbn_keras.conversion import fold_nbn
@@ -781,6 +782,8 @@ def main(argv):
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    interrupts.exit_on_signals("a version is published whole or not at all; run the "
+                               "command again if none was printed.")
     print(run_from_flags(flags.FLAGS))
 
 

@@ -14,6 +14,8 @@ command again: it resumes the phase it stopped in, training from the last
 completed epoch with exactly the batches the uninterrupted run would have
 seen. One process at a time may use a run directory, and a resumed run must
 have the flags in its `flags.cfg` (`--allow_changed_flags` overrides).
+Everything that can refuse a run is checked before its first file, and
+SIGINT or SIGTERM end it at once with one line (status 130 or 143).
 """
 
 import os
