@@ -208,7 +208,10 @@ def train(args, job, make_command=None):
                TF_NUM_INTEROP_THREADS=str(args.threads), CUDA_VISIBLE_DEVICES="")
     start, load_before = time.time(), os.getloadavg()[0]
     with open(os.path.join(run_dir, "train.log"), "a") as log:
-        result = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        # The study's own files (the marker, this log) are in the run
+        # directory before the run's first file.
+        result = subprocess.run([*cmd, "--allow_foreign_run_dir"], cwd=REPO, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
     if result.returncode:
         raise RuntimeError(f"{run_name(*job)} failed (exit {result.returncode}); see "
                            f"{os.path.join(run_dir, 'train.log')}.")

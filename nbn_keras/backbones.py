@@ -16,6 +16,8 @@
 (`nbn_keras.conversion.RESNET_NAMING`).
 """
 
+import math
+
 import keras
 import keras_cv
 from keras import layers
@@ -38,6 +40,54 @@ BACKBONES = (
     + tuple(f"resnet{depth}" for depth in _CIFAR_RESNET_DEPTHS)
     + tuple(ride.ARCHITECTURES)
 )
+
+
+def min_image_size(name):
+    """The smallest usable input side of backbone `name`: its total stride.
+
+    At this size the last stage's feature map is 1x1; below it, the map is
+    1x1 before the last downsampling, and the strided layers after that see
+    one pixel and their padding.
+
+    Args:
+        name: One of `BACKBONES`.
+
+    Returns:
+        4 for the CIFAR ResNets (strides 1, 2, 2), 32 for the ImageNet ones
+        (stem and max-pool 2 each, stages 1, 2, 2, 2).
+    """
+    depth = name.removeprefix("resnet")
+    return 4 if depth.isdigit() and int(depth) in _CIFAR_RESNET_DEPTHS else 32
+
+
+def activation_elements(model):
+    """Numbers per example of every layer output of `model`, nested models included.
+
+    Training keeps these outputs for the backward pass, so `batch *
+    activation_elements(model) * bytes per number` estimates its memory.
+
+    Args:
+        model: A built functional `keras.Model` with static shapes.
+
+    Returns:
+        An int: the sum over layers (inputs excluded) of the sizes of their
+        batched outputs without the batch axis (a layer's unbatched output,
+        such as NBN's shared scale, is no per-example memory).
+
+    Example:
+
+    >>> activation_elements(build_classifier("resnet8", 10, (16, 16, 3)))
+    """
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            total += activation_elements(layer)
+        elif not isinstance(layer, keras.layers.InputLayer):
+            for node in layer._inbound_nodes:  # pylint: disable=protected-access
+                for tensor in keras.tree.flatten(node.outputs):
+                    if tensor.shape and tensor.shape[0] is None:
+                        total += math.prod(tensor.shape[1:])
+    return total
 
 
 def zero_pad_shortcut(x, filters, strides, name):

@@ -17,8 +17,11 @@ from typing import Optional
 from absl import flags
 
 from nbn_keras import data as data_lib
+from nbn_keras import export
 from nbn_keras import ride
+from nbn_keras import run_files
 from nbn_keras.backbones import BACKBONES
+from nbn_keras.backbones import min_image_size
 from nbn_keras.conversion import SCALE_SHARING_MODES
 from nbn_keras.data.samplers import SAMPLERS
 from nbn_keras.resnet import HEADS
@@ -214,6 +217,11 @@ class TrainConfig:
         "ceil(N' / global batch) steps, N' the training images rounded up to a multiple of "
         "the replicas; off: floor(N / global batch) complete batches.", "bool")
     seed: int = _field(0, "Seed of initialisation, sampling and augmentation.", "int")
+    memory_limit_gb: Optional[float] = _field(
+        None, "Refuse a run whose training activations (estimated from the network's "
+        "layer outputs x --global_batch_size) need more memory than this, in GB "
+        "(default: this machine's memory; not checked on GPUs).", "float",
+        resume_may_change=True)
 
     # Execution.
     mixed_precision: str = _field("none", "Mixed-precision compute dtype.", "enum",
@@ -221,11 +229,17 @@ class TrainConfig:
     xla: bool = _field(False, "XLA-compile the training step (single device only).", "bool")
     run_dir: str = _field("runs/default", "Directory of the run's files.", "string",
                           resume_may_change=True)
+    allow_foreign_run_dir: bool = _field(
+        False, "Use a --run_dir that holds files but no run of this project (they may "
+        "be overwritten).", "bool", resume_may_change=True)
     export_dir: str = _field("saved_models", "TF Serving base directory of the export.",
                              "string")
     model_name: Optional[str] = _field(None, "Name of the served model (default: the run "
                                        "directory's name).", "string")
     export: bool = _field(True, "Export a SavedModel for TF Serving at the end.", "bool")
+    allow_foreign_export_dir: bool = _field(
+        False, "Export although <export_dir>/<model_name> holds entries other than "
+        "model versions.", "bool", resume_may_change=True)
     max_image_pixels: int = _field(
         4096 * 4096, "Largest height * width the export's `serve_image_bytes` decodes "
         "(read from the image header; larger images are refused).", "int")
@@ -237,6 +251,9 @@ class TrainConfig:
     allow_changed_flags: bool = _field(
         False, "Resume a run although flags differ from its flags.cfg (which is kept "
         "as it is).", "bool", resume_may_change=True)
+    cluster_timeout: int = _field(
+        300, "Seconds a worker of a TF_CONFIG cluster waits for its peers before it "
+        "stops with an error naming their addresses.", "int", resume_may_change=True)
 
     @property
     def served_model_name(self):
@@ -331,7 +348,7 @@ def validate(config):
     positive = ("n_max", "image_size", "num_classes", "max_image_pixels", "epochs",
                 "global_batch_size", "base_lr", "learning_rate", "steps_per_epoch",
                 "ride_experts", "cosine_t_max", "fashion_mnist_val_per_class",
-                "samples_per_class", "hcm_n")
+                "samples_per_class", "hcm_n", "memory_limit_gb", "cluster_timeout")
     for name in positive:
         value = getattr(config, name)
         if value is not None and not value > 0:
@@ -340,6 +357,15 @@ def validate(config):
                  "nbn_beta_init_std"):
         if not getattr(config, name) >= 0:
             problems.append(f"--{name} must be >= 0 (got {getattr(config, name)}).")
+    for name in ("seed", "data_seed"):
+        if not 0 <= getattr(config, name) < 2**32:
+            problems.append(f"--{name} must be in [0, 2**32) (got {getattr(config, name)}).")
+    smallest = min_image_size(config.backbone)
+    if config.image_size and config.image_size < smallest:
+        problems.append(
+            f"--image_size={config.image_size} is smaller than {smallest}, the smallest "
+            f"input of --backbone={config.backbone} (its total stride: at {smallest}x"
+            f"{smallest} its last stage is 1x1).")
     if not config.momentum < 1:
         problems.append(f"--momentum must be < 1 (got {config.momentum}).")
     if not config.imbalance_factor >= 1:
@@ -386,6 +412,7 @@ def validate(config):
         problem = _not_writable(path)
         if problem:
             problems.append(f"--{name}={path}: {problem}")
+    problems += _foreign_files(config)
     if config.schedule == "cosine_annealing" and config.warmup_epochs:
         problems.append("--schedule=cosine_annealing has no warmup: set --warmup_epochs=0.")
     if config.loss in ("ride", "ride_balanced_softmax") and config.backbone not in ride.ARCHITECTURES:
@@ -395,6 +422,26 @@ def validate(config):
         problems.append(f"--nbn_selection=ride needs a RIDE backbone, not --backbone={config.backbone}.")
     if problems:
         raise ConfigError(" ".join(problems))
+
+
+def _foreign_files(config):
+    """Problems of run and export directories holding files that are not ours."""
+    problems = []
+    foreign = run_files.foreign_entries(config.run_dir)
+    if foreign and not config.allow_foreign_run_dir:
+        listed = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        problems.append(
+            f"--run_dir={config.run_dir} holds no run of this project but {len(foreign)} "
+            f"other entr{'y' if len(foreign) == 1 else 'ies'} ({listed}); a run would "
+            "overwrite them. Choose an empty or new "
+            "--run_dir, or pass --allow_foreign_run_dir to use it anyway.")
+    if config.export and not config.allow_foreign_export_dir and _MODEL_NAME.match(
+            config.served_model_name):
+        model_dir = os.path.join(config.export_dir, config.served_model_name)
+        message = export.foreign_model_dir_error(model_dir, "--allow_foreign_export_dir")
+        if message:
+            problems.append(f"--export_dir={config.export_dir}: {message}")
+    return problems
 
 
 def _not_writable(path):

@@ -1,22 +1,109 @@
 """Choosing the tf.distribute strategy of a training run, and fitting to it."""
 
 import os
+import socket
+import time
 
 import tensorflow as tf
 
 
-def cluster_workers():
-    """Number of workers `TF_CONFIG` describes (1 when it is unset)."""
+def _cluster_spec():
     try:
-        cluster = tf.distribute.cluster_resolver.TFConfigClusterResolver().cluster_spec()
+        return tf.distribute.cluster_resolver.TFConfigClusterResolver().cluster_spec()
     except ValueError as error:
         raise ValueError(f"TF_CONFIG is not valid: {error}") from None
-    jobs = cluster.as_dict()
-    return max(1, sum(len(cluster.job_tasks(job)) for job in ("worker", "chief")
-                      if job in jobs))
 
 
-def make_strategy(single_device=False):
+def cluster_addresses():
+    """`[(task, address)]` of every task `TF_CONFIG` names, e.g. `("worker 1", "h:2222")`."""
+    cluster = _cluster_spec()
+    return [(f"{job} {index}", cluster.task_address(job, index))
+            for job in sorted(cluster.jobs) for index in cluster.task_indices(job)]
+
+
+def cluster_workers():
+    """Number of workers `TF_CONFIG` describes (1 when it is unset).
+
+    Raises:
+        ValueError: `TF_CONFIG` is not valid, or names one address for two
+            tasks (each would wait for the other for ever).
+    """
+    seen = {}
+    for task, address in cluster_addresses():
+        if address in seen:
+            raise ValueError(
+                f"TF_CONFIG names the address {address} twice ({seen[address]} and "
+                f"{task}); every task needs its own host:port.")
+        seen[address] = task
+    jobs = _cluster_spec().as_dict()
+    return max(1, sum(len(jobs[job]) for job in ("worker", "chief") if job in jobs))
+
+
+def wait_for_peers(timeout_s, poll_s=0.2):
+    """Returns once every other task of `TF_CONFIG` accepts a TCP connection.
+
+    TensorFlow waits for unreachable peers for ever, inside C++ that holds
+    the interpreter (no signal handler runs there), so this worker checks
+    first, in Python: it listens on its own port (for its peers' checks)
+    until it has reached each peer, on that peer's listener or, once the
+    peer went on, on its TensorFlow server.
+
+    Args:
+        timeout_s: Seconds to wait (`--cluster_timeout`).
+        poll_s: Seconds between two attempts.
+
+    Raises:
+        ValueError: A peer was not reached in time; the message names the
+            addresses.
+    """
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    own = resolver.cluster_spec().task_address(resolver.task_type, resolver.task_id)
+    waiting = {task: address for task, address in cluster_addresses() if address != own}
+    print(f"Waiting up to {timeout_s} s for {_named(waiting)}.", flush=True)
+    deadline = time.monotonic() + timeout_s
+    with _listen(own):
+        while waiting:
+            for task, address in list(waiting.items()):
+                if _accepts(address):
+                    del waiting[task]
+            if waiting and time.monotonic() > deadline:
+                raise ValueError(
+                    f"This worker ({own}) could not reach {_named(waiting)} within "
+                    f"--cluster_timeout={timeout_s} s. Start the same command on every "
+                    "worker and check the addresses in TF_CONFIG.")
+            time.sleep(poll_s if waiting else 0)
+
+
+def _named(tasks):
+    return ", ".join(f"{task} at {address}" for task, address in tasks.items())
+
+
+def _split_address(address):
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _listen(address):
+    port = _split_address(address)[1]
+    try:
+        if socket.has_dualstack_ipv6():
+            return socket.create_server(("", port), family=socket.AF_INET6,
+                                        dualstack_ipv6=True, backlog=64)
+        return socket.create_server(("", port), backlog=64)
+    except OSError as error:
+        raise ValueError(f"This worker cannot listen on its TF_CONFIG address {address}: "
+                         f"{error.strerror}.") from None
+
+
+def _accepts(address):
+    try:
+        socket.create_connection(_split_address(address), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def make_strategy(single_device=False, cluster_timeout=300):
     """Returns the strategy for this process.
 
     - `TF_CONFIG` describing more than one worker: `MultiWorkerMirroredStrategy`
@@ -31,6 +118,8 @@ def make_strategy(single_device=False):
 
     Args:
         single_device: Use one device and no distribution strategy.
+        cluster_timeout: Seconds to wait for the other workers of a cluster
+            (`wait_for_peers`).
 
     Returns:
         A `tf.distribute.Strategy`.
@@ -49,6 +138,7 @@ def make_strategy(single_device=False):
             )
         return tf.distribute.get_strategy()
     if workers > 1:
+        wait_for_peers(cluster_timeout)
         return tf.distribute.MultiWorkerMirroredStrategy()
     devices = tf.config.list_logical_devices("GPU" if gpus else "CPU")
     return tf.distribute.MirroredStrategy([device.name for device in devices])

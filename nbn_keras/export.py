@@ -48,6 +48,7 @@ import time
 import keras
 import tensorflow as tf
 
+from nbn_keras import interrupts
 from nbn_keras import run_files
 from nbn_keras import saving
 from nbn_keras.conversion import fold_nbn
@@ -82,6 +83,46 @@ def next_version(model_dir):
         return 1
     versions = [int(n) for n in os.listdir(model_dir) if n.isdigit()]
     return max(versions, default=0) + 1
+
+
+def foreign_entries(model_dir):
+    """Entries of a model directory that are not model versions.
+
+    A model directory (`<base_dir>/<model_name>`) of this project holds
+    integer-named version directories and temporary export directories
+    (`.tmp-*`) only; anything else is someone else's, and TF Serving would
+    serve our versions next to it.
+
+    Args:
+        model_dir: The directory, which may not exist.
+
+    Returns:
+        The sorted names of the other entries (`[]` when there are none).
+    """
+    if not os.path.isdir(model_dir):
+        return []
+    return sorted(
+        name for name in os.listdir(model_dir)
+        if not ((name.isdigit() or name.startswith(".tmp-"))
+                and os.path.isdir(os.path.join(model_dir, name))))
+
+
+def foreign_model_dir_error(model_dir, flag_name):
+    """The message refusing `model_dir`, or `None` when it holds only versions.
+
+    Args:
+        model_dir: `<base_dir>/<model_name>`.
+        flag_name: How the caller lifts the refusal (a flag or an argument).
+    """
+    foreign = foreign_entries(model_dir)
+    if not foreign:
+        return None
+    listed = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+    entries = "1 entry that is not a model version" if len(foreign) == 1 else (
+        f"{len(foreign)} entries that are not model versions")
+    return (f"{model_dir} holds {entries} "
+            f"({listed}); an export would put a version next to them. Choose "
+            f"another model name or directory, or pass {flag_name} to export there anyway.")
 
 
 def find_run_version(model_dir, run_id):
@@ -451,6 +492,7 @@ def export_for_serving(
     resize_mode="auto",
     max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
     run_id=None,
+    allow_foreign_files=False,
 ):
     """Exports an image classifier for TF Serving; returns the version dir.
 
@@ -499,6 +541,9 @@ def export_for_serving(
             the version's `assets.extra/`, and when a version of `model_name`
             already records it, that version is returned and nothing is
             written, so a run resumed after a kill exports exactly once.
+        allow_foreign_files: Export even when `<base_dir>/<model_name>`
+            holds entries other than versions (default: `ValueError` naming
+            them, before anything is written).
 
     Returns:
         The path of the written version directory.
@@ -541,6 +586,10 @@ def export_for_serving(
         resize_mode = "crop" if big else "resize"
 
     model_dir = os.path.join(base_dir, model_name)
+    foreign = None if allow_foreign_files else foreign_model_dir_error(
+        model_dir, "allow_foreign_files=True (--allow_foreign_export_dir)")
+    if foreign:
+        raise ValueError(foreign)
     if run_id is not None:
         exported = find_run_version(model_dir, run_id)
         if exported:
@@ -628,6 +677,7 @@ def export_keras_file(
     image_size=None,
     resize_mode="auto",
     max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
+    allow_foreign_files=False,
 ):
     """Loads a `.keras` file and exports it with `export_for_serving`.
 
@@ -643,6 +693,7 @@ def export_keras_file(
         image_size: See `export_for_serving`.
         resize_mode: See `export_for_serving`.
         max_image_pixels: See `export_for_serving`.
+        allow_foreign_files: See `export_for_serving`.
 
     Returns:
         The path of the written version directory.
@@ -667,6 +718,7 @@ def export_keras_file(
         image_size=image_size,
         resize_mode=resize_mode,
         max_image_pixels=max_image_pixels,
+        allow_foreign_files=allow_foreign_files,
     )
 
 
@@ -705,6 +757,7 @@ def run_from_flags(flag_values):
             image_size=parse_image_size(f.image_size),
             resize_mode=f.resize_mode,
             max_image_pixels=f.max_image_pixels,
+            allow_foreign_files=f.allow_foreign_export_dir,
         )
     except (FileNotFoundError, FileExistsError, ValueError, TypeError) as error:
         raise SystemExit(f"nbn_keras.export: error: {error}") from None
@@ -723,6 +776,8 @@ def main(argv):
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    interrupts.exit_on_signals("a version is published whole or not at all; run the "
+                               "command again if none was printed.")
     print(run_from_flags(flags.FLAGS))
 
 
@@ -756,6 +811,11 @@ def define_flags(flag_values=None):
         "Largest height * width serve_image_bytes decodes; larger images are "
         "refused with an error naming their index.",
         lower_bound=1, flag_values=fv,
+    )
+    flags.DEFINE_boolean(
+        "allow_foreign_export_dir", False,
+        "Export although <base_dir>/<model_name> holds entries other than "
+        "model versions.", flag_values=fv,
     )
     flags.mark_flag_as_required("model", flag_values=fv)
 

@@ -8,9 +8,10 @@ complete file or the new complete file, never a partial one.
 
 Fault injection for tests: when the environment variable
 `NBN_KERAS_KILL_AT` names a point (`"batch"`, `"best"`, `"backup"`,
-`"evaluate"`, `"export"`, `"exported"`), optionally with a count (`"batch:5"` = the fifth time),
-the process kills itself with SIGKILL when it reaches that point, so a test
-can interrupt a run exactly there. Unset, `kill_point` does nothing.
+`"evaluate"`, `"export"`, `"exported"`), optionally with a count (`"batch:5"` = the fifth time)
+and a signal (`"export:1:SIGTERM"`; default SIGKILL), the process sends
+itself that signal when it reaches that point, so a test can interrupt a run
+exactly there. Unset, `kill_point` does nothing.
 """
 
 import contextlib
@@ -20,22 +21,31 @@ import json
 import os
 import signal
 import tempfile
+import time
 
 KILL_AT_VARIABLE = "NBN_KERAS_KILL_AT"
+FLAGS_FILENAME = "flags.cfg"
+STATE_FILENAME = "run_state.json"
+# What a run directory holds before its flags.cfg: the lock, temporary files
+# of an interrupted write, the directories of a cluster's other workers.
+_RUN_SCAFFOLDING = (".lock", "workers")
 _kill_point_counts = {}
 
 
 def kill_point(name):
-    """Kills this process if `NBN_KERAS_KILL_AT` names `name` (tests only)."""
+    """Signals this process if `NBN_KERAS_KILL_AT` names `name` (tests only)."""
     spec = os.environ.get(KILL_AT_VARIABLE)
     if not spec:
         return
-    point, _, count = spec.partition(":")
+    point, count, signal_name = (spec.split(":") + ["", ""])[:3]
     if point != name:
         return
     _kill_point_counts[name] = _kill_point_counts.get(name, 0) + 1
     if _kill_point_counts[name] >= int(count or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, signal_name or "SIGKILL"))
+        # A catchable signal ends the process from another thread
+        # (`nbn_keras.interrupts`): stay at this point until it does.
+        time.sleep(30)
 
 
 def fsync_directory(path):
@@ -125,6 +135,28 @@ def remove_stale_temporaries(directory):
             path = os.path.join(directory, name)
             if os.path.isfile(path):
                 os.remove(path)
+
+
+def foreign_entries(run_dir):
+    """What a run would overwrite in `run_dir`: `[]` for a run or an empty directory.
+
+    A directory holding `flags.cfg` or `run_state.json` is a run of this
+    project (resumed, not overwritten). Otherwise every entry but the lock,
+    temporary files (`.tmp-*`) and the `workers/` directory is the user's.
+
+    Args:
+        run_dir: A run directory, which may not exist.
+
+    Returns:
+        The sorted names of the entries that are not the project's.
+    """
+    if not os.path.isdir(run_dir):
+        return []
+    names = os.listdir(run_dir)
+    if FLAGS_FILENAME in names or STATE_FILENAME in names:
+        return []
+    return sorted(name for name in names
+                  if name not in _RUN_SCAFFOLDING and not name.startswith(".tmp-"))
 
 
 class RunDirectoryLocked(RuntimeError):

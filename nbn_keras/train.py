@@ -14,6 +14,8 @@ command again: it resumes the phase it stopped in, training from the last
 completed epoch with exactly the batches the uninterrupted run would have
 seen. One process at a time may use a run directory, and a resumed run must
 have the flags in its `flags.cfg` (`--allow_changed_flags` overrides).
+Everything that can refuse a run is checked before its first file, and
+SIGINT or SIGTERM end it at once with one line (status 130 or 143).
 """
 
 import os
@@ -28,11 +30,13 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from nbn_keras import backbones
 from nbn_keras import callbacks as nbn_callbacks
 from nbn_keras import config as config_lib
 from nbn_keras import data as data_lib
 from nbn_keras import distribute
 from nbn_keras import finetune
+from nbn_keras import interrupts
 from nbn_keras import losses
 from nbn_keras import metrics
 from nbn_keras import plots
@@ -50,8 +54,8 @@ config_lib.define_flags()
 FLAGS = flags.FLAGS
 
 PHASES = ("train", "select", "evaluate", "export", "done")
-STATE_FILENAME = "run_state.json"
-FLAGS_FILENAME = "flags.cfg"
+STATE_FILENAME = run_files.STATE_FILENAME
+FLAGS_FILENAME = run_files.FLAGS_FILENAME
 
 
 class RunError(RuntimeError):
@@ -61,6 +65,8 @@ class RunError(RuntimeError):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    interrupts.exit_on_signals("the run's files are kept; run the same command again "
+                               "to resume it.")
     if FLAGS["verbosity"].using_default_value:
         # TensorFlow's INFO lines (strategy, saving, export) drown what the
         # run prints.
@@ -101,7 +107,9 @@ def train_and_evaluate(config):
         The test figures (`report.evaluate`), or `None` on a non-chief worker.
     """
     config_lib.validate(config)
-    strategy = distribute.make_strategy(single_device=config.xla)
+    # Everything that can refuse the run happens before its first file.
+    strategy = distribute.make_strategy(
+        single_device=config.xla, cluster_timeout=config.cluster_timeout)
     replicas = strategy.num_replicas_in_sync
     if config.global_batch_size % replicas:
         raise config_lib.ConfigError(
@@ -109,19 +117,24 @@ def train_and_evaluate(config):
             f"{replicas} replicas.")
     chief = distribute.is_chief(strategy)
     run_dir = config.run_dir if chief else distribute.worker_dir(config.run_dir, strategy)
+    # Phases only advance, so the phase read here before taking the lock
+    # needs the data whenever the phase found under the lock does.
+    phase = run_files.read_json(os.path.join(run_dir, STATE_FILENAME), {}).get(
+        "phase", "train")
+    if config.mixed_precision != "none":
+        keras.mixed_precision.set_global_policy(f"mixed_{config.mixed_precision}")
+    keras.utils.set_random_seed(config.seed)
+    data = load_data(config) if phase in PHASES[:3] else None
+    model = build_training_model(config, data, strategy) if phase == "train" else None
     os.makedirs(run_dir, exist_ok=True)
     with run_files.RunLock(run_dir):
         state = open_run(config, run_dir)
-        if config.mixed_precision != "none":
-            keras.mixed_precision.set_global_policy(f"mixed_{config.mixed_precision}")
-        keras.utils.set_random_seed(config.seed)
-        data = load_data(config) if state["phase"] in PHASES[:3] else None
         if state["phase"] == "train":
             data.write_subset(run_dir)
             print(f"{data.name}: {len(data.train_split)} training images in "
                   f"{data.num_classes} classes, {epoch_steps(config, data, replicas)} steps per "
                   f"epoch, {replicas} replica(s); run directory {run_dir}", flush=True)
-            steps_trained = train(config, data, strategy, run_dir)
+            steps_trained = train(config, data, strategy, run_dir, model)
             if not chief:
                 return None  # The chief selects, reports and exports.
             state = advance(run_dir, state, "select", steps_trained=steps_trained)
@@ -209,6 +222,58 @@ def load_data(config):
                            val_per_class=config.fashion_mnist_val_per_class,
                            checksums=config.fashion_mnist_sha256)
     return data_lib.load(config.data, **options)
+
+
+def build_training_model(config, data, strategy):
+    """The model to train, in `strategy`'s scope, once the batch fits data and memory.
+
+    Raises:
+        ConfigError: `--global_batch_size` exceeds the training images, or
+            its estimated activation memory exceeds `--memory_limit_gb`
+            (default: this machine's memory).
+    """
+    images = len(data.train_split)
+    if config.global_batch_size > images:
+        raise config_lib.ConfigError(
+            f"--global_batch_size={config.global_batch_size} is larger than the {images} "
+            f"training images of --data={config.data}.")
+    with strategy.scope():
+        model = build_model(config, data)
+    check_memory(config, model, data.image_shape)
+    return model
+
+
+def check_memory(config, model, image_shape):
+    """Refuses a batch whose activations would not fit (`--memory_limit_gb`)."""
+    limit_gb, source = config.memory_limit_gb, "--memory_limit_gb"
+    if limit_gb is None:
+        limit_gb, source = machine_memory_gb(), "memory of this machine"
+    if limit_gb is None:
+        return
+    elements = backbones.activation_elements(model)
+    size = 2 if "16" in model.dtype_policy.compute_dtype else 4
+    need_gb = config.global_batch_size * elements * size / 1e9
+    if need_gb > limit_gb:
+        raise config_lib.ConfigError(
+            f"--global_batch_size={config.global_batch_size} at --image_size="
+            f"{image_shape[0]} with --backbone={config.backbone} needs about "
+            f"{need_gb:.3g} GB for the activations training keeps ({elements} numbers of "
+            f"{size} bytes per image, the network's layer outputs), more than the "
+            f"{limit_gb:.3g} GB {source}. Lower --global_batch_size or --image_size, or "
+            "set --memory_limit_gb.")
+
+
+def machine_memory_gb():
+    """This machine's memory in GB (its cgroup's limit if lower); `None` with GPUs."""
+    if tf.config.list_physical_devices("GPU"):
+        return None  # Device memory is only known once TensorFlow starts.
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            total = min(total, int(f.read()))
+    except (OSError, ValueError):  # No cgroup v2 limit ("max").
+        pass
+    return total / 1e9
 
 
 def epoch_steps(config, data, replicas):
@@ -305,11 +370,10 @@ def build_loss(config, class_counts):
     return losses.build_loss(config.loss, class_counts, **options)
 
 
-def train(config, data, strategy, run_dir):
-    """The `train` phase: fits from the last checkpoint; returns the optimizer steps."""
+def train(config, data, strategy, run_dir, model):
+    """The `train` phase: fits `model` from the last checkpoint; returns the optimizer steps."""
     steps = epoch_steps(config, data, strategy.num_replicas_in_sync)
     with strategy.scope():
-        model = build_model(config, data)
         start_model(config, model)
         model.compile(optimizer=build_optimizer(config, steps),
                       loss=build_loss(config, data.class_counts),
@@ -398,7 +462,8 @@ def export(config, run_dir, state):
     model = keras.models.load_model(os.path.join(run_dir, "model.keras"), compile=False)
     path = export_for_serving(model, base_dir=config.export_dir,
                               model_name=config.served_model_name, run_id=state["run_id"],
-                              max_image_pixels=config.max_image_pixels)
+                              max_image_pixels=config.max_image_pixels,
+                              allow_foreign_files=config.allow_foreign_export_dir)
     print(f"Exported for TF Serving to {path}")
     return path
 

@@ -178,3 +178,32 @@ def test_unknown_head_is_named():
     with pytest.raises(ValueError, match=r"head must be one of \('linear', 'fcbn', "
                                          r"'fcbn_notaffine'\).*got 'bn'"):
         build_classifier("resnet8", 3, (16, 16, 3), head="bn")
+
+
+@pytest.mark.parametrize("name, stride", [
+    # CIFAR ResNets: stages at strides 1, 2, 2. ImageNet ResNets: stem 2,
+    # max-pool 2, stages 1, 2, 2, 2.
+    ("resnet8", 4), ("resnet110", 4), ("resnet50", 32), ("resnext50", 32),
+    ("keras_cv_resnet18_v1", 32), ("resnet50_ride", 32),
+])
+def test_min_image_size_is_the_total_stride(name, stride):
+    assert nbn_keras.backbones.min_image_size(name) == stride
+
+
+def test_at_the_min_image_size_the_last_stage_is_one_pixel():
+    for size, side in ((4, 1), (8, 2), (16, 4)):
+        assert build_backbone("resnet8", (size, size, 3)).output.shape[1:3] == (side, side)
+
+
+def test_activation_elements_sums_every_batched_layer_output():
+    inner = keras.Sequential([keras.Input((8, 8, 4)),
+                              keras.layers.Conv2D(2, 3, strides=2, padding="same"),
+                              keras.layers.ReLU()])
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 1)(inputs)
+    x = inner(x)
+    outputs = keras.layers.Dense(5)(keras.layers.Flatten()(x))
+    # Conv 8*8*4, nested conv and ReLU 2 * 4*4*2, flatten 32, dense 5; the
+    # inputs are not counted.
+    assert nbn_keras.backbones.activation_elements(keras.Model(inputs, outputs)) == (
+        256 + 64 + 32 + 5)

@@ -14,9 +14,11 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
+import types
 import warnings
 import zipfile
 
@@ -28,7 +30,9 @@ from absl import flags
 
 import nbn_keras
 import nbn_keras.data as nbn_data
+from nbn_keras import config as config_lib
 from nbn_keras import export
+from nbn_keras import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
@@ -958,6 +962,158 @@ def export_with_a_temporary_model_name(ctx):
     export.run_from_flags(values)
 
 
+# Training flags: the command's flags parsed and run in this process; each is
+# refused before the run's first file (the case's directory is snapshotted).
+# Digits-LT (IF 10): int(124 * 0.1 ** (i / 9)) training images in class i
+# (124: the smallest class, 174 images, less 30 test and 20 validation ones).
+DIGITS_TRAINING_IMAGES = sum(int(124 * 0.1 ** (i / 9)) for i in range(10))
+
+
+def run_training(ctx, *argv):
+    values = flags.FlagValues()
+    config_lib.define_flags(values)
+    values(["train", "--data=digits_lt", "--backbone=resnet8", "--image_size=16",
+            "--global_batch_size=64", "--epochs=1", "--steps_per_epoch=1", "--verbose=0",
+            "--nopictures", f"--run_dir={ctx.tmp / 'run'}",
+            f"--export_dir={ctx.tmp / 'exports'}", "--model_name=m", *argv])
+    return train.train_and_evaluate(config_lib.from_flags(values))
+
+
+def users_run_dir(ctx):
+    """`<tmp>/run` holding a user's own `model.keras` and `history.csv`."""
+    (ctx.tmp / "run").mkdir()
+    shutil.copyfile(ctx.user / "run" / "best.keras", ctx.tmp / "run" / "model.keras")
+    (ctx.tmp / "run" / "history.csv").write_text("epoch,loss\n0,1.5\n")
+    ctx.ready()
+
+
+@case("training flag", "`--run_dir` holding a user's `model.keras` and `history.csv`",
+      ValueError, r"--run_dir=\S+ holds no run of this project but 2 other entries "
+      r"\(history\.csv, model\.keras\); a run would overwrite them\. .* pass "
+      r"--allow_foreign_run_dir")
+def run_dir_of_someone_else(ctx):
+    users_run_dir(ctx)
+    run_training(ctx)
+
+
+@case("training flag", "the same with `--allow_foreign_run_dir` (and a bad seed)",
+      ValueError, r"^--seed must be in \[0, 2\*\*32\) \(got -1\)\.$")
+def run_dir_of_someone_else_allowed(ctx):
+    users_run_dir(ctx)
+    run_training(ctx, "--allow_foreign_run_dir", "--seed=-1")
+
+
+@case("training flag", "`<export_dir>/<model_name>/` holding a file and a non-version "
+      "directory", ValueError, r"--export_dir=\S+: \S+/exports/m holds 2 entries that "
+      r"are not model versions \(1\.txt, notes\); .*pass --allow_foreign_export_dir")
+def export_dir_of_someone_else(ctx):
+    (ctx.tmp / "exports" / "m" / "notes").mkdir(parents=True)
+    (ctx.tmp / "exports" / "m" / "1.txt").write_text("mine")
+    (ctx.tmp / "exports" / "m" / "3").mkdir()  # A version: not refused.
+    ctx.ready()
+    run_training(ctx)
+
+
+@case("training flag", "`--seed=-1`, `--data_seed=2**32`", ValueError,
+      r"--seed must be in \[0, 2\*\*32\) \(got -1\)\. --data_seed must be in "
+      r"\[0, 2\*\*32\) \(got 4294967296\)")
+def seeds_out_of_range(ctx):
+    run_training(ctx, "--seed=-1", "--data_seed=4294967296")
+
+
+@case("training flag", "`--global_batch_size=100000 --steps_per_epoch=3`", ValueError,
+      rf"--global_batch_size=100000 is larger than the {DIGITS_TRAINING_IMAGES} training "
+      r"images of --data=digits_lt")
+def batch_larger_than_the_training_set(ctx):
+    run_training(ctx, "--global_batch_size=100000", "--steps_per_epoch=3")
+
+
+# ResNet-8 classifier at 16x16 for 10 classes, numbers per image of each layer
+# output: normalize 16*16*3; stem conv, BN, ReLU 3 * 16*16*16; stage 0 (no
+# shortcut) conv, BN, ReLU, conv, BN, add, ReLU 7 * 16*16*16; stage 1 the
+# shortcut's subsample 8*8*16, reshape 8*8*16, channel pad 8*8*32, reshape
+# 8*8*32, and 7 * 8*8*32; stage 2 likewise at 4x4 with 32 -> 64 channels;
+# pooling 64; logits 10. (NBN's shared scale is no per-image output.)
+RESNET8_16_ELEMENTS = (16 * 16 * 3 + 10 * 16 * 16 * 16
+                       + 2 * 8 * 8 * 16 + 9 * 8 * 8 * 32
+                       + 2 * 4 * 4 * 32 + 9 * 4 * 4 * 64 + 64 + 10)
+
+
+@case("training flag", "`--memory_limit_gb=0.01` for a batch needing more", ValueError,
+      r"--global_batch_size=64 at --image_size=16 with --backbone=resnet8 needs about "
+      rf"{64 * RESNET8_16_ELEMENTS * 4 / 1e9:.3g} GB for the activations training keeps "
+      rf"\({RESNET8_16_ELEMENTS} numbers of 4 bytes per image, .*\), more than the "
+      r"0\.01 GB --memory_limit_gb")
+def batch_beyond_the_memory_limit(ctx):
+    run_training(ctx, "--memory_limit_gb=0.01")
+
+
+@case("training flag", "`--global_batch_size=1000` at 512x512 (ResNet-8, this machine's "
+      "memory)", ValueError,
+      r"--global_batch_size=1000 at --image_size=512 with --backbone=resnet8 needs about "
+      r"\d+ GB .*, more than the [\d.]+ GB memory of this machine")
+def batch_beyond_the_machines_memory(ctx):
+    # About 7e7 numbers per 512x512 image: 300 GB for the batch. The data
+    # set is a stand-in of 1000 images (only its size and shape are read).
+    ctx.request.getfixturevalue("monkeypatch").setattr(
+        train, "load_data", lambda config: types.SimpleNamespace(
+            train_split=range(1000), num_classes=2, image_shape=(512, 512, 3),
+            mean=None, std=None))
+    run_training(ctx, "--global_batch_size=1000", "--image_size=512")
+
+
+@case("training flag", "`--image_size=1`", ValueError,
+      r"--image_size=1 is smaller than 4, the smallest input of --backbone=resnet8 "
+      r"\(its total stride: at 4x4 its last stage is 1x1\)")
+def image_smaller_than_the_network(ctx):
+    run_training(ctx, "--image_size=1")
+
+
+@case("training flag", "`--image_size=16` for ResNet-50", ValueError,
+      r"--image_size=16 is smaller than 32, the smallest input of --backbone=resnet50")
+def image_smaller_than_resnet50(ctx):
+    run_training(ctx, "--image_size=16", "--backbone=resnet50")
+
+
+@case("training flag", "`TF_CONFIG` naming one address for two workers", ValueError,
+      r"TF_CONFIG names the address localhost:1 twice \(worker 0 and worker 1\); every "
+      r"task needs its own host:port")
+def cluster_address_named_twice(ctx):
+    ctx.request.getfixturevalue("monkeypatch").setenv("TF_CONFIG", json.dumps(
+        {"cluster": {"worker": ["localhost:1", "localhost:1"]},
+         "task": {"type": "worker", "index": 0}}))
+    run_training(ctx)
+
+
+@case("training flag", "`TF_CONFIG` naming a worker nobody runs, `--cluster_timeout=1`",
+      ValueError, r"This worker \(127\.0\.0\.1:\d+\) could not reach worker 1 at "
+      r"127\.0\.0\.1:\d+ within --cluster_timeout=1 s")
+def cluster_peer_unreachable(ctx):
+    ports = []
+    for _ in range(2):  # Two free loopback ports, nobody listening.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    ctx.request.getfixturevalue("monkeypatch").setenv("TF_CONFIG", json.dumps(
+        {"cluster": {"worker": [f"127.0.0.1:{port}" for port in ports]},
+         "task": {"type": "worker", "index": 0}}))
+    run_training(ctx, "--cluster_timeout=1")
+
+
+@case("export flag", "`<base_dir>/<model_name>/` holding a user's file", SystemExit,
+      r"nbn_keras\.export: error: \S+/m holds 1 entry that is not a model version "
+      r"\(notes\.txt\); .*pass allow_foreign_files=True \(--allow_foreign_export_dir\)")
+def export_next_to_someone_elses_file(ctx):
+    (ctx.tmp / "served" / "m").mkdir(parents=True)
+    (ctx.tmp / "served" / "m" / "notes.txt").write_text("mine")
+    ctx.ready()
+    values = flags.FlagValues()
+    export.define_flags(values)
+    values(["export", f"--base_dir={ctx.tmp / 'served'}", "--model_name=m",
+            f"--model={ctx.user / 'run' / 'best.keras'}"])
+    export.run_from_flags(values)
+
+
 # --------------------------------------------------------------------------
 # The test.
 
@@ -1011,5 +1167,5 @@ def test_at_least_thirty_cases_in_every_group():
         groups.setdefault(c.group, []).append(c.id)
     assert len(CASES) >= 30
     assert set(groups) == {"list file", "image file", "serving input", ".keras file",
-                           "export flag"}
+                           "export flag", "training flag"}
     assert len({c.id for c in CASES}) == len(CASES)

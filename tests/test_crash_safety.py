@@ -88,6 +88,24 @@ def test_a_killed_run_ends_as_the_uninterrupted_one(uninterrupted, tmp_path, kil
     assert not (run_dir / "backup").exists()
 
 
+def test_sigint_and_sigterm_end_the_run_with_one_line_and_it_resumes(uninterrupted, tmp_path):
+    run_dir, export_dir = tmp_path / "run", tmp_path / "export"
+    for kill_at, status in (("batch:3:SIGINT", 130), ("export:1:SIGTERM", 143)):
+        stopped = train_command(run_dir, export_dir, kill_at=kill_at)
+        assert stopped.returncode == status, stopped.stderr[-3000:]
+        name = kill_at.split(":")[-1]
+        assert stopped.stderr.splitlines()[-1] == (
+            f"Stopped by {name}: the run's files are kept; run the same command again to "
+            "resume it.")
+        assert "Traceback" not in stopped.stderr
+    # Stopped in the export: the SavedModel was written, not yet renamed.
+    assert [n for n in os.listdir(export_dir / "digits") if not n.startswith(".tmp-")] == []
+    assert run_until_done(run_dir, export_dir) == 1
+    expected = json.loads((uninterrupted / "run" / "test_metrics.json").read_text())
+    assert json.loads((run_dir / "test_metrics.json").read_text()) == expected
+    assert sorted(os.listdir(export_dir / "digits")) == ["1"]
+
+
 def test_a_second_process_is_refused_with_the_holders_pid(tmp_path):
     run_dir = tmp_path / "run"
     os.makedirs(run_dir)

@@ -220,12 +220,21 @@ def test_versions(tmp_path):
     assert export.export_for_serving(model, base, "m").endswith(os.sep + "2")
     with pytest.raises(FileExistsError, match="Version 2"):
         export.export_for_serving(model, base, "m", version=2)
-    # Leftovers of an interrupted export and other non-integer names.
+    # Leftovers of an interrupted export and other non-integer names; a
+    # file that is not ours is refused unless allowed.
     os.makedirs(tmp_path / "m" / ".tmp-3-abc")
     (tmp_path / "m" / "README").write_text("notes")
+    (tmp_path / "m" / "4").write_text("a file, not a version")
+    assert export.foreign_entries(str(tmp_path / "m")) == ["4", "README"]
+    os.remove(tmp_path / "m" / "4")
     assert export.next_version(str(tmp_path / "m")) == 3
-    assert export.export_for_serving(model, base, "m", version=9).endswith("9")
-    assert export.export_for_serving(model, base, "m").endswith(os.sep + "10")
+    with pytest.raises(ValueError, match=r"m holds 1 entry that is not a model version "
+                       r"\(README\)"):
+        export.export_for_serving(model, base, "m")
+    assert export.export_for_serving(model, base, "m", version=9,
+                                     allow_foreign_files=True).endswith("9")
+    assert export.export_for_serving(model, base, "m",
+                                     allow_foreign_files=True).endswith(os.sep + "10")
     # Only finished versions (and the leftovers) are in the model directory.
     assert sorted(os.listdir(tmp_path / "m")) == [
         ".tmp-3-abc", "1", "10", "2", "9", "README"

@@ -5,9 +5,11 @@ import glob
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import keras
 import numpy as np
@@ -428,6 +430,27 @@ def test_multi_worker_mirrored_strategy_on_localhost(tmp_path):
     figures = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
     assert figures["steps_trained"] == 2
     assert (tmp_path / "run" / "workers" / "1" / "flags.cfg").exists()
+
+
+def test_sigterm_ends_a_worker_waiting_for_its_cluster(tmp_path):
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]  # Nobody at the second.
+    env = dict(os.environ, TF_CONFIG=json.dumps(
+        {"cluster": {"worker": workers}, "task": {"type": "worker", "index": 0}}))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nbn_keras.train", f"--run_dir={tmp_path}/run",
+         "--noexport", "--cluster_timeout=600"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    waiting = process.stdout.readline()
+    assert waiting == f"Waiting up to 600 s for worker 1 at {workers[1]}.\n"
+    start = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143
+    assert time.monotonic() - start < 10
+    assert stderr.splitlines()[-1] == ("Stopped by SIGTERM: the run's files are kept; run "
+                                       "the same command again to resume it.")
+    assert "Traceback" not in stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
