@@ -107,9 +107,12 @@ def test_saved_model_cli_shows_both_signatures(tmp_path):
         )
 
 
-_LOAD_SCRIPT = textwrap.dedent(
+# Checks exports in a process that cannot import nbn_keras: `load.py
+# cases.json` checks one file of cases; `load.py -` checks each cases file
+# named on a line of stdin, answering a line each (TensorFlow loads once).
+LOAD_SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import json, sys, traceback
     sys.modules["nbn_keras"] = None  # importing nbn_keras must fail
     try:
         import nbn_keras
@@ -120,26 +123,41 @@ _LOAD_SCRIPT = textwrap.dedent(
     import numpy as np
     import tensorflow as tf
 
-    for case in json.load(open(sys.argv[1])):
-        served = tf.saved_model.load(case["dir"])
-        expected = np.load(case["expected"])
-        if "images" in case:
-            outputs = served.signatures["serving_default"](
-                images=tf.constant(np.load(case["images"])))
-        else:
-            data = [open(f, "rb").read() for f in case["bytes"]]
-            outputs = served.signatures["serve_image_bytes"](
-                image_bytes=tf.constant(data))
-        logits = outputs["logits"].numpy()
-        np.testing.assert_allclose(logits, expected, atol=1e-5, err_msg=str(case))
-        probs = np.exp(expected - expected.max(1, keepdims=True))
-        probs /= probs.sum(1, keepdims=True)
-        np.testing.assert_allclose(outputs["probabilities"].numpy(), probs,
-                                   atol=1e-6)
-        assert outputs["classes"].dtype == tf.int64
-        np.testing.assert_array_equal(outputs["classes"].numpy(),
-                                      expected.argmax(1))
-    print("checked", len(json.load(open(sys.argv[1]))))
+    def check(cases_file):
+        cases = json.load(open(cases_file))
+        for case in cases:
+            served = tf.saved_model.load(case["dir"])
+            expected = np.load(case["expected"])
+            if "images" in case:
+                images = tf.constant(np.load(case["images"]))
+                calls = [served.signatures[name](images=images)
+                         for name in ("serving_default", "serve")]
+            else:
+                data = [open(f, "rb").read() for f in case["bytes"]]
+                calls = [served.signatures["serve_image_bytes"](
+                    image_bytes=tf.constant(data))]
+            for outputs in calls:
+                logits = outputs["logits"].numpy()
+                np.testing.assert_allclose(logits, expected, atol=1e-5,
+                                           err_msg=str(case))
+                probs = np.exp(expected - expected.max(1, keepdims=True))
+                probs /= probs.sum(1, keepdims=True)
+                np.testing.assert_allclose(outputs["probabilities"].numpy(), probs,
+                                           atol=1e-6)
+                assert outputs["classes"].dtype == tf.int64
+                np.testing.assert_array_equal(outputs["classes"].numpy(),
+                                              expected.argmax(1))
+        return f"checked {len(cases)}"
+
+    if sys.argv[1] != "-":
+        print(check(sys.argv[1]))
+    else:
+        for line in sys.stdin:
+            try:
+                answer = check(line.strip())
+            except Exception:
+                answer = "failed: " + traceback.format_exc().replace("\\n", " | ")
+            print(answer, flush=True)
     """
 )
 
@@ -183,7 +201,7 @@ def test_fresh_process_without_nbn_keras_gives_same_predictions(tmp_path):
     assert b"nbn_keras" not in saved
 
     (tmp_path / "cases.json").write_text(json.dumps(cases))
-    (tmp_path / "load.py").write_text(_LOAD_SCRIPT)
+    (tmp_path / "load.py").write_text(LOAD_SCRIPT)
     result = subprocess.run(
         [sys.executable, "-I", str(tmp_path / "load.py"),
          str(tmp_path / "cases.json")],
