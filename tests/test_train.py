@@ -34,6 +34,7 @@ TWINS = {
        for f in (10, 50, 100) for arm in ("bn", "nbn")},
     **{f"cifar100_lt_if{f}_{arm}.cfg": "cifar100_lt_if100_bn.cfg"
        for f in (10, 50, 100) for arm in ("bn", "nbn")},
+    "digits_lt_bn.cfg": "digits_lt_nbn.cfg",
     "imagenet_lt_resnet50_bn.cfg": "imagenet_lt_resnet50_nbn.cfg",
     "imagenet_lt_resnext50_nbn.cfg": "imagenet_lt_resnext50_bn.cfg",
     # Also differs in its head (a linear layer, built and checked against
