@@ -4,7 +4,6 @@ import re
 
 import keras
 
-from nbn_keras.layers import GroupedConv2D
 from nbn_keras.layers import NBNScale
 from nbn_keras.layers import NormalizedBatchNormalization
 
@@ -329,20 +328,34 @@ def convert_to_nbn(
     return converted
 
 
-def fold_nbn(model):
-    """Returns a copy of `model` with every NBN layer folded into a plain BN.
+def has_fold_hook(layer):
+    """Whether `layer` says how it folds into stock layers for export.
 
-    A trained NBN layer is exactly a BatchNormalization layer whose gamma and
-    beta are NBN's effective ones, so the result gives the same inference
-    outputs and contains stock Keras layers only. This is the model to export
-    and serve. `NBNScale` layers disappear, and `GroupedConv2D` layers become
-    the stock `Conv2D` they are equal to.
+    A layer says so with a method `stock_equivalent()` returning the stock
+    Keras layer that computes what it computes in inference, weights set,
+    or `None` when folding makes it unused (an `NBNScale`, whose value its
+    NBN layers take into their gamma and beta). Every nbn_keras layer has
+    one; `fold_nbn` calls them.
+    """
+    return callable(getattr(layer, "stock_equivalent", None))
+
+
+def fold_nbn(model):
+    """Returns a copy of `model` with every foldable layer made stock.
+
+    Each layer with a fold hook (`has_fold_hook`) is replaced by its
+    `stock_equivalent()`: a trained NBN layer is exactly a BatchNormalization
+    layer whose gamma and beta are NBN's effective ones, a `GroupedConv2D`
+    the stock `Conv2D` it equals, a RIDE `ExpertAverage` a
+    `GlobalAveragePooling1D` over the experts; `NBNScale` layers disappear.
+    The result gives the same inference outputs with stock Keras layers
+    only. This is the model to export and serve.
 
     Args:
         model: A functional or Sequential Keras model.
 
     Returns:
-        A new `keras.Model` without any nbn_keras layer.
+        A new `keras.Model`.
 
     Example:
 
@@ -352,28 +365,13 @@ def fold_nbn(model):
     model = _as_functional(model)
 
     def make_stock(layer):
-        if isinstance(layer, NormalizedBatchNormalization):
-            return layer.to_batch_normalization(_shared_scale_value(layer))
-        if isinstance(layer, GroupedConv2D):
-            return layer.to_conv2d()
-        return None
+        return layer.stock_equivalent() if has_fold_hook(layer) else None
 
     def call_without_scale(layer, *args, **kwargs):
         kwargs.pop("scale", None)
         return layer(*args, **kwargs)
 
     return _clone(model, make_stock, call_without_scale)
-
-
-def _shared_scale_value(nbn_layer):
-    """The value of `nbn_layer`'s shared scale, or `None` if it owns one."""
-    if not nbn_layer.shared_scale:
-        return None
-    for node in nbn_layer._inbound_nodes:
-        scale = node.arguments.kwargs.get("scale")
-        if scale is not None:
-            return scale._keras_history.operation.value()
-    raise ValueError(f"Layer '{nbn_layer.name}' is not connected to a scale.")
 
 
 def _as_functional(model):

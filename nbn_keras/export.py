@@ -3,7 +3,9 @@
 The export is written to `<base_dir>/<model_name>/<version>/`, the layout
 TF Serving polls, and contains stock TensorFlow ops only: NBN layers are
 folded into plain BatchNormalization first, so serving needs neither Python
-nor nbn_keras. Two signatures:
+nor nbn_keras (every layer that says how it folds, through its
+`stock_equivalent` method, is folded: see `nbn_keras.conversion.fold_nbn`;
+a RIDE model serves the mean of its experts' logits). Two signatures:
 
 - `serving_default` (also `serve`): `images`, float32 `[batch, H, W, C]` raw
   pixels in [0, 255], exactly as the training pipeline yields them (the
@@ -52,6 +54,7 @@ from nbn_keras import interrupts
 from nbn_keras import run_files
 from nbn_keras import saving
 from nbn_keras.conversion import fold_nbn
+from nbn_keras.conversion import has_fold_hook
 from nbn_keras.conversion import leaf_layers
 from nbn_keras.data import transforms
 
@@ -232,15 +235,15 @@ def encoded_image_size(image_bytes):
     return tf.switch_case(tf.cast(kind, tf.int32), [jpeg, png, gif, bmp, unknown])
 
 
-def _is_nbn_layer(layer):
-    return type(layer).__module__.startswith("nbn_keras")
-
-
 def _stock_model(model):
-    """`model` with NBN folded away; raises if a custom layer would remain."""
-    if any(_is_nbn_layer(layer) for layer in leaf_layers(model)):
+    """`model` folded (`fold_nbn`); raises if a layer that should fold remains.
+
+    What folds is what the layers say (`has_fold_hook`), not where their
+    class comes from.
+    """
+    if any(has_fold_hook(layer) for layer in leaf_layers(model)):
         model = fold_nbn(model)
-    left = sorted(l.name for l in leaf_layers(model) if _is_nbn_layer(l))
+    left = sorted(l.name for l in leaf_layers(model) if has_fold_hook(l))
     if left:
         raise ValueError(f"Layers {left} could not be folded into stock layers.")
     return model
@@ -496,8 +499,10 @@ def export_for_serving(
 ):
     """Exports an image classifier for TF Serving; returns the version dir.
 
-    The model is folded with `nbn_keras.conversion.fold_nbn` when it has NBN
-    layers, so the SavedModel holds stock ops only. It is written to a
+    The model is folded with `nbn_keras.conversion.fold_nbn` when it has
+    layers with a fold hook (NBN, `GroupedConv2D`, RIDE's `ExpertAverage`:
+    a RIDE model serves the mean of its experts' logits), so the SavedModel
+    holds stock ops only. It is written to a
     temporary directory next to the target (ignored by TF Serving, whose
     versions are integer names), made world-readable (directories 0755,
     files 0644, whatever the umask), synced to disk and renamed into place,

@@ -371,6 +371,28 @@ class NormalizedBatchNormalization(keras.layers.BatchNormalization):
         bn.moving_variance.assign(self.moving_variance)
         return bn
 
+    def stock_equivalent(self):
+        """The stock layer that replaces this one on export (the fold hook).
+
+        `nbn_keras.fold_nbn`, and so the exporter, replaces every layer that
+        has this method by what it returns. Here: `to_batch_normalization`
+        with the value of the connected shared scale, if any.
+
+        Returns:
+            A new `keras.layers.BatchNormalization`.
+        """
+        return self.to_batch_normalization(self._connected_scale_value())
+
+    def _connected_scale_value(self):
+        """The value of the shared scale feeding this layer, or `None`."""
+        if not self.shared_scale:
+            return None
+        for node in self._inbound_nodes:
+            scale = node.arguments.kwargs.get("scale")
+            if scale is not None:
+                return scale._keras_history.operation.value()
+        raise ValueError(f"Layer '{self.name}' is not connected to a scale.")
+
     def _nbn_config(self):
         """The constructor arguments NBN adds to BatchNormalization's."""
         return {
@@ -445,6 +467,16 @@ class NBNScale(keras.layers.Layer):
             return ops.stack([s.value for s in self.scales])
         return self.scales[0].value
 
+    def stock_equivalent(self):
+        """`None`: folding drops the layer (the fold hook).
+
+        Its value is folded into the gamma and beta of the NBN layers it
+        feeds (`NormalizedBatchNormalization.stock_equivalent`), after which
+        nothing reads it. One that still feeds a layer after folding stops
+        the export.
+        """
+        return None
+
     def compute_output_spec(self, inputs):
         shape = (2,) if self.separate_scales else ()
         return keras.KerasTensor(shape, dtype=self.variable_dtype)
@@ -485,7 +517,7 @@ class GroupedConv2D(keras.layers.Conv2D):
     TensorFlow sees only CPUs, this layer runs one convolution per group and
     concatenates the results; otherwise (GPU, other backends) it is exactly
     `keras.layers.Conv2D`. `nbn_keras.fold_nbn` (and so the exporter)
-    replaces it with a stock `Conv2D`.
+    replaces it with a stock `Conv2D` (`stock_equivalent`).
 
     Args:
         **kwargs: The arguments of `keras.layers.Conv2D`.
@@ -512,6 +544,10 @@ class GroupedConv2D(keras.layers.Conv2D):
             )
         ]
         return ops.concatenate(outputs, axis=axis)
+
+    def stock_equivalent(self):
+        """The fold hook: `to_conv2d`."""
+        return self.to_conv2d()
 
     def to_conv2d(self):
         """Returns the stock `keras.layers.Conv2D` with this layer's weights."""

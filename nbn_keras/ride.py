@@ -18,7 +18,9 @@ and the shortcut BN), one `NBNScale` per expert, as in their
 
 The classifier has one output, the mean logits (layer `"logits"`, an
 `ExpertAverage`), so training metrics, evaluation, folding and the TF Serving
-export treat it as any classifier. `nbn_keras.ride_loss.RIDELoss` reads the
+export treat it as any classifier; folding makes the layer a stock
+`GlobalAveragePooling1D`, so the export serves the mean of the experts'
+logits. `nbn_keras.ride_loss.RIDELoss` reads the
 per-expert logits from that layer during the training step.
 
 Reference:
@@ -70,6 +72,13 @@ class ExpertAverage(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], input_shape[2])
+
+    def stock_equivalent(self):
+        """The fold hook: a `GlobalAveragePooling1D`, the mean over axis 1.
+
+        The served RIDE model so outputs the mean of the experts' logits.
+        """
+        return layers.GlobalAveragePooling1D(dtype=self.dtype_policy, name=self.name)
 
 
 def take_recorded_expert_logits():

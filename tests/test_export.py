@@ -122,9 +122,12 @@ def test_saved_model_cli_shows_both_signatures(tmp_path):
         )
 
 
-_LOAD_SCRIPT = textwrap.dedent(
+# Checks exports in a process that cannot import nbn_keras: `load.py
+# cases.json` checks one file of cases; `load.py -` checks each cases file
+# named on a line of stdin, answering a line each (TensorFlow loads once).
+LOAD_SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import json, sys, traceback
     sys.modules["nbn_keras"] = None  # importing nbn_keras must fail
     try:
         import nbn_keras
@@ -135,26 +138,43 @@ _LOAD_SCRIPT = textwrap.dedent(
     import numpy as np
     import tensorflow as tf
 
-    for case in json.load(open(sys.argv[1])):
-        served = tf.saved_model.load(case["dir"])
-        expected = np.load(case["expected"])
-        if "images" in case:
-            outputs = served.signatures["serving_default"](
-                images=tf.constant(np.load(case["images"])))
-        else:
-            data = [open(f, "rb").read() for f in case["bytes"]]
-            outputs = served.signatures["serve_image_bytes"](
-                image_bytes=tf.constant(data))
-        logits = outputs["logits"].numpy()
-        np.testing.assert_allclose(logits, expected, atol=1e-5, err_msg=str(case))
-        probs = np.exp(expected - expected.max(1, keepdims=True))
-        probs /= probs.sum(1, keepdims=True)
-        np.testing.assert_allclose(outputs["probabilities"].numpy(), probs,
-                                   atol=1e-6)
-        assert outputs["classes"].dtype == tf.int64
-        np.testing.assert_array_equal(outputs["classes"].numpy(),
-                                      expected.argmax(1))
-    print("checked", len(json.load(open(sys.argv[1]))))
+    def check(cases_file):
+        cases = json.load(open(cases_file))
+        for case in cases:
+            served = tf.saved_model.load(case["dir"])
+            expected = np.load(case["expected"])
+            if "images" in case:
+                images = tf.constant(np.load(case["images"]))
+                calls = [served.signatures[name](images=images)
+                         for name in ("serving_default", "serve")]
+            else:
+                data = [open(f, "rb").read() for f in case["bytes"]]
+                calls = [served.signatures["serve_image_bytes"](
+                    image_bytes=tf.constant(data))]
+            for outputs in calls:
+                logits = outputs["logits"].numpy()
+                # Folded BN rounds differently: large logits differ by ~1e-6
+                # relatively.
+                np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5,
+                                           equal_nan=False, err_msg=str(case))
+                probs = np.exp(expected - expected.max(1, keepdims=True))
+                probs /= probs.sum(1, keepdims=True)
+                np.testing.assert_allclose(outputs["probabilities"].numpy(), probs,
+                                           atol=1e-5)
+                assert outputs["classes"].dtype == tf.int64
+                np.testing.assert_array_equal(outputs["classes"].numpy(),
+                                              expected.argmax(1))
+        return f"checked {len(cases)}"
+
+    if sys.argv[1] != "-":
+        print(check(sys.argv[1]))
+    else:
+        for line in sys.stdin:
+            try:
+                answer = check(line.strip())
+            except Exception:
+                answer = "failed: " + traceback.format_exc().replace("\\n", " | ")
+            print(answer, flush=True)
     """
 )
 
@@ -203,7 +223,7 @@ def test_fresh_process_without_nbn_keras_gives_same_predictions(tmp_path):
         assert b"nbn_keras" not in saved
 
     (tmp_path / "cases.json").write_text(json.dumps(cases))
-    (tmp_path / "load.py").write_text(_LOAD_SCRIPT)
+    (tmp_path / "load.py").write_text(LOAD_SCRIPT)
     result = subprocess.run(
         [sys.executable, "-I", str(tmp_path / "load.py"),
          str(tmp_path / "cases.json")],
@@ -308,6 +328,45 @@ def test_bad_models_and_arguments(tmp_path):
     (tmp_path / "w.weights.h5").write_bytes(b"")
     with pytest.raises(ValueError, match=r"\.keras"):
         export.export_keras_file(str(tmp_path / "w.weights.h5"), str(tmp_path))
+
+
+class DoubledDense(keras.layers.Dense):
+    """Twice a Dense layer's outputs; says it folds into a stock Dense."""
+
+    def call(self, inputs):
+        return 2.0 * super().call(inputs)
+
+    def stock_equivalent(self):
+        dense = keras.layers.Dense.from_config(self.get_config())
+        dense.build_from_config(self.get_build_config())
+        dense.set_weights([2.0 * w for w in self.get_weights()])
+        return dense
+
+
+class VanishingIdentity(keras.layers.Layer):
+    """Says folding drops it, but its output is the model's."""
+
+    def call(self, inputs):
+        return inputs
+
+    def stock_equivalent(self):
+        return None
+
+
+def test_layers_fold_as_they_declare_whatever_their_module(tmp_path):
+    inputs = keras.Input((3,), name="images")
+    model = keras.Model(inputs, DoubledDense(2, name="head")(inputs))
+    x = np.random.default_rng(7).normal(size=(4, 3)).astype("float32")
+    kernel, bias = model.get_layer("head").get_weights()
+    folded = export.fold_nbn(model)
+    assert type(folded.get_layer("head")) is keras.layers.Dense
+    np.testing.assert_allclose(folded(x), 2.0 * (x @ kernel + bias), atol=1e-5)
+    images = keras.Input((2, 2, 1), name="images")
+    kept = keras.Model(images, keras.layers.GlobalAveragePooling2D()(
+        VanishingIdentity(name="kept")(images)))
+    with pytest.raises(ValueError, match=r"Layers \['kept'\] could not be folded"):
+        export.export_for_serving(kept, str(tmp_path), "kept")
+    assert not (tmp_path / "kept").exists()
 
 
 def test_command_line_exports_a_keras_file(tmp_path):

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import select
 import socket
 import subprocess
 import sys
@@ -19,13 +20,16 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 from nbn_keras import config as config_lib
+from nbn_keras import ride
 from nbn_keras import train
 from tests.test_bad_inputs import jpeg_cut_after_scan_header
 from tests.test_data_fashion_mnist import write_fashion_mnist
+from tests.test_export import ENV as SERVE_ENV
+from tests.test_export import LOAD_SCRIPT as SERVE_SCRIPT
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.cfg")))
-# Every config either trains a step in `test_config_trains_and_reports` or
+# Every config either trains a step in `test_config_trains_reports_and_serves` or
 # differs from its twin here, which does, only in the data set's imbalance
 # factor and the NBN switch (`test_untrained_configs_differ_from_a_trained_twin`).
 TWINS = {
@@ -35,6 +39,7 @@ TWINS = {
        for f in (10, 50, 100) for arm in ("bn", "nbn")},
     **{f"fashion_mnist_lt_if{f}_{arm}.cfg": "fashion_mnist_lt_if100_nbn.cfg"
        for f in (10, 100) for arm in ("bn", "nbn")},
+    "digits_lt_bn.cfg": "digits_lt_nbn.cfg",
     "imagenet_lt_resnet50_bn.cfg": "imagenet_lt_resnet50_nbn.cfg",
     "imagenet_lt_resnext50_nbn.cfg": "imagenet_lt_resnext50_bn.cfg",
     # Also differs in its head (a linear layer, built and checked against
@@ -59,7 +64,7 @@ TRAINED_CONFIGS = [c for c in CONFIGS
                    if TWINS.get(os.path.basename(c), os.path.basename(c))
                    == os.path.basename(c)]
 TWIN_MAY_DIFFER = {"imbalance_factor", "nbn", "run_dir", "model_name"}
-LIST_FILE_FLAGS = ("data", "num_classes", "image_root", "train_list", "val_list",
+LIST_FILE_FIELDS = ("data", "num_classes", "image_root", "train_list", "val_list",
                    "test_list")
 TWIN_ALSO_DIFFERS = {
     "imagenet_lt_ride_bn.cfg": {"nbn_selection", "head"},
@@ -68,11 +73,9 @@ TWIN_ALSO_DIFFERS = {
     "imagenet_lt_resnet50_fcbn_notaffine_nbn.cfg": {"head"},
     "imagenet_lt_resnet50_crt_nbn.cfg": {"init_from", "train_only_head", "sampler",
                                          "samples_per_class", "epochs"},
-    **{f"{data}_resnet50_{arm}.cfg": set(LIST_FILE_FLAGS)
+    **{f"{data}_resnet50_{arm}.cfg": set(LIST_FILE_FIELDS)
        for data in ("inaturalist", "places_lt") for arm in ("bn", "nbn")},
 }
-# List-file families: the ImageNet-LT recipe's networks on the lists of each.
-LIST_FILE_FAMILIES = ("imagenet_lt", "inaturalist", "places_lt")
 QUICK = ["--epochs=1", "--steps_per_epoch=1", "--verbose=0"]
 # The smallest digits network, for tests of the command rather than of a config.
 SMALL = ["--backbone=resnet8", "--image_size=16", "--nopictures"]
@@ -135,30 +138,136 @@ def refuse_json_constant(name):
     raise ValueError(f"not strict JSON: {name}")
 
 
-def data_overrides(config, tmp_path):
+LIST_FILES = "list_files"  # JPEG list files written by `write_jpeg_list_files`.
+FASHION_MNIST = "fashion_mnist_idx"  # idx files written by `write_fashion_mnist`.
+# How each config family runs at a tiny size: config-name prefix -> (data,
+# extra flags). The longest matching prefix wins; a list-file family (an
+# ImageNet-LT-like data set) is one line. Notes:
+# - List files: the networks at 32x32 instead of 224x224 (the same layers,
+#   the last stage at 1x1, at a fiftieth of the cost), in float32: at this
+#   size and batch all 8 float16 steps of ResNet-50 and ResNeXt-50
+#   overflowed in trials. Float16 training: test_float16_training_applies_a_step.
+# - ResNet-50 / ResNeXt-50 at this size (batch 2, last stage 1x1: each BN
+#   there normalises 2 values) get gradients of ~1e7 in their first layers,
+#   so one step at the recipe's rate makes their kernels ~1e4 and inference
+#   logits NaN (measured): a rate of 1e-9 keeps the step and the model finite.
+# - CIFAR: mock TFDS data, a small head class so a split holds every class.
+# - Fashion-MNIST: generated idx files with their own checksums, and an
+#   empty TFDS data directory so that no prepared copy is read instead.
+# - iNaturalist and Places-LT: not trained here, twins of
+#   imagenet_lt_resnet50_nbn.cfg (the same network, command and transforms
+#   but iNaturalist's mean/std); a ResNet-50 run costs 30-60 s of the suite's
+#   20 minutes. Their recipes: test_list_file_recipes_...; their data sets
+#   are loaded and scored by the evaluation command in test_evaluate.py.
+FAMILIES = {
+    "imagenet_lt": (LIST_FILES, ["--learning_rate=1e-9"]),
+    "imagenet_lt_ride": (LIST_FILES, ["--ride_experts=2"]),
+    "cifar10_lt": ("mock_cifar10", ["--n_max=100", "--global_batch_size=16"]),
+    "cifar100_lt": ("mock_cifar100", ["--n_max=100", "--global_batch_size=16"]),
+    "digits_lt": ("digits", []),
+    "effect_study": ("digits", []),
+    "fashion_mnist_lt": (FASHION_MNIST, []),
+}
+# The tiny lists have 3 classes (the configs' class counts:
+# test_list_file_recipes_...).
+LIST_FILE_FLAGS = ["--global_batch_size=2", "--image_size=32", "--nopictures",
+                   "--mixed_precision=none", "--num_classes=3"]
+
+
+def config_family(config):
+    """`(data, extra flags)` of a config file, from `FAMILIES`."""
     name = os.path.basename(config)
-    if name.startswith(LIST_FILE_FAMILIES):
-        # The ImageNet-LT networks at 32x32 instead of 224x224 (the same
-        # layers, the last stage at 1x1, at a fiftieth of the cost), in
-        # float32: at this size and batch all 8 float16 steps of ResNet-50
-        # and ResNeXt-50 overflowed in trials. Float16 training:
-        # test_float16_training_applies_a_step. The tiny lists have 3
-        # classes (the configs' class counts: test_list_file_recipes_...).
-        return write_jpeg_list_files(str(tmp_path / "images")) + [
-            "--global_batch_size=2", "--image_size=32", "--nopictures",
-            "--mixed_precision=none", "--num_classes=3"]
-    if name.startswith("fashion_mnist"):
-        # Generated idx files with their own checksums; an empty TFDS data
-        # directory so that no prepared copy is read instead.
+    prefix = max((p for p in FAMILIES if name.startswith(p)), key=len, default=None)
+    assert prefix, f"{name} belongs to no family of FAMILIES"
+    return FAMILIES[prefix]
+
+
+def data_overrides(config, tmp_path):
+    data, extra = config_family(config)
+    if data == LIST_FILES:
+        return write_jpeg_list_files(str(tmp_path / "images")) + LIST_FILE_FLAGS + extra
+    if data == FASHION_MNIST:
         _, sha256sums = write_fashion_mnist(str(tmp_path / "fashion"), 102, 2)
         os.makedirs(tmp_path / "no_tfds")
         return [f"--fashion_mnist_dir={tmp_path / 'fashion'}",
                 f"--fashion_mnist_sha256={sha256sums}", f"--data_dir={tmp_path / 'no_tfds'}",
-                "--fashion_mnist_val_per_class=2", "--n_max=100", "--global_batch_size=16"]
-    if name.startswith("cifar"):
-        # Small head class so a mock split holds every class (tail >= 1).
-        return ["--n_max=100", "--global_batch_size=16"]
-    return []
+                "--fashion_mnist_val_per_class=2", "--n_max=100", "--global_batch_size=16",
+                *extra]
+    return extra
+
+
+def serving_inputs(model, tmp_path, count=3):
+    """Encoded images and the pixels the model sees for them, independently.
+
+    Random 40x48 images as PNG files, decoded and resized to the model's
+    input with TensorFlow's own ops (the exported `serve_image_bytes`
+    resizes small-image models bilinearly with antialiasing).
+    """
+    height, width, channels = model.inputs[0].shape[1:]
+    rng = np.random.default_rng(5)
+    paths, pixels = [], []
+    for i in range(count):
+        image = rng.integers(0, 256, (40, 48, channels), np.uint8)
+        paths.append(str(tmp_path / f"serve_{i}.png"))
+        tf.io.write_file(paths[-1], tf.io.encode_png(image))
+        decoded = tf.io.decode_png(tf.io.read_file(paths[-1]), channels=channels)
+        pixels.append(tf.image.resize(tf.cast(decoded, tf.float32), [height, width],
+                                      antialias=True).numpy())
+    return paths, np.stack(pixels)
+
+
+def expected_logits(model, pixels, is_ride):
+    """`model`'s logits; for RIDE, the experts' mean computed here by hand."""
+    logits = np.asarray(model(pixels, training=False))
+    if not is_ride:
+        return logits
+    experts = np.asarray(keras.Model(model.inputs, model.get_layer("expert_logits").output)(
+        pixels, training=False), np.float64)
+    assert experts.shape == (len(pixels), 2, logits.shape[-1])  # --ride_experts=2
+    by_hand = (experts[:, 0] + experts[:, 1]) / 2
+    np.testing.assert_allclose(logits, by_hand, atol=1e-5)
+    return by_hand.astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def serving_process(tmp_path_factory):
+    """A process that cannot import nbn_keras, checking exports on request.
+
+    `tests.test_export.LOAD_SCRIPT` reading cases files from stdin: one
+    TensorFlow start for every config's check.
+    """
+    root = tmp_path_factory.mktemp("serving")
+    (root / "serve.py").write_text(SERVE_SCRIPT)
+    with open(root / "stderr.txt", "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-I", str(root / "serve.py"), "-"], cwd=root, env=SERVE_ENV,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    process.stderr_path = root / "stderr.txt"
+    yield process
+    process.kill()  # Its exit is slow; it holds nothing to flush.
+    process.wait(timeout=60)
+
+
+def check_served_without_nbn_keras(server, run_dir, version_dir, tmp_path, is_ride=False):
+    """Serves the export in a process that cannot import nbn_keras (`server`).
+
+    Both signatures must give the logits of `model.keras` (loaded here, with
+    nbn_keras imported) on the same images.
+    """
+    model = keras.models.load_model(run_dir / "model.keras", compile=False)
+    paths, pixels = serving_inputs(model, tmp_path)
+    np.save(tmp_path / "expected.npy", expected_logits(model, pixels, is_ride))
+    np.save(tmp_path / "pixels.npy", pixels)
+    case = {"dir": str(version_dir), "expected": str(tmp_path / "expected.npy")}
+    cases = [dict(case, images=str(tmp_path / "pixels.npy")), dict(case, bytes=paths)]
+    assert b"nbn_keras" not in (version_dir / "saved_model.pb").read_bytes()
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    server.stdin.write(f"{tmp_path / 'cases.json'}\n")
+    server.stdin.flush()
+    ready, _, _ = select.select([server.stdout], [], [], 300)
+    answer = server.stdout.readline() if ready else "no answer in 300 s"
+    assert answer.strip() == "checked 2", (
+        answer + server.stderr_path.read_text()[-3000:])
 
 
 @pytest.mark.parametrize("config", sorted(set(CONFIGS) - set(TRAINED_CONFIGS)),
@@ -192,19 +301,21 @@ def test_list_file_recipes_follow_the_authors_data_lists(recipe, data, classes, 
                  (config.train_list, config.val_list, config.test_list)) == lists
     imagenet = parse_config(f"--flagfile={REPO}/configs/recipes/imagenet_lt.cfg")
     differ = {k for k, v in vars(config).items() if getattr(imagenet, k) != v}
-    assert differ == set(LIST_FILE_FLAGS)
+    assert differ == set(LIST_FILE_FIELDS)
 
 
 @pytest.mark.parametrize("config", TRAINED_CONFIGS, ids=os.path.basename)
-def test_config_trains_and_reports(config, tmp_path):
+def test_config_trains_reports_and_serves(config, tmp_path, serving_process):
+    """Every phase of a config, then its export served without nbn_keras."""
+    # --export: effect_study.cfg turns it off for the study's many runs.
     run_config = parse_config(
         f"--flagfile={config}", f"--run_dir={tmp_path}/run",
-        f"--export_dir={tmp_path}/export", "--noexport", *QUICK,
+        f"--export_dir={tmp_path}/export", "--export", *QUICK,
         *data_overrides(config, tmp_path))
     name = os.path.basename(config)
-    num_classes = 100 if name.startswith("cifar100") else 10
-    if name.startswith("cifar"):
-        with mock_cifar(num_classes, per_class=100):
+    data, _ = config_family(config)
+    if data.startswith("mock_cifar"):
+        with mock_cifar(100 if data == "mock_cifar100" else 10, per_class=100):
             figures = train.train_and_evaluate(run_config)
     else:
         figures = train.train_and_evaluate(run_config)
@@ -219,12 +330,23 @@ def test_config_trains_and_reports(config, tmp_path):
     assert (run_dir / "model.keras").exists()
     assert (run_dir / "class_counts.json").exists()
     # One metric vocabulary; the NBN scale is logged with the metrics.
-    header = (run_dir / "history.csv").read_text().splitlines()[0].split(",")
+    with open(run_dir / "history.csv", newline="") as f:
+        history = list(csv.DictReader(f))
+    header = list(history[0])
     # (RIDE models have one scale per expert: nbn_scale_expert{e}.)
     assert any(column.startswith("nbn_scale/nbn_scale") and column.endswith("/alpha")
                for column in header) == name.endswith("_nbn.cfg")
     assert {"top1", "many", "medium", "few", "val_top1", "val_few", "lr"} <= set(header)
+    is_ride = run_config.backbone in ride.ARCHITECTURES
+    # RIDE's loss reads the experts' logits in validation too.
+    assert all(np.isfinite(float(row[key])) for row in history
+               for key in ("loss", "val_loss"))
     assert list((run_dir / "tensorboard" / "train").glob("events.out.tfevents.*"))
+    state = json.loads((run_dir / "run_state.json").read_text())
+    version_dir = tmp_path / "export" / run_config.served_model_name / "1"
+    assert state["phase"] == "done" and state["export_path"] == str(version_dir)
+    check_served_without_nbn_keras(serving_process, run_dir, version_dir, tmp_path,
+                                   is_ride=is_ride)
 
 
 def test_float16_training_applies_a_step(tmp_path):
