@@ -203,9 +203,9 @@ def test_pair_study_of_two_configs_end_to_end(tmp_path):
     _, sha256sums = write_fashion_mnist(str(tmp_path / "idx"), 102, 2)
     (tmp_path / "no_tfds").mkdir()
     # IF 100 from n_max 100: int(100 * 0.01 ** (i / 9)) = 100, 59, 35, 21, 12, 7,
-    # 4, 2, 1, 1 images, 242 in all: floor(242 / 16) = 15 steps an epoch (the
-    # config sets no --steps_per_epoch); 2 epochs at lr 0.2 * 16 / 256 = 0.0125,
-    # the second at 0.1x.
+    # 4, 2, 1, 1 images, 242 in all: ceil(242 / 16) = 16 steps an epoch, the
+    # last of 2 images (the config sets no --steps_per_epoch; the partial
+    # batch is kept); 2 epochs at lr 0.2 * 16 / 256 = 0.0125, the second at 0.1x.
     flags = [f"--fashion_mnist_dir={tmp_path / 'idx'}", f"--fashion_mnist_sha256={sha256sums}",
              f"--data_dir={tmp_path / 'no_tfds'}", "--fashion_mnist_val_per_class=2",
              "--n_max=100", "--backbone=resnet8", "--global_batch_size=16", "--epochs=2",
@@ -224,10 +224,10 @@ def test_pair_study_of_two_configs_end_to_end(tmp_path):
     paired = study["statistics"]["paired_nbn_minus_bn"]["top1"]
     assert paired["n"] == 1 and paired["mean"] == pytest.approx(top1["nbn"] - top1["bn"])
     assert study["statistics"]["same_initial_convs"] == 1
-    assert all(r["steps_trained"] == 30 for r in runs.values())
-    # Σlr = 15 * 0.0125 + 15 * 0.00125; shrink exp(-5e-4 * Σlr / (1 - 0.9)).
-    assert study["shrink"]["sum_lr"] == pytest.approx(0.20625, rel=1e-5)
-    assert study["shrink"]["predicted"] == pytest.approx(math.exp(-5e-4 * 0.20625 / 0.1))
+    assert all(r["steps_trained"] == 32 for r in runs.values())
+    # Σlr = 16 * 0.0125 + 16 * 0.00125; shrink exp(-5e-4 * Σlr / (1 - 0.9)).
+    assert study["shrink"]["sum_lr"] == pytest.approx(0.22, rel=1e-5)
+    assert study["shrink"]["predicted"] == pytest.approx(math.exp(-5e-4 * 0.22 / 0.1))
     nbn_layer = runs["nbn"]["tracked_layers"][-1]
     assert runs["nbn"]["mechanics"][nbn_layer]["beta_norm_step1"] > 100.0
     markdown = (tmp_path / "out" / "pair_study.md").read_text()

@@ -153,9 +153,12 @@ LOAD_SCRIPT = textwrap.dedent(
                     image_bytes=tf.constant(data))]
             for outputs in calls:
                 logits = outputs["logits"].numpy()
-                # Folded BN rounds differently: large logits differ by ~1e-6
-                # relatively.
-                np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5,
+                # Folded BN rounds differently, by about 1e-7 of the largest
+                # logit (up to 3e-7 measured with oneDNN), so a small logit
+                # next to large ones differs by more than 1e-5 of itself.
+                scale = float(np.abs(expected).max())
+                np.testing.assert_allclose(logits, expected, rtol=1e-5,
+                                           atol=1e-5 + 1e-6 * scale,
                                            equal_nan=False, err_msg=str(case))
                 probs = np.exp(expected - expected.max(1, keepdims=True))
                 probs /= probs.sum(1, keepdims=True)
@@ -453,7 +456,6 @@ _CONCURRENT_SCRIPT = textwrap.dedent(
     import os, sys, time
     import keras
     from nbn_keras import export
-from nbn_keras import resnet
 
     model_path, base, ready, me, count = sys.argv[1:6]
     model = keras.models.load_model(model_path, compile=False)

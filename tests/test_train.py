@@ -51,11 +51,8 @@ TWINS = {
     "imagenet_lt_resnet50_fcbn_notaffine_nbn.cfg": "imagenet_lt_resnet50_nbn.cfg",
     # Also differs in its re-training flags (trained in test_finetune.py).
     "imagenet_lt_resnet50_crt_nbn.cfg": "imagenet_lt_resnet50_nbn.cfg",
-    # Also differ in their data flags (test_list_file_recipes_...): the
-    # ImageNet-LT network and command (a step of ResNet-50 costs 30-50 s
-    # here); their data sets are loaded and scored in test_evaluate.py.
-    **{f"{data}_resnet50_{arm}.cfg": "imagenet_lt_resnet50_nbn.cfg"
-       for data in ("inaturalist", "places_lt") for arm in ("bn", "nbn")},
+    **{f"{data}_resnet50_bn.cfg": f"{data}_resnet50_nbn.cfg"
+       for data in ("inaturalist", "places_lt")},
     # Also differs in its loss (fitted in test_ride.py, checked against
     # PyTorch in test_losses.py).
     "imagenet_lt_ride_balanced_softmax_nbn.cfg": "imagenet_lt_ride_nbn.cfg",
@@ -73,8 +70,6 @@ TWIN_ALSO_DIFFERS = {
     "imagenet_lt_resnet50_fcbn_notaffine_nbn.cfg": {"head"},
     "imagenet_lt_resnet50_crt_nbn.cfg": {"init_from", "train_only_head", "sampler",
                                          "samples_per_class", "epochs"},
-    **{f"{data}_resnet50_{arm}.cfg": set(LIST_FILE_FIELDS)
-       for data in ("inaturalist", "places_lt") for arm in ("bn", "nbn")},
 }
 QUICK = ["--epochs=1", "--steps_per_epoch=1", "--verbose=0"]
 # The smallest digits network, for tests of the command rather than of a config.
@@ -147,21 +142,18 @@ FASHION_MNIST = "fashion_mnist_idx"  # idx files written by `write_fashion_mnist
 #   the last stage at 1x1, at a fiftieth of the cost), in float32: at this
 #   size and batch all 8 float16 steps of ResNet-50 and ResNeXt-50
 #   overflowed in trials. Float16 training: test_float16_training_applies_a_step.
-# - ResNet-50 / ResNeXt-50 at this size (batch 2, last stage 1x1: each BN
+# - ResNet-50 / ResNeXt-50 / RIDE at this size (batch 2, last stage 1x1: each BN
 #   there normalises 2 values) get gradients of ~1e7 in their first layers,
 #   so one step at the recipe's rate makes their kernels ~1e4 and inference
 #   logits NaN (measured): a rate of 1e-9 keeps the step and the model finite.
 # - CIFAR: mock TFDS data, a small head class so a split holds every class.
 # - Fashion-MNIST: generated idx files with their own checksums, and an
 #   empty TFDS data directory so that no prepared copy is read instead.
-# - iNaturalist and Places-LT: not trained here, twins of
-#   imagenet_lt_resnet50_nbn.cfg (the same network, command and transforms
-#   but iNaturalist's mean/std); a ResNet-50 run costs 30-60 s of the suite's
-#   20 minutes. Their recipes: test_list_file_recipes_...; their data sets
-#   are loaded and scored by the evaluation command in test_evaluate.py.
 FAMILIES = {
     "imagenet_lt": (LIST_FILES, ["--learning_rate=1e-9"]),
-    "imagenet_lt_ride": (LIST_FILES, ["--ride_experts=2"]),
+    "imagenet_lt_ride": (LIST_FILES, ["--learning_rate=1e-9", "--ride_experts=2"]),
+    "inaturalist": (LIST_FILES, ["--learning_rate=1e-9"]),
+    "places_lt": (LIST_FILES, ["--learning_rate=1e-9"]),
     "cifar10_lt": ("mock_cifar10", ["--n_max=100", "--global_batch_size=16"]),
     "cifar100_lt": ("mock_cifar100", ["--n_max=100", "--global_batch_size=16"]),
     "digits_lt": ("digits", []),
