@@ -8,7 +8,6 @@ functions that need them.
 
 import collections
 import os
-import platform
 import statistics
 import time
 
@@ -27,28 +26,11 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
 
-def cpu_model():
-    """The CPU model name (and family) from /proc/cpuinfo, if readable."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        return platform.processor() or "unknown CPU"
-    return (
-        f"{fields.get('model name', 'unknown CPU')} (family "
-        f"{fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
-    )
-
-
 def machine_line(threads):
     """One line describing the machine, for the top of a table."""
-    return (
-        f"machine: {cpu_model()}, nproc={os.cpu_count()}, threads={threads}, "
-        f"Python {platform.python_version()}"
-    )
+    from nbn_keras.analysis import machine  # Imports TensorFlow: not in the PyTorch worker.
+
+    return machine.machine_line(threads)
 
 
 def interleaved_timings(variants, rounds, steps_per_round):
@@ -219,7 +201,7 @@ def build_bn_and_nbn(name, image_size, num_classes, seed=0):
 
     keras.utils.set_random_seed(seed)
     small = image_size <= 64
-    model = nbn_keras.backbones.build_classifier(
+    model = nbn_keras.models.build_classifier(
         name,
         num_classes=num_classes,
         input_shape=(image_size, image_size, 3),
@@ -290,7 +272,7 @@ def compile_for_training(model, jit_compile=False, weight_decay=0.0):
     """
     import keras
 
-    from nbn_keras.optimizers import CoupledSGD
+    from nbn_keras.training.optimizers import CoupledSGD
 
     if weight_decay:
         optimizer = CoupledSGD(

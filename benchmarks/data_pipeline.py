@@ -47,7 +47,7 @@ def pipeline_rate(ds, batches, warmup=5):
 def model_rate(backbone, input_shape, num_classes, batch, steps, warmup=2):
     import keras
 
-    from nbn_keras import backbones
+    from nbn_keras.models import registry as backbones
 
     model = backbones.build_classifier(backbone, num_classes=num_classes,
                                        input_shape=input_shape)

@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from nbn_keras.backbones import build_classifier
+from nbn_keras.models.registry import build_classifier
 from nbn_keras.data import transforms
 
 SIZE, SHORT = 224, 256

@@ -1,6 +1,6 @@
 """ResNet-50 / ResNeXt-50 + NBN training throughput: ours against the authors'.
 
-Our side is the `--arch` classifier of `nbn_keras.backbones` (`resnet50` or
+Our side is the `--arch` classifier of `nbn_keras.models` (`resnet50` or
 `resnext50`: the authors' networks, layer for layer) converted with
 `convert_to_nbn` (the paper's selection: 4 NBN layers in the last stage, one
 shared alpha), compiled with cross-entropy and SGD with momentum 0.9

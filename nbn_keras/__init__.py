@@ -7,35 +7,33 @@ included, after `import nbn_keras` (or pass
 `custom_objects=nbn_keras.custom_objects()`).
 """
 
-import importlib
-
 import keras
 
 # Imported for their `register_keras_serializable` side effect too: a
 # trained model's file names the optimizer, schedule, loss and metrics.
-from nbn_keras import losses
-from nbn_keras import metrics
-from nbn_keras import optimizers
-from nbn_keras import ride
-from nbn_keras import ride_loss
-from nbn_keras import schedules
+from nbn_keras import models
 from nbn_keras.conversion import convert_to_nbn
 from nbn_keras.conversion import fold_nbn
 from nbn_keras.conversion import select_bn_layers
 from nbn_keras.layers import GroupedConv2D
 from nbn_keras.layers import NBNScale
 from nbn_keras.layers import NormalizedBatchNormalization
+from nbn_keras.models import ride
 from nbn_keras.saving import load_model
+from nbn_keras.training import losses
+from nbn_keras.training import metrics
+from nbn_keras.training import optimizers
+from nbn_keras.training import schedules
 
 __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # Backbones need KerasCV (and so TensorFlow), the importer PyTorch; the
-    # layer and the conversion run on any Keras backend, so the rest is
-    # imported lazily.
-    if name in ("backbones", "resnet", "import_torch"):
-        return importlib.import_module(f"nbn_keras.{name}")
+    # The importer needs PyTorch, so it is imported when asked for.
+    if name == "interop":
+        import importlib
+
+        return importlib.import_module("nbn_keras.interop")
     raise AttributeError(f"module 'nbn_keras' has no attribute '{name}'")
 
 
@@ -60,8 +58,8 @@ def custom_objects():
         losses.BalancedSoftmaxCrossEntropy,
         losses.LDAMLoss,
         losses.HardCategoryMiningLoss,
-        ride_loss.RIDELoss,
-        ride_loss.RIDEBalancedSoftmaxLoss,
+        ride.RIDELoss,
+        ride.RIDEBalancedSoftmaxLoss,
         ride.ExpertAverage,
         metrics.PerClassAccuracy,
         metrics.BalancedAccuracy,

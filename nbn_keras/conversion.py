@@ -11,7 +11,7 @@ SCALE_LAYER_NAME = "nbn_scale"
 SCALE_SHARING_MODES = ("model", "layer")
 
 # How a ResNet's layer names say which stage and block a layer is in. Each
-# backbone of `nbn_keras.backbones` declares its structure by naming its
+# backbone of `nbn_keras.models` declares its structure by naming its
 # layers after one of these contracts, and so does KerasCV. Names are what
 # survives `clone_model`, folding and `.keras` round trips unchanged (a layer
 # attribute does not, and a model subclass is lost by `clone_model`). Which
@@ -19,12 +19,12 @@ SCALE_SHARING_MODES = ("model", "layer")
 # see `paper_selection`.
 RESNET_NAMING = {
     # `layer{stage}_{block}_...`, stages from 1, blocks from 0: the
-    # torchvision / authors' layout (`nbn_keras.backbones.resnet`), whose
+    # torchvision / authors' layout (`nbn_keras.models.resnet`), whose
     # layer names are the PyTorch module paths with "_" for ".".
     "torchvision": re.compile(r"(?:^|_)layer(\d+)_(\d+)_"),
     # `..._stack_{stage}_block{block}_...`, stages from 0, blocks from 1:
     # KerasCV ResNet v1 and v2 (prefix `v2_stack_` for both) and
-    # `nbn_keras.backbones.cifar_resnet`.
+    # `nbn_keras.models.cifar_resnet`.
     "keras_cv": re.compile(r"(?:^|_)stack_?(\d+)_block(\d+)_"),
 }
 
@@ -107,7 +107,7 @@ def paper_selection(bn_layers, stages=None):
         raise ValueError(
             "The paper's selection is undefined for this model: none of its "
             "BN layers is named as a ResNet's (the backbones of "
-            "`nbn_keras.backbones`, KerasCV's ResNetBackbone). " + options
+            "`nbn_keras.models`, KerasCV's ResNetBackbone). " + options
         )
     namings = sorted({naming for _, (naming, _, _) in located})
     if len(namings) > 1:
@@ -227,7 +227,7 @@ def convert_to_nbn(
         selection: Which BN layers to convert: `"paper"` (default: in the
             last stage, the last BN of each residual block and the shortcut
             BN), `"ride"` (a RIDE model's every BN of each expert's last
-            stage, one scale per expert: `nbn_keras.ride`), `"all"`, a collection of layer names, or a predicate
+            stage, one scale per expert: `nbn_keras.models.ride`), `"all"`, a collection of layer names, or a predicate
             `fn(layer) -> bool`. See `select_bn_layers`.
         stages: With `selection="paper"`, a list of stage indices to convert
             instead of the last stage (negative indices count from the end).
@@ -251,7 +251,7 @@ def convert_to_nbn(
 
     Example:
 
-    >>> backbone = nbn_keras.backbones.build_backbone("resnet18", (32, 32, 3))
+    >>> backbone = nbn_keras.models.build_backbone("resnet18", (32, 32, 3))
     >>> nbn_backbone = nbn_keras.convert_to_nbn(backbone)
     >>> [l.name for l in nbn_backbone.layers
     ...  if isinstance(l, nbn_keras.NormalizedBatchNormalization)]
@@ -276,13 +276,13 @@ def convert_to_nbn(
     if beta_initializer is not None:
         beta_initializer = keras.initializers.get(beta_initializer)
     if isinstance(selection, str) and selection == "ride":
-        # RIDE groups its BN by expert, one scale each: see `nbn_keras.ride`.
+        # RIDE groups its BN by expert, one scale each: see `nbn_keras.models.ride`.
         if stages is not None or scale_sharing != "model" or preserve_outputs:
             raise ValueError(
                 "selection='ride' takes only `separate_scales`: it converts "
                 "every BN of each expert's last stage, one scale per expert."
             )
-        from nbn_keras import ride
+        from nbn_keras.models.ride import network as ride
 
         return ride.convert_ride_to_nbn(model, separate_scales=separate_scales)
     model = _as_functional(model)

@@ -9,7 +9,7 @@ Usage:
 The data set is described by the training command's flags (a config, or a
 run's `flags.cfg`, which rebuilds its long-tailed subset exactly), loaded and
 fed through the same evaluation pipeline, and scored by the same report code
-(`nbn_keras.report.evaluate`): top-1, many / medium / few and balanced
+(`nbn_keras.analysis.report.evaluate`): top-1, many / medium / few and balanced
 accuracy, and per-class accuracy. The table is printed and written as JSON
 (`--output`, default `<model>.<split>_metrics.json` next to the model; an
 existing file is kept unless `--overwrite`). The model may be any `.keras`
@@ -24,11 +24,11 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from nbn_keras import config as config_lib
-from nbn_keras import report
-from nbn_keras import run_files
+from nbn_keras.training import config as config_lib
+from nbn_keras.analysis import report
+from nbn_keras.training import run_files
 from nbn_keras import saving
-from nbn_keras import train
+from nbn_keras.training import driver as train
 
 flags.DEFINE_string("model", None, "The .keras file to evaluate.")
 flags.DEFINE_enum("split", "test", ["test", "val"], "The split to evaluate.")
@@ -61,14 +61,14 @@ def evaluate_file(model_path, config, split="test", output=None, overwrite=False
 
     Args:
         model_path: Path of a `.keras` classifier.
-        config: A `nbn_keras.config.TrainConfig` describing the data set
+        config: A `nbn_keras.training.config.TrainConfig` describing the data set
             (data flags, `many_threshold`, `few_threshold`).
         split: `"test"` or `"val"`.
         output: The JSON file to write; `None` for `default_output`.
         overwrite: Replace an existing `output`.
 
     Returns:
-        `(figures, output)`: the figures of `nbn_keras.report.evaluate`
+        `(figures, output)`: the figures of `nbn_keras.analysis.report.evaluate`
         plus `model`, and the path written.
 
     Example:

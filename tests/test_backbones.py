@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import nbn_keras
-from nbn_keras.backbones import BACKBONES
-from nbn_keras.backbones import build_backbone
-from nbn_keras.backbones import build_classifier
+from nbn_keras.models.registry import BACKBONES
+from nbn_keras.models.registry import build_backbone
+from nbn_keras.models.registry import build_classifier
 from nbn_keras.conversion import leaf_layers
 
 # torchvision's trainable parameters with a 1000-class head.
@@ -116,7 +116,7 @@ def test_names():
 def head_model(head, features=6, classes=4):
     """Pooled features -> `apply_head`, with random weights and BN statistics."""
     inputs = keras.Input((features,))
-    model = keras.Model(inputs, nbn_keras.resnet.apply_head(inputs, classes, head))
+    model = keras.Model(inputs, nbn_keras.models.resnet.apply_head(inputs, classes, head))
     rng = np.random.default_rng(0)
     for weight in model.weights:
         low = 0.5 if "variance" in weight.path or "gamma" in weight.path else -0.5
@@ -130,7 +130,7 @@ def test_heads_are_the_authors_fc_types(fc_type):
 
     from tests.torch_nets import make_head
 
-    head = {v: k for k, v in nbn_keras.resnet.TORCH_FC_TYPES.items()}[fc_type]
+    head = {v: k for k, v in nbn_keras.models.resnet.TORCH_FC_TYPES.items()}[fc_type]
     ours = head_model(head)
     theirs = make_head(fc_type, 6, 4)
     dense = ours.get_layer("logits")
@@ -160,7 +160,7 @@ def test_logit_bn_runs_in_float32_under_mixed_precision(head):
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
         model = build_classifier("resnet8", 3, (16, 16, 3), head=head)
-        ride_model = nbn_keras.ride.build_ride_classifier(
+        ride_model = nbn_keras.models.ride.build_ride_classifier(
             3, (32, 32, 3), num_experts=1, layer3_output_dim=4, layer4_output_dim=4,
             head=head)
     finally:
@@ -187,7 +187,7 @@ def test_unknown_head_is_named():
     ("keras_cv_resnet18_v1", 32), ("resnet50_ride", 32),
 ])
 def test_min_image_size_is_the_total_stride(name, stride):
-    assert nbn_keras.backbones.min_image_size(name) == stride
+    assert nbn_keras.models.min_image_size(name) == stride
 
 
 def test_at_the_min_image_size_the_last_stage_is_one_pixel():
@@ -205,5 +205,5 @@ def test_activation_elements_sums_every_batched_layer_output():
     outputs = keras.layers.Dense(5)(keras.layers.Flatten()(x))
     # Conv 8*8*4, nested conv and ReLU 2 * 4*4*2, flatten 32, dense 5; the
     # inputs are not counted.
-    assert nbn_keras.backbones.activation_elements(keras.Model(inputs, outputs)) == (
+    assert nbn_keras.models.registry.activation_elements(keras.Model(inputs, outputs)) == (
         256 + 64 + 32 + 5)

@@ -30,9 +30,9 @@ from absl import flags
 
 import nbn_keras
 import nbn_keras.data as nbn_data
-from nbn_keras import config as config_lib
-from nbn_keras import export
-from nbn_keras import train
+from nbn_keras.training import config as config_lib
+from nbn_keras.serving import export
+from nbn_keras.training import driver as train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
@@ -76,8 +76,8 @@ def user(tmp_path_factory):
     """A user's files: a checkpoint, a backup and export version 1 of `m`."""
     root = tmp_path_factory.mktemp("user")
     model = tiny_classifier()
-    model.compile(optimizer=nbn_keras.optimizers.CoupledSGD(0.1, momentum=0.9),
-                  loss=nbn_keras.losses.cross_entropy())
+    model.compile(optimizer=nbn_keras.training.optimizers.CoupledSGD(0.1, momentum=0.9),
+                  loss=nbn_keras.training.losses.cross_entropy())
     (root / "run" / "backup").mkdir(parents=True)
     model.save(root / "run" / "best.keras")
     model.save_weights(root / "run" / "backup" / "latest.weights.h5")

@@ -10,9 +10,9 @@ import pytest
 import tensorflow as tf
 
 import nbn_keras
-from nbn_keras import callbacks
-from nbn_keras.backbones import build_classifier
-from nbn_keras.backbones import cifar_resnet
+from nbn_keras.training import callbacks
+from nbn_keras.models.registry import build_classifier
+from nbn_keras.models.registry import cifar_resnet
 
 RNG = np.random.default_rng(0)
 X = RNG.uniform(0, 255, (16, 8, 8, 3)).astype("float32")
@@ -125,7 +125,7 @@ def test_history_and_tensorboard_record_each_epochs_learning_rate(tmp_path):
     model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(),
                               keras.layers.Dense(3)])
     # Epoch e at e / 2 until e = 2, then 0.1 (by hand: 0, 0.5, 1, 0.1).
-    schedule = nbn_keras.schedules.EpochWarmupStepDecay(
+    schedule = nbn_keras.training.schedules.EpochWarmupStepDecay(
         1.0, steps_per_epoch=2, warmup_epochs=2, boundaries=(2,), factors=(0.1,))
     model.compile(optimizer=keras.optimizers.SGD(schedule),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))

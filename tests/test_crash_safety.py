@@ -1,7 +1,7 @@
 """Fault injection: the training command killed at chosen moments, hostile disks.
 
 Every test runs the real command as a subprocess. A run killed with SIGKILL
-at any of the kill points of `nbn_keras.run_files`, then rerun with the same
+at any of the kill points of `nbn_keras.training.run_files`, then rerun with the same
 command, must end with the test figures and weights of the uninterrupted
 run and exactly one exported version.
 """
@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import pytest
 
-from nbn_keras import run_files
+from nbn_keras.training import run_files
 
 from tests import conftest
 

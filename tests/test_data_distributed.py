@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent(
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import nbn_keras.data as nbn_data
-    from nbn_keras import metrics
+    from nbn_keras.training import metrics
 
     data = nbn_data.load("synthetic_lt", num_classes=5, n_max=40, imbalance_factor=10,
                          image_size=8, recipe="cifar")

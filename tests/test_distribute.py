@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from nbn_keras import distribute
+from nbn_keras.training import distribute
 
 TWO_WORKERS = json.dumps({
     "cluster": {"worker": ["localhost:1", "localhost:2"]},

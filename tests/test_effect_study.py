@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          "benchmarks")
-sys.path.insert(0, BENCHMARKS)
+STUDIES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       "studies")
+sys.path.insert(0, STUDIES)
 
 import effect_stats  # noqa: E402
 
@@ -183,7 +183,7 @@ def test_pair_study_statistics_by_hand():
 def test_pair_study_refuses_configs_that_are_not_a_pair(tmp_path):
     import pair_study
 
-    configs = os.path.join(os.path.dirname(BENCHMARKS), "configs")
+    configs = os.path.join(os.path.dirname(STUDIES), "configs")
     args = pair_study.parse_args([
         os.path.join(configs, "fashion_mnist_lt_if100_bn.cfg"),
         os.path.join(configs, "fashion_mnist_lt_if10_nbn.cfg"),
@@ -210,7 +210,7 @@ def test_pair_study_of_two_configs_end_to_end(tmp_path):
              f"--data_dir={tmp_path / 'no_tfds'}", "--fashion_mnist_val_per_class=2",
              "--n_max=100", "--backbone=resnet8", "--global_batch_size=16", "--epochs=2",
              "--warmup_epochs=0", "--lr_drop_epochs=1", "--lr_drop_factors=0.1"]
-    configs = os.path.join(os.path.dirname(BENCHMARKS), "configs")
+    configs = os.path.join(os.path.dirname(STUDIES), "configs")
     argv = [os.path.join(configs, "fashion_mnist_lt_if100_bn.cfg"),
             os.path.join(configs, "fashion_mnist_lt_if100_nbn.cfg"), "--seeds", "0",
             "--workers", "2", "--threads", "1", "--work_dir", str(tmp_path / "runs"),

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from nbn_keras import train
+from nbn_keras.training import driver as train
 from nbn_keras.data import make_eval_dataset
 from nbn_keras.evaluate import evaluate_file
 from tests.test_train import parse_config

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from nbn_keras import export
-from nbn_keras import resnet
+from nbn_keras.serving import export
+from nbn_keras.models import resnet
 from nbn_keras.conversion import convert_to_nbn
 
 SIZE = 12
@@ -455,7 +455,7 @@ _CONCURRENT_SCRIPT = textwrap.dedent(
     """
     import os, sys, time
     import keras
-    from nbn_keras import export
+    from nbn_keras.serving import export
 
     model_path, base, ready, me, count = sys.argv[1:6]
     model = keras.models.load_model(model_path, compile=False)

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 import nbn_keras
-from nbn_keras import config as config_lib
-from nbn_keras import finetune
-from nbn_keras import train
-from nbn_keras.backbones import build_classifier
+from nbn_keras.training import config as config_lib
+from nbn_keras.training import finetune
+from nbn_keras.training import driver as train
+from nbn_keras.models.registry import build_classifier
 from nbn_keras.conversion import leaf_layers
 from tests.test_train import parse_config
 

@@ -18,8 +18,8 @@ from torch import nn
 from torch.nn import functional as F
 
 import nbn_keras
-from nbn_keras import import_torch
-from nbn_keras import train
+from nbn_keras.interop import torch_checkpoint as import_torch
+from nbn_keras.training import driver as train
 from nbn_keras.data import make_eval_dataset
 from nbn_keras.evaluate import evaluate_file
 from nbn_keras.conversion import leaf_layers
@@ -291,7 +291,7 @@ def test_command_line_reports_errors_without_a_traceback(tmp_path):
 def test_imported_model_exports_for_serving(nbn_state_dict, tmp_path):
     import tensorflow as tf
 
-    from nbn_keras.export import export_keras_file
+    from nbn_keras.serving.export import export_keras_file
 
     theirs = nbn_state_dict[0]
     checkpoint = tmp_path / "ckpt.pth.tar"

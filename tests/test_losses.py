@@ -5,7 +5,7 @@ import tensorflow as tf
 import torch
 import torch.nn.functional as F
 
-from nbn_keras import losses
+from nbn_keras.training import losses
 
 COUNTS = [500, 120, 30, 7]
 

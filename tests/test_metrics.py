@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from nbn_keras import metrics
+from nbn_keras.training import metrics
 
 # Training counts: classes 0-1 many (>100), 2-3 medium, 4-5 few (<20).
 COUNTS = [500, 101, 100, 20, 19, 3]
@@ -101,7 +101,7 @@ def _refuse_constant(name):
 
 
 def test_report_writes_undefined_figures_as_null(tmp_path):
-    from nbn_keras import report
+    from nbn_keras.analysis import report
     from nbn_keras.data import base
 
     # Records are the logits themselves (1x1 "images", recipe "none").

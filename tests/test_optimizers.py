@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from nbn_keras.optimizers import CoupledSGD
+from nbn_keras.training.optimizers import CoupledSGD
 
 LEARNING_RATES = [0.1, 0.1, 0.05, 0.05, 0.01, 0.01]
 WD = 0.01
@@ -160,8 +160,8 @@ _DISTRIBUTED_SCRIPT = textwrap.dedent(
     import numpy as np
     import tensorflow as tf
     import keras
-    from nbn_keras.losses import DeferredReweighting, build_loss
-    from nbn_keras.optimizers import CoupledSGD
+    from nbn_keras.training.losses import DeferredReweighting, build_loss
+    from nbn_keras.training.optimizers import CoupledSGD
 
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(

@@ -8,11 +8,11 @@ import pytest
 import tensorflow as tf
 
 import nbn_keras
-from nbn_keras import backbones
-from nbn_keras import gradcam
-from nbn_keras import plots
-from nbn_keras import report
-from nbn_keras.callbacks import scale_variables
+from nbn_keras.models import registry as backbones
+from nbn_keras.analysis import gradcam
+from nbn_keras.analysis import plots
+from nbn_keras.analysis import report
+from nbn_keras.training.callbacks import scale_variables
 from nbn_keras.data import load_synthetic_lt
 from nbn_keras.data import make_eval_dataset
 from nbn_keras.layers import NBNScale
@@ -211,8 +211,8 @@ def test_write_run_pictures_for_one_model(models, data, tmp_path):
 def quick_run(tmp_path):
     """Runs the training driver for one step on a tiny synthetic set."""
     from absl import flags
-    from nbn_keras import config as config_lib
-    from nbn_keras import train
+    from nbn_keras.training import config as config_lib
+    from nbn_keras.training import driver as train
 
     def run(*extra, run_dir=tmp_path):
         flag_values = flags.FlagValues()

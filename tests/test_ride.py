@@ -10,11 +10,11 @@ import tensorflow as tf
 import torch
 
 import nbn_keras
-from nbn_keras import ride
-from nbn_keras.losses import build_loss
-from nbn_keras.ride_loss import RIDEEpochHook
-from nbn_keras.ride_loss import RIDELoss
-from nbn_keras.schedules import EpochCosineAnnealing
+from nbn_keras.models.ride import network as ride
+from nbn_keras.training.losses import build_loss
+from nbn_keras.models.ride.loss import RIDEEpochHook
+from nbn_keras.models.ride.loss import RIDELoss
+from nbn_keras.training.schedules import EpochCosineAnnealing
 from tests.test_losses import torch_ride_balanced_softmax
 
 
@@ -242,7 +242,7 @@ def test_epoch_cosine_annealing_is_pytorchs_over_200_epochs():
     (dict(backbone="resnet50_ride", ride_experts=0), "--ride_experts must be positive"),
 ])
 def test_ride_flags_are_checked(changes, message, tmp_path):
-    from nbn_keras import config as config_lib
+    from nbn_keras.training import config as config_lib
 
     config = config_lib.TrainConfig(run_dir=str(tmp_path / "run"), export=False)
     with pytest.raises(config_lib.ConfigError, match=message):

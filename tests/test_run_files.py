@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from nbn_keras import run_files
+from nbn_keras.training import run_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,7 +24,7 @@ def test_a_writer_killed_mid_write_leaves_the_previous_file(tmp_path):
     # Importing only the module keeps the child light (no TensorFlow).
     killed = python("""
         import importlib.util, os, signal, sys
-        spec = importlib.util.spec_from_file_location("run_files", "nbn_keras/run_files.py")
+        spec = importlib.util.spec_from_file_location("run_files", "nbn_keras/training/run_files.py")
         run_files = importlib.util.module_from_spec(spec); spec.loader.exec_module(run_files)
         with run_files.atomic_write(sys.argv[1]) as tmp:
             with open(tmp, "w") as f:
@@ -55,7 +55,7 @@ def test_an_error_inside_the_block_keeps_the_previous_file(tmp_path):
 def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
         import importlib.util, sys, time
-        spec = importlib.util.spec_from_file_location("run_files", "nbn_keras/run_files.py")
+        spec = importlib.util.spec_from_file_location("run_files", "nbn_keras/training/run_files.py")
         run_files = importlib.util.module_from_spec(spec); spec.loader.exec_module(run_files)
         with run_files.RunLock(sys.argv[1]):
             print("locked", flush=True)
@@ -76,7 +76,7 @@ def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
 def test_kill_point_counts_and_ignores_other_points():
     result = python("""
         import importlib.util, os
-        spec = importlib.util.spec_from_file_location("run_files", "nbn_keras/run_files.py")
+        spec = importlib.util.spec_from_file_location("run_files", "nbn_keras/training/run_files.py")
         run_files = importlib.util.module_from_spec(spec); spec.loader.exec_module(run_files)
         run_files.kill_point("best")
         for i in range(1, 4):

@@ -8,8 +8,8 @@ import keras
 import numpy as np
 import pytest
 
-from nbn_keras import schedules
-from nbn_keras import train
+from nbn_keras.training import schedules
+from nbn_keras.training import driver as train
 from tests.test_train import parse_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -19,9 +19,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import flags
 
-from nbn_keras import config as config_lib
-from nbn_keras import ride
-from nbn_keras import train
+from nbn_keras.training import config as config_lib
+from nbn_keras.models.ride import network as ride
+from nbn_keras.training import driver as train
 from tests.test_bad_inputs import jpeg_cut_after_scan_header
 from tests.test_data_fashion_mnist import write_fashion_mnist
 from tests.test_export import ENV as SERVE_ENV
@@ -474,8 +474,8 @@ if sys.argv[1] == "2":
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 from absl import app
-from nbn_keras import config as config_lib
-from nbn_keras import train
+from nbn_keras.training import config as config_lib
+from nbn_keras.training import driver as train
 from tests.test_bad_inputs import jpeg_cut_after_scan_header
 from tests.test_data_fashion_mnist import write_fashion_mnist
 app.run(train.main, argv=["train"] + sys.argv[2:])

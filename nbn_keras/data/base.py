@@ -13,7 +13,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from nbn_keras import run_files
+from nbn_keras.training import run_files
 from nbn_keras.data import transforms
 
 CLASS_COUNTS_FILENAME = "class_counts.json"

@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from nbn_keras import run_files
+from nbn_keras.training import run_files
 
 PROFILES = ("exp", "step")
 SUBSET_FILENAME = "data_subset.json"

@@ -9,7 +9,7 @@ import os
 import keras
 import numpy as np
 
-from nbn_keras import run_files
+from nbn_keras.training import run_files
 from nbn_keras.conversion import leaf_layers
 from nbn_keras.conversion import select_bn_layers
 from nbn_keras.layers import NBNScale
@@ -71,7 +71,7 @@ class RunCheckpoint(keras.callbacks.Callback):
     """Crash-safe epoch checkpoints, best-model selection and `history.csv`.
 
     At the end of every epoch, in this order, each file written atomically
-    (`nbn_keras.run_files`):
+    (`nbn_keras.training.run_files`):
 
     1. `best.keras` when `monitor` improved on the best value so far;
     2. `backup/epoch-NNNN.keras`: the whole model with its optimizer state;
@@ -236,7 +236,7 @@ class NBNDynamicsLogger(keras.callbacks.Callback):
     Example:
 
     >>> model.fit(ds, epochs=3, callbacks=[
-    ...     nbn_keras.callbacks.NBNDynamicsLogger("run/nbn_dynamics.json")])
+    ...     nbn_keras.training.callbacks.NBNDynamicsLogger("run/nbn_dynamics.json")])
     """
 
     def __init__(self, path):

@@ -5,11 +5,11 @@ import os
 
 import numpy as np
 
-from nbn_keras import run_files
+from nbn_keras.training import run_files
 from nbn_keras.data import make_eval_dataset
-from nbn_keras.metrics import GROUPS
-from nbn_keras.metrics import class_groups
-from nbn_keras.metrics import long_tail_report
+from nbn_keras.training.metrics import GROUPS
+from nbn_keras.training.metrics import class_groups
+from nbn_keras.training.metrics import long_tail_report
 
 FIGURES_FILENAME = "test_metrics.json"
 
@@ -20,8 +20,8 @@ def evaluate(model, data, many_threshold=100, few_threshold=20, split="test"):
     Args:
         model: A classifier returning logits or probabilities.
         data: A `nbn_keras.data.LongTailedData`.
-        many_threshold: See `nbn_keras.metrics.class_groups`.
-        few_threshold: See `nbn_keras.metrics.class_groups`.
+        many_threshold: See `nbn_keras.training.metrics.class_groups`.
+        few_threshold: See `nbn_keras.training.metrics.class_groups`.
         split: The split to evaluate; `"test"` for the final report.
 
     Returns:

@@ -20,7 +20,7 @@ The classifier has one output, the mean logits (layer `"logits"`, an
 `ExpertAverage`), so training metrics, evaluation, folding and the TF Serving
 export treat it as any classifier; folding makes the layer a stock
 `GlobalAveragePooling1D`, so the export serves the mean of the experts'
-logits. `nbn_keras.ride_loss.RIDELoss` reads the
+logits. `nbn_keras.models.ride.RIDELoss` reads the
 per-expert logits from that layer during the training step.
 
 Reference:
@@ -36,7 +36,7 @@ from keras import layers
 from keras import ops
 
 from nbn_keras import conversion
-from nbn_keras import resnet
+from nbn_keras.models import resnet
 from nbn_keras.layers import NBNScale
 from nbn_keras.layers import NormalizedBatchNormalization
 
@@ -55,7 +55,7 @@ class ExpertAverage(keras.layers.Layer):
 
     The layer also records the tensor it was called on (per thread: each
     replica of a `tf.distribute` strategy runs in its own thread), so that a
-    loss computed in the same step (`nbn_keras.ride_loss.RIDELoss`) can use
+    loss computed in the same step (`nbn_keras.models.ride.RIDELoss`) can use
     the per-expert logits while the model keeps a single logits output, the
     one training metrics, evaluation and the serving export use.
 
@@ -121,7 +121,7 @@ def build_ride_classifier(
 ):
     """The authors' RIDE ResNet-50 classifier, from raw pixels to mean logits.
 
-    Like `nbn_keras.backbones.build_classifier`, the model takes raw pixels
+    Like `nbn_keras.models.build_classifier`, the model takes raw pixels
     in [0, 255] (input `"images"`), normalises them with `mean` and `std`
     inside the graph and returns float32 logits: the mean of the experts'.
     The pooling is global, which at 224x224 is their 7x7 average pooling.
@@ -137,8 +137,8 @@ def build_ride_classifier(
         reduce_dimension: Experts' `planes` 192 and 384 instead of 256 and
             512 in `layer3` and `layer4`.
         share_layer3: One `layer3` shared by all experts (named `layer3`).
-        head: Every expert's head, one of `nbn_keras.resnet.HEADS`
-            (`nbn_keras.resnet.apply_head`; their `fc_type` names are
+        head: Every expert's head, one of `nbn_keras.models.resnet.HEADS`
+            (`nbn_keras.models.resnet.apply_head`; their `fc_type` names are
             accepted): their RIDE NBN config uses `"fcbn_notaffine"`
             (`Linear_fcbn_notaffine`: a linear layer followed by a BN over the
             logits with neither gamma nor beta).

@@ -36,8 +36,8 @@ each, a run takes about 60 s wall and the whole study about 45 minutes
 
 Run (from the repository root):
 
-    python benchmarks/effect_study.py              # the full study
-    python benchmarks/effect_study.py --tiny --work_dir /tmp/s --out_dir /tmp/o
+    python studies/effect_study.py              # the full study
+    python studies/effect_study.py --tiny --work_dir /tmp/s --out_dir /tmp/o
 
 Writes `effect_study.md`, `effect_study.json` and the figures to
 `--out_dir` (default `docs/figures`).
@@ -53,8 +53,10 @@ import subprocess
 import sys
 import time
 
-import common  # noqa: F401  (quiet TensorFlow start-up)
 import effect_stats
+
+# Keep TensorFlow's start-up chatter out of the tables.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "configs", "effect_study.cfg")
@@ -275,7 +277,7 @@ def read_figures(run_dir):
 
 def run_config(run_dir):
     """The `TrainConfig` of a run, from its resolved `flags.cfg`."""
-    from nbn_keras import config as config_lib
+    from nbn_keras.training import config as config_lib
 
     return config_lib.from_flagfile(os.path.join(run_dir, "flags.cfg"))
 
@@ -289,7 +291,7 @@ def lr_sum_and_shrink(run_dir):
     """
     import numpy as np
 
-    from nbn_keras import train as train_lib
+    from nbn_keras.training import driver as train_lib
 
     config = run_config(run_dir)
     # Without --steps_per_epoch the run's epoch length came from its data.
@@ -314,7 +316,7 @@ def paper_shrinks(weight_decay=5e-4, momentum=0.9):
     """`{name: (steps, sum_lr, predicted shrink)}` of the paper's schedules."""
     import numpy as np
 
-    from nbn_keras import schedules
+    from nbn_keras.training import schedules
 
     out = {}
     for name, (images, batch, lr, epochs, kind, warmup, drops, factors) in \
@@ -338,8 +340,8 @@ def read_run(job, run_dir, reused=False):
     import numpy as np
 
     import nbn_keras  # noqa: F401  (registers the NBN layers for loading)
-    from nbn_keras import plots
-    from nbn_keras.callbacks import scale_variables
+    from nbn_keras.analysis import plots
+    from nbn_keras.training.callbacks import scale_variables
 
     data, imbalance_factor, arm, seed = job
     figures = read_figures(run_dir)
@@ -627,6 +629,8 @@ def _all_cells(args):
 
 def timing_sentence(args, records, train_minutes):
     """Runs reused, wall times, the machine's load and the machine itself."""
+    from nbn_keras.analysis import machine
+
     seconds = [r["seconds"] for r in records if r["seconds"] is not None]
     starts = [r["start"] for r in records if r["start"] is not None]
     ends = [r["end"] for r in records if r["end"] is not None]
@@ -642,7 +646,7 @@ def timing_sentence(args, records, train_minutes):
            f"{sorted(seconds)[len(seconds) // 2]:.0f} s)" if seconds else "")
         + (f", the machine's 1-minute load average {min(loads):.1f}–{max(loads):.1f} "
            "at the runs' starts and ends" if loads else "") + ". "
-        + common.machine_line(args.threads))
+        + machine.machine_line(args.threads))
 
 
 
@@ -664,7 +668,7 @@ def main(argv=None):
         pictures = effect_figures.write_all(args, records, stats, args.out_dir)
     header = [
         "# NBN against BN: effect study", "",
-        f"`python benchmarks/effect_study.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
+        f"`python studies/effect_study.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
         f": {timing_sentence(args, records, train_minutes)}", "",
         f"Recipe: `configs/effect_study.cfg` (extra flags: {' '.join(args.extra_flags) or 'none'}). "
         "Every run is `python -m nbn_keras.train --flagfile=configs/effect_study.cfg "

@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from nbn_keras import conversion
-from nbn_keras import gradcam
+from nbn_keras.analysis import gradcam
 from nbn_keras.layers import NormalizedBatchNormalization
 
 DPI = 100
@@ -138,7 +138,7 @@ def plot_per_class_accuracy(figures, path):
     """Test accuracy of each class against its training-set size.
 
     Args:
-        figures: A dict from label to the figures of `nbn_keras.report.evaluate`
+        figures: A dict from label to the figures of `nbn_keras.analysis.report.evaluate`
             (or a list of them, e.g. one per seed: mean and standard
             deviation are drawn), or one figures dict. All need the same
             `class_counts`.
@@ -270,7 +270,7 @@ def write_run_pictures(model, data, figures, run_dir, tensorboard_dir=None, step
     Args:
         model: The trained classifier.
         data: Its `nbn_keras.data.LongTailedData`.
-        figures: Its test figures (`nbn_keras.report.evaluate`).
+        figures: Its test figures (`nbn_keras.analysis.report.evaluate`).
         run_dir: The run directory.
         tensorboard_dir: Optional TensorBoard log directory for the images.
         step: TensorBoard step.

@@ -22,7 +22,7 @@ interruption.
 
 Run (from the repository root), e.g. the Fashion-MNIST-LT study:
 
-    python benchmarks/pair_study.py configs/fashion_mnist_lt_if100_bn.cfg \\
+    python studies/pair_study.py configs/fashion_mnist_lt_if100_bn.cfg \\
         configs/fashion_mnist_lt_if100_nbn.cfg --seeds 0 1 2 3 4 \\
         --work_dir runs/pair_fashion_mnist_lt_if100 \\
         --out_dir docs/figures/fashion_mnist_lt_if100
@@ -36,7 +36,6 @@ import os
 import sys
 import time
 
-import common  # noqa: F401  (quiet TensorFlow start-up)
 import effect_stats
 import effect_study
 
@@ -74,7 +73,7 @@ def parse_config(argv):
     """The `TrainConfig` of a training command line."""
     from absl import flags
 
-    from nbn_keras import config as config_lib
+    from nbn_keras.training import config as config_lib
 
     flag_values = flags.FlagValues()
     config_lib.define_flags(flag_values)
@@ -195,7 +194,7 @@ def write_figures(records, stats, out_dir):
     """Paired differences, mechanism, per-run mechanism and per-class accuracy."""
     import effect_figures
 
-    from nbn_keras import plots
+    from nbn_keras.analysis import plots
 
     paths = [effect_figures.plot_paired_differences(
         [stats], lambda s: f"{s['data'].removesuffix('_lt')} IF {s['imbalance_factor']:g}",
@@ -237,7 +236,7 @@ def main(argv=None):
     shown = sys.argv[1:] if argv is None else argv
     text = "\n".join([
         "# NBN against BN: paired study", "",
-        f"`python benchmarks/pair_study.py {' '.join(shown)}`: "
+        f"`python studies/pair_study.py {' '.join(shown)}`: "
         f"{effect_study.timing_sentence(args, records, train_minutes)}", "",
         f"Extra flags: {' '.join(args.extra_flags) or 'none'}.", "",
         tables(args, records, stats, shrink,

@@ -391,9 +391,9 @@ def build_loss(name, class_counts=None, **options):
             `"logit_adjusted"`, `"ldam"` (LDAM without re-weighting, on
             unscaled logits: the NBN authors' `LDAMLoss`), `"ldam_drw"`,
             `"hcm"` (`HardCategoryMiningLoss`), `"ride"` (a RIDE model's
-            multi-expert loss, `nbn_keras.ride_loss.RIDELoss`; add its
+            multi-expert loss, `nbn_keras.models.ride.RIDELoss`; add its
             `RIDEEpochHook` callback to `fit`), `"ride_balanced_softmax"`
-            (`nbn_keras.ride_loss.RIDEBalancedSoftmaxLoss`).
+            (`nbn_keras.models.ride.RIDEBalancedSoftmaxLoss`).
         class_counts: Number of training examples of each class. Needed by
             every loss but `"cross_entropy"`.
         **options: Passed on to the loss (`tau` for `"logit_adjusted"`;
@@ -411,7 +411,7 @@ def build_loss(name, class_counts=None, **options):
     if name == "cross_entropy":
         return cross_entropy(**options)
     # Imported here: `ride_loss` builds on this module's helpers.
-    from nbn_keras import ride_loss
+    from nbn_keras.models.ride import loss as ride_loss
 
     classes = {
         "balanced_softmax": BalancedSoftmaxCrossEntropy,

@@ -1,4 +1,4 @@
-"""Grad-CAM class-activation maps for the classifiers of `nbn_keras.backbones`.
+"""Grad-CAM class-activation maps for the classifiers of `nbn_keras.models`.
 
 A classifier built by `build_classifier` is `images -> normalize -> backbone
 (a nested functional model) -> avg_pool -> logits`. Grad-CAM weights each

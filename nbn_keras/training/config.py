@@ -17,15 +17,15 @@ from typing import Optional
 from absl import flags
 
 from nbn_keras import data as data_lib
-from nbn_keras import export
-from nbn_keras import ride
-from nbn_keras import run_files
-from nbn_keras.backbones import BACKBONES
-from nbn_keras.backbones import min_image_size
+from nbn_keras.serving import export
+from nbn_keras.models.ride import network as ride
+from nbn_keras.training import run_files
+from nbn_keras.models.registry import BACKBONES
+from nbn_keras.models.registry import min_image_size
 from nbn_keras.conversion import SCALE_SHARING_MODES
 from nbn_keras.data.samplers import SAMPLERS
-from nbn_keras.resnet import HEADS
-from nbn_keras.losses import LOSS_NAMES
+from nbn_keras.models.resnet import HEADS
+from nbn_keras.training.losses import LOSS_NAMES
 
 
 class ConfigError(ValueError):

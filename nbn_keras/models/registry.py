@@ -2,7 +2,7 @@
 
 - `resnet18`, `resnet34`, `resnet50`, `resnet101`, `resnet152`, `resnext50`:
   the NBN authors' networks (torchvision v1.5 layout, ResNeXt-50 32x4d), see
-  `nbn_keras.resnet`. Layer names follow the PyTorch module paths
+  `nbn_keras.models.resnet`. Layer names follow the PyTorch module paths
   (`layer4_0_bn3`, `layer4_0_downsample_1`, ...).
 - `keras_cv_resnet{18,34,50,101,152}_v1`: KerasCV's `ResNetBackbone` (v1:
   the stride of a downsampling bottleneck is in its first 1x1 conv), BN
@@ -19,11 +19,10 @@
 import math
 
 import keras
-import keras_cv
 from keras import layers
 
-from nbn_keras import resnet
-from nbn_keras import ride
+from nbn_keras.models import resnet
+from nbn_keras.models.ride import network as ride
 
 _KERAS_CV_RESNETS = {
     # name: (blocks per stage, block type)
@@ -202,9 +201,9 @@ def build_backbone(
     epsilon 1e-5), those of the reference code, unless told otherwise.
 
     Args:
-        name: One of `nbn_keras.backbones.BACKBONES`: `"resnet18"`,
+        name: One of `nbn_keras.models.BACKBONES`: `"resnet18"`,
             `"resnet34"`, `"resnet50"`, `"resnet101"`, `"resnet152"`,
-            `"resnext50"` (the authors' networks, `nbn_keras.resnet`),
+            `"resnext50"` (the authors' networks, `nbn_keras.models.resnet`),
             `"keras_cv_resnet18_v1"` ... `"keras_cv_resnet152_v1"` (KerasCV
             v1 ResNets, built from arguments so nothing is downloaded) or
             `"resnet8"`, `"resnet14"`, `"resnet20"`, `"resnet32"`,
@@ -225,6 +224,8 @@ def build_backbone(
         )
     if name in _KERAS_CV_RESNETS:
         blocks, block_type = _KERAS_CV_RESNETS[name]
+        import keras_cv  # TensorFlow only: imported when asked for.
+
         backbone = keras_cv.models.ResNetBackbone(
             stackwise_filters=[64, 128, 256, 512],
             stackwise_blocks=blocks,
@@ -285,21 +286,21 @@ def build_classifier(
             `"keras"` (Glorot uniform kernel, zero bias), or `"auto"`:
             `"torch"` for the authors' networks, `"keras"` otherwise.
         ride_options: For a RIDE backbone (`"resnet50_ride"`), keyword
-            arguments of `nbn_keras.ride.build_ride_classifier`
+            arguments of `nbn_keras.models.ride.build_ride_classifier`
             (`num_experts`, `reduce_dimension`, `share_layer3`).
             A RIDE classifier has one head per expert and outputs their
             mean logits.
-        head: The head, one of `nbn_keras.resnet.HEADS`: `"linear"`,
+        head: The head, one of `nbn_keras.models.resnet.HEADS`: `"linear"`,
             `"fcbn"` (a BN over the logits, the authors' `Linear_fcbn`) or
             `"fcbn_notaffine"` (that BN without gamma and beta); see
-            `nbn_keras.resnet.apply_head`. For RIDE, every expert's head.
+            `nbn_keras.models.resnet.apply_head`. For RIDE, every expert's head.
 
     Returns:
         A functional `keras.Model` with the backbone nested as one layer.
 
     Example:
 
-    >>> model = nbn_keras.backbones.build_classifier(
+    >>> model = nbn_keras.models.build_classifier(
     ...     "resnet32", num_classes=100, input_shape=(32, 32, 3),
     ...     mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010))
     >>> nbn_model = nbn_keras.convert_to_nbn(model)

@@ -1,6 +1,6 @@
 """Figures of the effect study (`effect_study.py`), drawn from its records.
 
-Matplotlib's Agg canvas without pyplot, as in `nbn_keras.plots`.
+Matplotlib's Agg canvas without pyplot, as in `nbn_keras.analysis.plots`.
 """
 
 import math
@@ -10,7 +10,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from nbn_keras import plots
+from nbn_keras.analysis import plots
 
 GROUP_METRICS = ("top1", "many", "medium", "few")
 CELL_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:cyan",

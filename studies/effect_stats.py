@@ -87,7 +87,7 @@ def dynamics_summary(dynamics):
 
     Args:
         dynamics: The content of a run's `nbn_dynamics.json`
-            (`nbn_keras.callbacks.NBNDynamicsLogger`).
+            (`nbn_keras.training.callbacks.NBNDynamicsLogger`).
 
     Returns:
         A dict from layer name to a dict: `gamma_direction_change`

@@ -256,7 +256,7 @@ def resnet(
 
     Example:
 
-    >>> backbone = nbn_keras.resnet.resnet("resnext50", input_shape=(64, 64, 3))
+    >>> backbone = nbn_keras.models.resnet.resnet("resnext50", input_shape=(64, 64, 3))
     >>> backbone.output.shape
     (None, 2, 2, 2048)
 

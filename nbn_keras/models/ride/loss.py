@@ -26,10 +26,10 @@ import keras
 import numpy as np
 from keras import ops
 
-from nbn_keras.losses import _as_counts
-from nbn_keras.losses import _sparse_labels
-from nbn_keras.losses import drw_class_weights
-from nbn_keras.losses import ldam_margins
+from nbn_keras.training.losses import _as_counts
+from nbn_keras.training.losses import _sparse_labels
+from nbn_keras.training.losses import drw_class_weights
+from nbn_keras.training.losses import ldam_margins
 
 
 def diversity_temperature_weights(class_counts, reweight_factor=0.05):
@@ -58,7 +58,7 @@ class RIDELoss(keras.losses.Loss):
     `y_pred` is either the stacked expert logits `[batch, experts, classes]`
     or a RIDE model's mean logits `[batch, classes]`; in the latter case the
     per-expert logits are those the model's `ExpertAverage` layer
-    (`nbn_keras.ride`) recorded in the same step, so the loss works in
+    (`nbn_keras.models.ride`) recorded in the same step, so the loss works in
     `fit` on a model with a single logits output. `RIDEEpochHook` sets the
     epoch, like their `_hook_before_epoch`.
 
@@ -131,7 +131,7 @@ class RIDELoss(keras.losses.Loss):
     def _expert_logits(self, y_pred):
         if len(y_pred.shape) == 3:
             return y_pred
-        from nbn_keras import ride
+        from nbn_keras.models.ride import network as ride
 
         experts = ride.take_recorded_expert_logits()
         graph = getattr(experts, "graph", None)
@@ -145,7 +145,7 @@ class RIDELoss(keras.losses.Loss):
                 return ops.repeat(ops.expand_dims(y_pred, 1), experts.shape[1], axis=1)
         raise ValueError(
             "RIDELoss got logits [batch, classes] that are not the output of a "
-            "RIDE model (nbn_keras.ride) computed just before: pass the stacked "
+            "RIDE model (nbn_keras.models.ride) computed just before: pass the stacked "
             "expert logits [batch, experts, classes], or train a RIDE model "
             "(--backbone=resnet50_ride).")
 

@@ -1,0 +1,1 @@
+"""Reading runs: test figures, pictures of a run, Grad-CAM."""

@@ -1,0 +1,1 @@
+"""TF Serving export: in-graph image decoding, signatures and version directories."""

@@ -1,0 +1,1 @@
+"""Training: the run driver, its config, losses, schedules, optimizer, callbacks, metrics and run files."""
