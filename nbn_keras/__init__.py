@@ -7,7 +7,14 @@ included, after `import nbn_keras` (or pass
 `custom_objects=nbn_keras.custom_objects()`).
 """
 
-import keras
+from nbn_keras import interrupts
+
+if interrupts.started_as_command():
+    # Before TensorFlow loads: a signal then ends the command with one line.
+    interrupts.supervise()
+    interrupts.exit_on_signals(interrupts.STARTING_MESSAGE)
+
+import keras  # noqa: E402
 
 # Imported for their `register_keras_serializable` side effect too: a
 # trained model's file names the optimizer, schedule, loss and metrics.

@@ -24,6 +24,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from nbn_keras import interrupts
 from nbn_keras.training import config as config_lib
 from nbn_keras.analysis import report
 from nbn_keras.training import run_files
@@ -95,6 +96,8 @@ def evaluate_file(model_path, config, split="test", output=None, overwrite=False
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    interrupts.exit_on_signals("the figures file is written whole or not at all; run the "
+                               "same command again.")
     if FLAGS["verbosity"].using_default_value:
         logging.set_verbosity(logging.WARNING)
     try:

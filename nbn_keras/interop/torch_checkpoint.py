@@ -31,6 +31,7 @@ import keras
 import numpy as np
 
 from nbn_keras import conversion
+from nbn_keras import interrupts
 from nbn_keras.models.ride import network as ride
 from nbn_keras.models.registry import build_classifier
 from nbn_keras.data.list_files import IMAGENET_MEAN
@@ -474,6 +475,8 @@ def main(argv):
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    interrupts.exit_on_signals("the output file is written whole or not at all; run the "
+                               "same command again.")
     f = flags.FLAGS
     try:
         import_checkpoint(

@@ -6,6 +6,8 @@ import time
 
 import tensorflow as tf
 
+from nbn_keras import interrupts
+
 
 def _cluster_spec():
     try:
@@ -139,7 +141,9 @@ def make_strategy(single_device=False, cluster_timeout=300):
         return tf.distribute.get_strategy()
     if workers > 1:
         wait_for_peers(cluster_timeout)
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        interrupts.restore_handlers()  # The strategy installs a SIGTERM handler that only logs.
+        return strategy
     devices = tf.config.list_logical_devices("GPU" if gpus else "CPU")
     return tf.distribute.MirroredStrategy([device.name for device in devices])
 
