@@ -4,6 +4,7 @@ import re
 
 import keras
 
+from nbn_keras import keras_internals
 from nbn_keras.layers import NBNScale
 from nbn_keras.layers import NormalizedBatchNormalization
 
@@ -71,7 +72,7 @@ def feeds_residual_sum(layer):
     """
     return any(
         isinstance(node.operation, keras.layers.Add)
-        for node in layer._outbound_nodes
+        for node in keras_internals.outbound_nodes(layer)
     )
 
 

@@ -4,6 +4,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from nbn_keras import keras_internals
+
 # Added to the norm (not under the square root), as in the reference code.
 NORM_EPSILON = 1e-6
 
@@ -384,10 +386,10 @@ class NormalizedBatchNormalization(keras.layers.BatchNormalization):
         """The value of the shared scale feeding this layer, or `None`."""
         if not self.shared_scale:
             return None
-        for node in self._inbound_nodes:
+        for node in keras_internals.inbound_nodes(self):
             scale = node.arguments.kwargs.get("scale")
             if scale is not None:
-                return scale._keras_history.operation.value()
+                return keras_internals.producing_operation(scale).value()
         raise ValueError(f"Layer '{self.name}' is not connected to a scale.")
 
     def _nbn_config(self):

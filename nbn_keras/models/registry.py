@@ -21,6 +21,7 @@ import math
 import keras
 from keras import layers
 
+from nbn_keras import keras_internals
 from nbn_keras.models import resnet
 from nbn_keras.models.ride import network as ride
 
@@ -82,7 +83,7 @@ def activation_elements(model):
         if isinstance(layer, keras.Model):
             total += activation_elements(layer)
         elif not isinstance(layer, keras.layers.InputLayer):
-            for node in layer._inbound_nodes:  # pylint: disable=protected-access
+            for node in keras_internals.inbound_nodes(layer):
                 for tensor in keras.tree.flatten(node.outputs):
                     if tensor.shape and tensor.shape[0] is None:
                         total += math.prod(tensor.shape[1:])

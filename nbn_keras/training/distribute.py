@@ -7,6 +7,7 @@ import time
 import tensorflow as tf
 
 from nbn_keras import interrupts
+from nbn_keras import keras_internals
 
 
 def _cluster_spec():
@@ -175,8 +176,7 @@ def adapt_to_multi_worker(model, sample_batch):
         model: A compiled Keras model.
         sample_batch: One `(inputs, labels)` batch of the training data.
     """
-    model._symbolic_build(data_batch=sample_batch)
-    model._maybe_symbolic_build = lambda *args, **kwargs: None
+    keras_internals.build_for_fit(model, sample_batch)
     for name in ("train_step", "test_step"):
         setattr(model, name, _with_batched_logs(getattr(model, name)))
 
