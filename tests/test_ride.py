@@ -104,10 +104,11 @@ def test_ride_loss_reads_expert_logits_of_the_model_in_fit():
         model = keras.Model(inputs, ride.ExpertAverage(name="logits")(stacked))
         experts = keras.Model(inputs, stacked)
         loss = RIDELoss([30, 10, 2], reweight_epoch=0)
-        model.compile(keras.optimizers.SGD(0.0), loss=loss)
+        trainer = loss.training_model(model)
+        trainer.compile(keras.optimizers.SGD(0.0), loss=loss)
     x = np.random.default_rng(2).normal(size=(8, 4)).astype("float32")
     y = np.array([0, 1, 2, 0, 1, 2, 0, 0])
-    history = model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(8), epochs=2,
+    history = trainer.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(8), epochs=2,
                         verbose=0, callbacks=[RIDEEpochHook()])
     per_epoch = [ride_loss_numpy(np.asarray(experts(x), np.float64), y, [30, 10, 2],
                                  epoch, 0) for epoch in (0, 1)]
@@ -122,11 +123,12 @@ def test_ride_balanced_softmax_reads_expert_logits_of_the_model_in_fit():
         [keras.layers.Reshape((1, 3))(keras.layers.Dense(3)(inputs)) for _ in range(2)])
     model = keras.Model(inputs, ride.ExpertAverage(name="logits")(stacked))
     experts = keras.Model(inputs, stacked)
-    model.compile(keras.optimizers.SGD(0.0),
-                  loss=build_loss("ride_balanced_softmax", [30, 10, 2]))
+    loss = build_loss("ride_balanced_softmax", [30, 10, 2])
+    trainer = loss.training_model(model)
+    trainer.compile(keras.optimizers.SGD(0.0), loss=loss)
     x = np.random.default_rng(2).normal(size=(8, 4)).astype("float32")
     y = np.array([0, 1, 2, 0, 1, 2, 0, 0])
-    history = model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    history = trainer.fit(x, y, batch_size=8, epochs=1, verbose=0)
     freq = torch.tensor(np.array([30, 10, 2]) / 42)
     expected = torch_ride_balanced_softmax(
         torch.tensor(np.asarray(experts(x), np.float64)).transpose(0, 1), torch.tensor(y), freq)
