@@ -157,12 +157,14 @@ def module_state():
 
 
 def test_a_training_step_of_a_ride_classifier_gets_the_ride_loss_of_its_experts():
-    """The step's loss is the NumPy RIDE loss of the experts' logits, its top1 the mean's."""
+    """The step's loss is the NumPy RIDE loss of the experts' logits, its metrics the mean's."""
     classifier = toy_ride(seed=3)
     loss = RIDELoss([30, 10, 2], reweight_epoch=0)
     trainer = loss.training_model(classifier)
     trainer.compile(keras.optimizers.SGD(0.1), loss=loss,
-                    metrics=[keras.metrics.SparseCategoricalAccuracy(name="top1")])
+                    metrics=[keras.metrics.SparseCategoricalAccuracy(name="top1"),
+                             keras.metrics.SparseCategoricalCrossentropy(
+                                 name="ce", from_logits=True)])
     loss.set_epoch(1)  # Re-weighting and per-class temperatures on.
     x = np.random.default_rng(6).normal(size=(6, 4)).astype("float32")
     y = np.array([0, 1, 2, 0, 0, 1])
@@ -171,10 +173,12 @@ def test_a_training_step_of_a_ride_classifier_gets_the_ride_loss_of_its_experts(
     before = module_state()
     weights = classifier.get_weights()
     logs = trainer.train_on_batch(x, y, return_dict=True)
-    assert sorted(logs) == ["loss", "top1"]
+    assert sorted(logs) == ["ce", "loss", "top1"]
     np.testing.assert_allclose(logs["loss"], ride_loss_numpy(experts, y, [30, 10, 2], 1, 0),
                                rtol=1e-4)
-    assert logs["top1"] == pytest.approx(np.mean(experts.mean(axis=1).argmax(-1) == y))
+    mean = experts.mean(axis=1)
+    assert logs["top1"] == pytest.approx(np.mean(mean.argmax(-1) == y))
+    assert logs["ce"] == pytest.approx(-np.mean(_log_softmax(mean)[np.arange(6), y]), rel=1e-5)
     assert any(not np.allclose(a, b) for a, b in zip(weights, classifier.get_weights()))
     # Nothing outside the model carries the step's tensors.
     assert module_state() == before and not hasattr(ride, "_recorded")
