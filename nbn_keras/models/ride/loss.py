@@ -26,11 +26,11 @@ import keras
 import numpy as np
 from keras import ops
 
+from nbn_keras.models.ride.trainer import ExpertLogitsTrainer
 from nbn_keras.training.losses import _as_counts
 from nbn_keras.training.losses import _sparse_labels
 from nbn_keras.training.losses import drw_class_weights
 from nbn_keras.training.losses import ldam_margins
-from nbn_keras.models.ride.trainer import ExpertLogitsTrainer
 
 
 def diversity_temperature_weights(class_counts, reweight_factor=0.05):
