@@ -184,6 +184,9 @@ def test_a_training_step_of_a_ride_classifier_gets_the_ride_loss_of_its_experts(
     assert module_state() == before and not hasattr(ride, "_recorded")
     assert [v.path for v in trainer.trainable_variables] == [
         v.path for v in classifier.trainable_variables]
+    # The loggers, given the trainer, read the classifier's layers.
+    assert list(nbn_keras.conversion.leaf_layers(trainer)) == list(
+        nbn_keras.conversion.leaf_layers(classifier))
 
 
 def test_expert_logits_trainer_refuses_a_model_without_expert_average():
@@ -267,6 +270,9 @@ def test_ride_selection_converts_every_bn_of_each_experts_last_stage(small_ride,
     # Per expert: 3 bottlenecks x (bn1, bn2, bn3) + the shortcut BN.
     assert len(nbn) == 2 * 10
     assert all(l.name.startswith("layer4s_") and l.shared_scale for l in nbn)
+    trainer = ride_trainer.ExpertLogitsTrainer(converted)
+    assert [v.path for v in trainer.trainable_variables] == [
+        v.path for v in converted.trainable_variables]
     path = str(tmp_path / "ride_nbn.keras")
     converted.save(path)
     loaded = keras.models.load_model(path)

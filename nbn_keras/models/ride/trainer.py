@@ -55,10 +55,13 @@ class ExpertLogitsTrainer(keras.Model):
             classifier.inputs,
             {"logits": classifier.output, "expert_logits": averages[0].input},
             name=f"{classifier.name}_with_expert_logits")
+        # The optimizer is built on the trainer's variables and saved with the
+        # classifier's checkpoints: both must list the same variables in order.
         if [id(v) for v in self.view.weights] != [id(v) for v in classifier.weights]:
             raise ValueError(
-                f"The layers of '{classifier.name}' are not all on the path to its "
-                "ExpertAverage layer: the trainer would not train the same weights.")
+                f"The weights of '{classifier.name}' and of its view with the expert "
+                "logits differ or come in another order: its checkpoints would not "
+                "hold the optimizer state of the trainer.")
         self.built = True
 
     def call(self, inputs, training=None):
