@@ -1,6 +1,7 @@
 """RIDE: the multi-expert classifier, its NBN selection, folding and loss."""
 
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -10,7 +11,10 @@ import tensorflow as tf
 import torch
 
 import nbn_keras
+from nbn_keras.models.ride import loss as ride_loss_module
 from nbn_keras.models.ride import network as ride
+from nbn_keras.models.ride import trainer as ride_trainer
+from nbn_keras.training.callbacks import RunCheckpoint
 from nbn_keras.training.losses import build_loss
 from nbn_keras.models.ride.loss import RIDEEpochHook
 from nbn_keras.models.ride.loss import RIDELoss
@@ -104,10 +108,11 @@ def test_ride_loss_reads_expert_logits_of_the_model_in_fit():
         model = keras.Model(inputs, ride.ExpertAverage(name="logits")(stacked))
         experts = keras.Model(inputs, stacked)
         loss = RIDELoss([30, 10, 2], reweight_epoch=0)
-        model.compile(keras.optimizers.SGD(0.0), loss=loss)
+        trainer = loss.training_model(model)
+        trainer.compile(keras.optimizers.SGD(0.0), loss=loss)
     x = np.random.default_rng(2).normal(size=(8, 4)).astype("float32")
     y = np.array([0, 1, 2, 0, 1, 2, 0, 0])
-    history = model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(8), epochs=2,
+    history = trainer.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(8), epochs=2,
                         verbose=0, callbacks=[RIDEEpochHook()])
     per_epoch = [ride_loss_numpy(np.asarray(experts(x), np.float64), y, [30, 10, 2],
                                  epoch, 0) for epoch in (0, 1)]
@@ -122,15 +127,105 @@ def test_ride_balanced_softmax_reads_expert_logits_of_the_model_in_fit():
         [keras.layers.Reshape((1, 3))(keras.layers.Dense(3)(inputs)) for _ in range(2)])
     model = keras.Model(inputs, ride.ExpertAverage(name="logits")(stacked))
     experts = keras.Model(inputs, stacked)
-    model.compile(keras.optimizers.SGD(0.0),
-                  loss=build_loss("ride_balanced_softmax", [30, 10, 2]))
+    loss = build_loss("ride_balanced_softmax", [30, 10, 2])
+    trainer = loss.training_model(model)
+    trainer.compile(keras.optimizers.SGD(0.0), loss=loss)
     x = np.random.default_rng(2).normal(size=(8, 4)).astype("float32")
     y = np.array([0, 1, 2, 0, 1, 2, 0, 0])
-    history = model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    history = trainer.fit(x, y, batch_size=8, epochs=1, verbose=0)
     freq = torch.tensor(np.array([30, 10, 2]) / 42)
     expected = torch_ride_balanced_softmax(
         torch.tensor(np.asarray(experts(x), np.float64)).transpose(0, 1), torch.tensor(y), freq)
     assert history.history["loss"][0] == pytest.approx(expected.item(), rel=1e-4)
+
+
+def toy_ride(seed, experts=2, classes=3):
+    """Dense experts on 4 features, stacked and averaged as in a RIDE classifier."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((4,), name="images")
+    stacked = keras.layers.Concatenate(axis=1, name="expert_logits")(
+        [keras.layers.Reshape((1, classes))(keras.layers.Dense(classes)(inputs))
+         for _ in range(experts)])
+    return keras.Model(inputs, ride.ExpertAverage(name="logits")(stacked))
+
+
+def module_state():
+    modules = (ride, ride_loss_module, ride_trainer)
+    assert not any(isinstance(value, threading.local)
+                   for module in modules for value in vars(module).values())
+    return [{name: id(value) for name, value in vars(module).items()} for module in modules]
+
+
+def test_a_training_step_of_a_ride_classifier_gets_the_ride_loss_of_its_experts():
+    """The step's loss is the NumPy RIDE loss of the experts' logits, its metrics the mean's."""
+    classifier = toy_ride(seed=3)
+    loss = RIDELoss([30, 10, 2], reweight_epoch=0)
+    trainer = loss.training_model(classifier)
+    trainer.compile(keras.optimizers.SGD(0.1), loss=loss,
+                    metrics=[keras.metrics.SparseCategoricalAccuracy(name="top1"),
+                             keras.metrics.SparseCategoricalCrossentropy(
+                                 name="ce", from_logits=True)])
+    loss.set_epoch(1)  # Re-weighting and per-class temperatures on.
+    x = np.random.default_rng(6).normal(size=(6, 4)).astype("float32")
+    y = np.array([0, 1, 2, 0, 0, 1])
+    experts = np.asarray(keras.Model(classifier.inputs, classifier.get_layer(
+        "expert_logits").output)(x), np.float64)
+    before = module_state()
+    weights = classifier.get_weights()
+    logs = trainer.train_on_batch(x, y, return_dict=True)
+    assert sorted(logs) == ["ce", "loss", "top1"]
+    np.testing.assert_allclose(logs["loss"], ride_loss_numpy(experts, y, [30, 10, 2], 1, 0),
+                               rtol=1e-4)
+    mean = experts.mean(axis=1)
+    assert logs["top1"] == pytest.approx(np.mean(mean.argmax(-1) == y))
+    assert logs["ce"] == pytest.approx(-np.mean(_log_softmax(mean)[np.arange(6), y]), rel=1e-5)
+    assert any(not np.allclose(a, b) for a, b in zip(weights, classifier.get_weights()))
+    # Nothing outside the model carries the step's tensors.
+    assert module_state() == before and not hasattr(ride, "_recorded")
+    assert [v.path for v in trainer.trainable_variables] == [
+        v.path for v in classifier.trainable_variables]
+    # The loggers, given the trainer, read the classifier's layers.
+    assert list(nbn_keras.conversion.leaf_layers(trainer)) == list(
+        nbn_keras.conversion.leaf_layers(classifier))
+
+
+def test_expert_logits_trainer_refuses_a_model_without_expert_average():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)], name="plain")
+    with pytest.raises(ValueError, match="'plain' has 0"):
+        RIDELoss([5, 3, 1]).training_model(model)
+
+
+@pytest.mark.slow
+def test_a_ride_run_resumes_from_the_classifiers_backup(tmp_path):
+    """Backups hold the classifier and the trainer's optimizer; resuming is exact.
+
+    The momentum carried over counts: resumed weights equal the
+    uninterrupted run's only with the optimizer state restored.
+    """
+    x = np.random.default_rng(7).normal(size=(8, 4)).astype("float32")
+    y = np.array([0, 1, 2, 0, 1, 2, 0, 0])
+
+    def fit(classifier, run_dir, epochs):
+        run_dir.mkdir(exist_ok=True)
+        loss = RIDELoss([30, 10, 2], reweight_epoch=0)
+        trainer = loss.training_model(classifier)
+        trainer.compile(keras.optimizers.SGD(0.5, momentum=0.9), loss=loss)
+        checkpoint = RunCheckpoint(str(run_dir), saved_model=classifier)  # No best.keras.
+        initial_epoch = checkpoint.restore(trainer)
+        trainer.fit(x, y, batch_size=4, epochs=epochs, initial_epoch=initial_epoch,
+                    shuffle=False, verbose=0, callbacks=[RIDEEpochHook(), checkpoint])
+        return initial_epoch
+
+    whole = toy_ride(seed=0)
+    fit(whole, tmp_path / "whole", epochs=2)
+    assert fit(toy_ride(seed=0), tmp_path / "killed", epochs=1) == 0
+    resumed = toy_ride(seed=1)
+    assert fit(resumed, tmp_path / "killed", epochs=2) == 1
+    for got, want in zip(resumed.get_weights(), whole.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    backup = keras.models.load_model(tmp_path / "killed" / "backup" / "epoch-0002.keras",
+                                     compile=False)
+    assert backup.output.shape == (None, 3) and backup.output_names == ["logits"]
 
 
 # ------------------------------------------------------ model and NBN
@@ -175,6 +270,9 @@ def test_ride_selection_converts_every_bn_of_each_experts_last_stage(small_ride,
     # Per expert: 3 bottlenecks x (bn1, bn2, bn3) + the shortcut BN.
     assert len(nbn) == 2 * 10
     assert all(l.name.startswith("layer4s_") and l.shared_scale for l in nbn)
+    trainer = ride_trainer.ExpertLogitsTrainer(converted)
+    assert [v.path for v in trainer.trainable_variables] == [
+        v.path for v in converted.trainable_variables]
     path = str(tmp_path / "ride_nbn.keras")
     converted.save(path)
     loaded = keras.models.load_model(path)

@@ -91,12 +91,18 @@ class RunCheckpoint(keras.callbacks.Callback):
     Args:
         run_dir: The run directory.
         monitor: The logged value that selects `best.keras` (maximised).
+        saved_model: The model the files hold when it is not the one `fit`
+            trains but shares its weights (the classifier of a
+            `nbn_keras.models.ride.ExpertLogitsTrainer`); it is compiled
+            with the fitted model's optimizer, so that its backups keep the
+            training state. Defaults to the fitted model.
     """
 
-    def __init__(self, run_dir, monitor="val_top1"):
+    def __init__(self, run_dir, monitor="val_top1", saved_model=None):
         super().__init__()
         self.run_dir = run_dir
         self.monitor = monitor
+        self.saved_model = saved_model
         self.backup_dir = os.path.join(run_dir, "backup")
         self.state = {"epoch": 0, "best": None, "best_epoch": None, "history": []}
 
@@ -107,7 +113,9 @@ class RunCheckpoint(keras.callbacks.Callback):
     def restore(self, model):
         """Loads the last complete backup into `model`; returns its epoch (0 if none).
 
-        Call it on the compiled model before `fit(..., initial_epoch=...)`.
+        Call it on the compiled model `fit` trains, before `fit(...,
+        initial_epoch=...)`; with `saved_model`, the backup is loaded into
+        that model (and `model`'s optimizer).
         """
         run_files.remove_stale_temporaries(self.backup_dir)
         run_files.remove_stale_temporaries(self.run_dir)
@@ -116,9 +124,18 @@ class RunCheckpoint(keras.callbacks.Callback):
             return 0
         if not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
-        model.load_weights(os.path.join(self.backup_dir, state["checkpoint"]))
+        self._model_to_save(model).load_weights(
+            os.path.join(self.backup_dir, state["checkpoint"]))
         self.state = state
         return state["epoch"]
+
+    def _model_to_save(self, fitted):
+        """`saved_model` with `fitted`'s optimizer, or `fitted` itself."""
+        if self.saved_model is None:
+            return fitted
+        if getattr(self.saved_model, "optimizer", None) is not fitted.optimizer:
+            self.saved_model.compile(optimizer=fitted.optimizer)
+        return self.saved_model
 
     def on_train_batch_end(self, batch, logs=None):
         run_files.kill_point("batch")
@@ -132,13 +149,13 @@ class RunCheckpoint(keras.callbacks.Callback):
                 state["best"] is None or value > state["best"]):
             with run_files.atomic_write(os.path.join(self.run_dir, "best.keras"),
                                         kill_point_name="best") as tmp:
-                self.model.save(tmp)
+                self._model_to_save(self.model).save(tmp)
             state.update(best=value, best_epoch=epoch)
         os.makedirs(self.backup_dir, exist_ok=True)
         checkpoint = f"epoch-{epoch + 1:04d}.keras"
         with run_files.atomic_write(os.path.join(self.backup_dir, checkpoint),
                                     kill_point_name="backup") as tmp:
-            self.model.save(tmp)
+            self._model_to_save(self.model).save(tmp)
         state["checkpoint"] = checkpoint
         run_files.write_json(self.state_path, state)
         for name in os.listdir(self.backup_dir):

@@ -371,17 +371,23 @@ def build_loss(config, class_counts):
 
 
 def train(config, data, strategy, run_dir, model):
-    """The `train` phase: fits `model` from the last checkpoint; returns the optimizer steps."""
+    """The `train` phase: fits `model` from the last checkpoint; returns the optimizer steps.
+
+    A loss with a `training_model` method (RIDE's) fits the model it returns,
+    which shares `model`'s weights; the checkpoints hold `model`.
+    """
     steps = epoch_steps(config, data, strategy.num_replicas_in_sync)
     with strategy.scope():
         start_model(config, model)
-        model.compile(optimizer=build_optimizer(config, steps),
-                      loss=build_loss(config, data.class_counts),
-                      metrics=metrics.long_tail_metrics(
-                          data.class_counts, config.many_threshold, config.few_threshold),
-                      jit_compile=config.xla)
-        checkpoint = nbn_callbacks.RunCheckpoint(run_dir, monitor="val_top1")
-        initial_epoch = checkpoint.restore(model)
+        loss = build_loss(config, data.class_counts)
+        fitted = loss.training_model(model) if hasattr(loss, "training_model") else model
+        fitted.compile(optimizer=build_optimizer(config, steps), loss=loss,
+                       metrics=metrics.long_tail_metrics(
+                           data.class_counts, config.many_threshold, config.few_threshold),
+                       jit_compile=config.xla)
+        checkpoint = nbn_callbacks.RunCheckpoint(run_dir, monitor="val_top1",
+                                                 saved_model=model)
+        initial_epoch = checkpoint.restore(fitted)
     if initial_epoch:
         print(f"Resuming training at epoch {initial_epoch}.", flush=True)
     train_ds = data_lib.make_train_dataset(
@@ -392,7 +398,7 @@ def train(config, data, strategy, run_dir, model):
         replicas=strategy.num_replicas_in_sync)
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         with strategy.scope():
-            distribute.adapt_to_multi_worker(model, next(iter(train_ds)))
+            distribute.adapt_to_multi_worker(fitted, next(iter(train_ds)))
     callbacks = [
         # Raising (rather than stopping) skips the epoch-end checkpoint, so
         # the last good one survives a NaN loss.
@@ -410,11 +416,11 @@ def train(config, data, strategy, run_dir, model):
     if config.loss == "ride":
         callbacks.append(ride_loss.RIDEEpochHook())
     try:
-        model.fit(train_ds, epochs=config.epochs, steps_per_epoch=steps,
-                  initial_epoch=initial_epoch, shuffle=False, callbacks=callbacks,
-                  validation_data=data_lib.make_eval_dataset(
-                      data, "val", config.global_batch_size),
-                  verbose=config.verbose)
+        fitted.fit(train_ds, epochs=config.epochs, steps_per_epoch=steps,
+                   initial_epoch=initial_epoch, shuffle=False, callbacks=callbacks,
+                   validation_data=data_lib.make_eval_dataset(
+                       data, "val", config.global_batch_size),
+                   verbose=config.verbose)
     except RuntimeError as error:
         if "NaN" not in str(error) and "Inf" not in str(error):
             raise
@@ -425,7 +431,7 @@ def train(config, data, strategy, run_dir, model):
             f"({', '.join(kept) or 'none: the first epoch did not finish'}); lower "
             "the learning rate and run the same command with --allow_changed_flags "
             "to resume from it.") from None
-    return int(model.optimizer.iterations.numpy())
+    return int(fitted.optimizer.iterations.numpy())
 
 
 def select_model(run_dir):

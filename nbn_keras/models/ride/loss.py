@@ -26,6 +26,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from nbn_keras.models.ride.trainer import ExpertLogitsTrainer
 from nbn_keras.training.losses import _as_counts
 from nbn_keras.training.losses import _sparse_labels
 from nbn_keras.training.losses import drw_class_weights
@@ -46,21 +47,15 @@ def diversity_temperature_weights(class_counts, reweight_factor=0.05):
     return weights
 
 
-def _is_shape_inference(graph):
-    # Keras' TensorFlow `compute_output_spec` traces in graphs of this name.
-    return getattr(graph, "name", "").startswith("scratch_graph")
-
-
 @keras.saving.register_keras_serializable(package="nbn_keras")
 class RIDELoss(keras.losses.Loss):
     """The RIDE loss: per-expert LDAM-DRW plus a diversity term.
 
-    `y_pred` is either the stacked expert logits `[batch, experts, classes]`
-    or a RIDE model's mean logits `[batch, classes]`; in the latter case the
-    per-expert logits are those the model's `ExpertAverage` layer
-    (`nbn_keras.models.ride`) recorded in the same step, so the loss works in
-    `fit` on a model with a single logits output. `RIDEEpochHook` sets the
-    epoch, like their `_hook_before_epoch`.
+    `y_pred` is the stacked expert logits `[batch, experts, classes]`. A
+    RIDE classifier outputs only their mean: fit it through
+    `training_model(classifier)` (an `ExpertLogitsTrainer`), which gives
+    the loss the experts' logits. `RIDEEpochHook` sets the epoch, like their
+    `_hook_before_epoch`.
 
     Args:
         class_counts: Number of training examples of each class.
@@ -82,8 +77,9 @@ class RIDELoss(keras.losses.Loss):
     Example:
 
     >>> loss = RIDELoss(class_counts, reweight_epoch=160)
-    >>> model.compile(optimizer, loss=loss)
-    >>> model.fit(data, epochs=200, callbacks=[RIDEEpochHook()])
+    >>> trainer = loss.training_model(classifier)
+    >>> trainer.compile(optimizer, loss=loss)
+    >>> trainer.fit(data, epochs=200, callbacks=[RIDEEpochHook()])
 
     Reference:
     - [Wang et al., Long-tailed Recognition by Routing Diverse
@@ -121,33 +117,34 @@ class RIDELoss(keras.losses.Loss):
             self.class_counts, self.reweight_factor)
         self.reweight_active = keras.Variable(
             0.0, dtype="float32", trainable=False, name="reweight_active")
-        self._source = None
 
     def set_epoch(self, epoch):
         """Switches re-weighting on or off for the (0-based) `epoch`."""
         active = self.reweight_epoch is not None and epoch > self.reweight_epoch
         self.reweight_active.assign(1.0 if active else 0.0)
 
-    def _expert_logits(self, y_pred):
-        if len(y_pred.shape) == 3:
-            return y_pred
-        from nbn_keras.models.ride import network as ride
+    def training_model(self, classifier):
+        """The model to `fit` with this loss: `classifier` with its expert logits.
 
-        experts = ride.take_recorded_expert_logits()
-        graph = getattr(experts, "graph", None)
-        if experts is not None and tuple(experts.shape[::2]) == tuple(y_pred.shape):
-            if graph is getattr(y_pred, "graph", None):
-                return experts
-            if _is_shape_inference(graph) and _is_shape_inference(y_pred.graph):
-                # Keras' symbolic build infers the loss' output spec from
-                # placeholders in a graph apart from the model's call: only
-                # the shape of the result matters there.
-                return ops.repeat(ops.expand_dims(y_pred, 1), experts.shape[1], axis=1)
-        raise ValueError(
-            "RIDELoss got logits [batch, classes] that are not the output of a "
-            "RIDE model (nbn_keras.models.ride) computed just before: pass the stacked "
-            "expert logits [batch, experts, classes], or train a RIDE model "
-            "(--backbone=resnet50_ride).")
+        The loss needs every expert's logits, which the classifier does not
+        output; `ExpertLogitsTrainer` gives them to it.
+
+        Args:
+            classifier: A RIDE classifier (`build_ride_classifier`).
+
+        Returns:
+            An `ExpertLogitsTrainer` of `classifier`, sharing its weights.
+        """
+        return ExpertLogitsTrainer(classifier)
+
+    def _expert_logits(self, y_pred):
+        if len(y_pred.shape) != 3:
+            raise ValueError(
+                f"{type(self).__name__} takes the stacked expert logits [batch, experts, "
+                f"classes]; got shape {tuple(y_pred.shape)}, which is not the output of a "
+                "RIDE model's experts. Fit the RIDE classifier through "
+                "nbn_keras.models.ride.ExpertLogitsTrainer (loss.training_model(model)).")
+        return y_pred
 
     def call(self, y_true, y_pred):
         experts = ops.cast(self._expert_logits(y_pred), "float32")
@@ -259,9 +256,9 @@ def ride_balanced_softmax_loss(expert_logits, labels, class_counts, diversity_fa
 class RIDEBalancedSoftmaxLoss(RIDELoss):
     """`ride_balanced_softmax_loss` as a Keras loss of a RIDE model.
 
-    Takes `y_pred` as `RIDELoss` does (stacked expert logits, or a RIDE
-    model's mean logits with the experts' recorded in the same step). It has
-    no epoch state: no `RIDEEpochHook` is needed.
+    Takes `y_pred` as `RIDELoss` does (the stacked expert logits; fit a
+    RIDE classifier through `training_model`). It has no epoch state: no
+    `RIDEEpochHook` is needed.
 
     Args:
         class_counts: Number of training examples of each class.
@@ -273,7 +270,9 @@ class RIDEBalancedSoftmaxLoss(RIDELoss):
 
     Example:
 
-    >>> model.compile(optimizer, loss=RIDEBalancedSoftmaxLoss(class_counts))
+    >>> loss = RIDEBalancedSoftmaxLoss(class_counts)
+    >>> trainer = loss.training_model(classifier)
+    >>> trainer.compile(optimizer, loss=loss)
     """
 
     def __init__(self, class_counts, diversity_factor=-0.2, base_diversity_temperature=1.0,

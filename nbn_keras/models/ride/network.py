@@ -20,8 +20,9 @@ The classifier has one output, the mean logits (layer `"logits"`, an
 `ExpertAverage`), so training metrics, evaluation, folding and the TF Serving
 export treat it as any classifier; folding makes the layer a stock
 `GlobalAveragePooling1D`, so the export serves the mean of the experts'
-logits. `nbn_keras.models.ride.RIDELoss` reads the
-per-expert logits from that layer during the training step.
+logits. Training fits `nbn_keras.models.ride.ExpertLogitsTrainer`, which
+gives `nbn_keras.models.ride.RIDELoss` the input of that layer, the
+per-expert logits.
 
 Reference:
 - [Wang et al., Long-tailed Recognition by Routing Diverse
@@ -29,7 +30,6 @@ Reference:
 """
 
 import re
-import threading
 
 import keras
 from keras import layers
@@ -45,19 +45,15 @@ ARCHITECTURES = {"resnet50_ride": ("bottleneck", (3, 4, 6, 3))}
 # The BN layers of expert `e`'s last stage: `layer4s_{e}_...`.
 LAST_STAGE = re.compile(r"^layer4s_(\d+)_")
 SCALE_NAME = "nbn_scale_expert{}"
-# A transient tensor of the step being traced or run, per thread.
-_recorded = threading.local()
 
 
 @keras.saving.register_keras_serializable(package="nbn_keras")
 class ExpertAverage(keras.layers.Layer):
     """The mean over experts of stacked logits `[batch, experts, classes]`.
 
-    The layer also records the tensor it was called on (per thread: each
-    replica of a `tf.distribute` strategy runs in its own thread), so that a
-    loss computed in the same step (`nbn_keras.models.ride.RIDELoss`) can use
-    the per-expert logits while the model keeps a single logits output, the
-    one training metrics, evaluation and the serving export use.
+    Its output is the classifier's, the one training metrics, evaluation and
+    the serving export use; its input, the per-expert logits, is what
+    `nbn_keras.models.ride.ExpertLogitsTrainer` gives the RIDE losses.
 
     Call arguments:
         inputs: The stacked expert logits, `[batch, experts, classes]`.
@@ -67,7 +63,6 @@ class ExpertAverage(keras.layers.Layer):
     """
 
     def call(self, inputs):
-        _recorded.expert_logits = inputs
         return ops.mean(inputs, axis=1)
 
     def compute_output_shape(self, input_shape):
@@ -79,16 +74,6 @@ class ExpertAverage(keras.layers.Layer):
         The served RIDE model so outputs the mean of the experts' logits.
         """
         return layers.GlobalAveragePooling1D(dtype=self.dtype_policy, name=self.name)
-
-
-def take_recorded_expert_logits():
-    """The expert logits an `ExpertAverage` last recorded in this thread, once.
-
-    Returns `None` when none was recorded since the last call.
-    """
-    experts = getattr(_recorded, "expert_logits", None)
-    _recorded.expert_logits = None
-    return experts
 
 
 def _normalize(inputs, mean, std):
