@@ -1,8 +1,11 @@
-"""`.keras` files written by the training command load in fresh processes."""
+"""`.keras` files written by the training command load in fresh processes.
+
+And damaged or wrong `.keras` files are refused with a specific error
+(`test_bad_keras_file`, rows of the README's "Bad input" table).
+"""
 
 import ast
 import json
-import os
 import subprocess
 import sys
 import textwrap
