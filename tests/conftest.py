@@ -31,7 +31,7 @@ def pytest_collection_modifyitems(config, items):
         if item.nodeid.startswith(ONEDNN_DEPENDENT):
             item.add_marker(pytest.mark.onednn)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = helpers.REPO
 TRAINED_MODEL_NAME = "digits_lt_nbn"
 
 
