@@ -7,6 +7,12 @@ import tensorflow as tf
 import nbn_keras.data as nbn_data
 from nbn_keras.data import list_files
 from nbn_keras.data import transforms
+from tests.helpers import bad_input
+from tests.helpers import check_bad_input
+from tests.helpers import jpeg_bytes
+from tests.helpers import jpeg_cut_after_scan_header
+from tests.helpers import jpeg_with_corrupt_data
+from tests.helpers import png_bytes
 
 SIZE = 32
 
@@ -169,7 +175,7 @@ def test_utf8_paths_train_evaluate_and_find_a_bad_image(tmp_path):
         np.testing.assert_allclose(images, np.broadcast_to(
             grey[labels][:, None, None, None], images.shape), atol=0.5)
     assert batches[-1][1].tolist() == [0, 1, 2]
-    # A bad image named in training: test_bad_inputs.py; found up front here.
+    # A bad image named in training: test_bad_image_file; found up front here.
     broken = tmp_path / "\u5199\u771f" / "na\u00efve.png"
     broken.write_bytes(b"not an image")
     assert list_files.find_undecodable(data.train_split.records) == [str(broken)]
@@ -244,25 +250,16 @@ def test_bad_options(image_root):
         _load(image_root, num_classes=2)
 
 
-def _jpeg(seed, height=40, width=48):
-    rng = np.random.default_rng(seed)
-    coarse = rng.uniform(0, 255, (1, 5, 6, 3)).astype("float32")
-    image = tf.image.resize(coarse, [height, width])[0]
-    return tf.io.encode_jpeg(tf.cast(image, tf.uint8), quality=90).numpy()
-
-
 def test_find_undecodable_decodes_every_file_in_full(tmp_path):
-    good = _jpeg(0)
-    scan = good.find(b"\xff\xda") + 20
-    noise = np.random.default_rng(1).integers(0, 256, len(good) - scan - 20, np.uint8)
+    good = jpeg_bytes(seed=0)
     files = {
         "good.jpg": good,
         "good.png": tf.io.encode_png(np.zeros((5, 7, 3), np.uint8)).numpy(),
         # Valid header, corrupt data: the training pipeline's cropped decode
         # can succeed on these, a full decode does not.
-        "corrupt_data.jpg": good[:scan] + noise.tobytes() + good[-20:],
+        "corrupt_data.jpg": jpeg_with_corrupt_data(good, seed=1),
         "truncated.jpg": good[: int(len(good) * 0.6)],
-        "no_data.jpg": good[:scan],
+        "no_data.jpg": jpeg_cut_after_scan_header(good),
         "truncated.png": tf.io.encode_png(np.zeros((50, 70, 3), np.uint8)).numpy()[:60],
         "text.jpg": b"hello",
         "empty.png": b"",
@@ -335,3 +332,311 @@ def test_eval_transform_is_torchvisions_on_a_photo(tmp_path, name, box):
     # Only rounding to whole levels differs (without antialiasing: ~6 levels
     # on average; with TensorFlow's default JPEG IDCT: ~1).
     assert difference.max() <= 1 and difference.mean() < 0.25
+
+
+# --------------------------------------------------------------------------
+# Bad list and image files (the README's "Bad input" table): each case
+# asserts its error and that the lists, the images and the user's files
+# (`user_files`) stay as they were.
+
+
+@pytest.fixture()
+def lists(tmp_path):
+    """6 training JPEGs (3 classes) and 2 validation images with lists."""
+    root = tmp_path / "lists"
+    lines = []
+    for i in range(6):
+        name = f"train/c{i % 3}/{i}.jpg"
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(jpeg_bytes(seed=i))
+        lines.append(f"{name} {i % 3}")
+    (root / "val").mkdir()
+    (root / "val" / "a.png").write_bytes(png_bytes(seed=7))
+    (root / "val" / "b.jpg").write_bytes(jpeg_bytes(seed=8))
+    (root / "train.txt").write_text("\n".join(lines) + "\n")
+    (root / "val.txt").write_text("val/a.png 0\nval/b.jpg 2\n")
+    return root
+
+
+def load_lists(root, **options):
+    return nbn_data.load(
+        "imagenet_lt", train_list=str(root / "train.txt"),
+        val_list=str(root / "val.txt"), image_root=str(root), image_size=16,
+        **options)
+
+
+def append(path, text):
+    with open(path, "a") as f:
+        f.write(text)
+
+
+def iterate(ds):
+    return sum(int(images.shape[0]) for images, _ in ds)
+
+
+def appended(name, text):
+    return lambda root: append(root / name, text)
+
+
+def written(name, text, encoding="utf-8"):
+    return lambda root: (root / name).write_text(text, encoding=encoding)
+
+
+def edit_and_load(edit=None, **options):
+    """A case: `edit(lists)` writes the bad input, then the lists are loaded."""
+    def act(ctx, lists):
+        if edit is not None:
+            edit(lists)
+            ctx.ready()
+        load_lists(lists, **options)
+
+    return act
+
+
+def label_of_the_test_list_beyond_num_classes(ctx, lists):
+    (lists / "test.txt").write_text("val/a.png 5\n")
+    ctx.ready()
+    load_lists(lists, num_classes=4, test_list=str(lists / "test.txt"))
+
+
+def latin1_list_file(ctx, lists):
+    with open(lists / "train.txt", "ab") as f:
+        f.write("train/caf\u00e9.jpg 0\n".encode("latin-1"))
+    ctx.ready()
+    load_lists(lists)
+
+
+def repeated_line_allowed_when_asked(ctx, lists):
+    append(lists / "train.txt", "train/c0/0.jpg 0\n./train/c0/0.jpg 0\n")
+    ctx.ready()
+    data = load_lists(lists, allow_duplicate_paths=True)
+    assert data.class_counts.tolist() == [4, 2, 2]
+    assert len(data.train_split) == 8
+
+
+def _write_utf8_images(lists):
+    """Two images under CJK, accented and Cyrillic names, listed after a BOM."""
+    names = ["\u5199\u771f/caf\u00e9 \u00e0.jpg", "\u0444\u043e\u0442\u043e/\u753b\u50cf.jpg"]
+    for seed, name in enumerate(names):
+        (lists / name).parent.mkdir(exist_ok=True)
+        (lists / name).write_bytes(jpeg_bytes(seed=seed))
+    with open(lists / "train.txt", "r+b") as f:
+        lines = f.read()
+        f.seek(0)
+        f.write(b"\xef\xbb\xbf" + lines + f"{names[0]} 1\n{names[1]} 2\n".encode("utf-8"))
+    return names
+
+
+def utf8_paths(ctx, lists):
+    names = _write_utf8_images(lists)
+    ctx.ready()
+    data = load_lists(lists)
+    assert [os.path.relpath(p, lists) for p in data.train_split.records[-2:]] == names
+    assert data.class_counts.tolist() == [2, 3, 3]
+    # Decoded (training too: test_utf8_paths_train_evaluate_and_find_a_bad_image).
+    assert iterate(nbn_data.make_eval_dataset(data, "train", 8)) == 8
+
+
+def path_starting_with_a_hash(ctx, lists):
+    (lists / "#1").mkdir()
+    (lists / "#1" / "a.jpg").write_bytes(jpeg_bytes(seed=12))
+    append(lists / "train.txt", "# a comment 1\n#1/a.jpg 1\n")
+    ctx.ready()
+    data = load_lists(lists)
+    assert data.train_split.records[-1] == str(lists / "#1" / "a.jpg")
+    assert data.class_counts.tolist() == [2, 3, 2]
+
+
+def outside_path_allowed_when_asked(ctx, lists):
+    outside = ctx.tmp / "elsewhere" / "x.jpg"
+    outside.parent.mkdir()
+    outside.write_bytes(jpeg_bytes(seed=11))
+    append(lists / "train.txt", "../elsewhere/x.jpg 1\n")
+    ctx.ready()
+    data = load_lists(lists, allow_outside_image_root=True)
+    assert len(data.train_split) == 7
+    assert os.path.samefile(data.train_split.records[-1], outside)
+
+
+def missing_image_skipped(ctx, lists):
+    append(lists / "train.txt", "train/c1/gone.jpg 1\n")
+    ctx.ready()
+    data = load_lists(lists, on_bad_image="skip")
+    assert [os.path.basename(p) for p in data.skipped["train"]] == ["gone.jpg"]
+    assert data.class_counts.tolist() == [2, 2, 2]
+
+
+def missing_list_file(ctx, lists):
+    nbn_data.load("imagenet_lt", train_list=str(lists / "nope.txt"),
+                  val_list=str(lists / "val.txt"), image_root=str(lists))
+
+
+LIST_FILE_CASES = [
+    bad_input("label_above_num_classes", edit_and_load(
+        appended("train.txt", "train/c0/extra.jpg 999\n"), num_classes=3), ValueError,
+        r"train\.txt, line 7: label 999 is not in \[0, 3\) \(num_classes=3\)"),
+    bad_input("stray_label_with_inferred_classes", edit_and_load(
+        appended("train.txt", "train/c0/extra.jpg 999\n")), ValueError,
+        r"train\.txt, line 7: label 999 makes 1000 classes, but 996 of them "
+        r"\(3, 4, 5, 6, 7, \.\.\.\) have no training image"),
+    bad_input("val_label_beyond_training_classes", edit_and_load(
+        written("val.txt", "val/a.png 0\nval/b.jpg 7\n")), ValueError,
+        r"val\.txt, line 2: label 7 is not in \[0, 3\) \(num_classes=3, inferred from "
+        r"the training list"),
+    bad_input("label_of_the_test_list_beyond_num_classes",
+              label_of_the_test_list_beyond_num_classes, ValueError,
+              r"test\.txt, line 1: label 5 is not in \[0, 4\) \(num_classes=4\)"),
+    bad_input("negative_label", edit_and_load(
+        appended("train.txt", "train/c0/0.jpg -1\n")), ValueError,
+        r"train\.txt, line 7: expected 'relative/path label' with an integer label >= 0, "
+        r"got 'train/c0/0\.jpg -1': the label -1 is negative\."),
+    bad_input("non_integer_label", edit_and_load(
+        appended("train.txt", "train/c0/0.jpg cat\n")), ValueError,
+        r"train\.txt, line 7: expected 'relative/path label'.*'train/c0/0\.jpg cat'"),
+    bad_input("line_without_label", edit_and_load(
+        written("val.txt", "val/a.png 0\nval/b.jpg\n")), ValueError,
+        r"val\.txt, line 2: expected 'relative/path label'"),
+    bad_input("arabic_indic_label", edit_and_load(
+        appended("train.txt", "train/c0/0.jpg \u0663\n")), ValueError,
+        r"train\.txt, line 7: .*: the label '\u0663' has digits other than ASCII 0-9 "
+        r"\(U\+0663 ARABIC-INDIC DIGIT THREE\)\."),
+    bad_input("fullwidth_label", edit_and_load(
+        appended("train.txt", "train/c0/0.jpg \uff13\n")), ValueError,
+        r"train\.txt, line 7: .*: the label '\uff13' has digits other than ASCII 0-9 "
+        r"\(U\+FF13 FULLWIDTH DIGIT THREE\)\."),
+    bad_input("label_beyond_int32", edit_and_load(
+        appended("train.txt", "train/c0/0.jpg 2147483648\n")), ValueError,
+        r"train\.txt, line 7: .*: the label 2147483648 is larger than 2147483647\."),
+    bad_input("largest_stray_label_with_inferred_classes", edit_and_load(
+        appended("train.txt", "train/c0/extra.jpg 2147483647\n")), ValueError,
+        r"train\.txt, line 7: label 2147483647 makes 2147483648 classes, but 2147483644 "
+        r"of them \(3, 4, 5, 6, 7, \.\.\.\) have no training image"),
+    bad_input("latin1_list_file", latin1_list_file, ValueError,
+              r"train\.txt, line 7: not valid UTF-8 \(byte b'\\xe9' at column 10\); list "
+              r"files must be UTF-8 \(a byte-order mark is accepted\)\."),
+    bad_input("utf16_list_file", edit_and_load(
+        written("val.txt", "val/a.png 0\nval/b.jpg 2\n", encoding="utf-16")), ValueError,
+        r"val\.txt: the file is UTF-16 or UTF-32 encoded \(it starts with that "
+        r"byte-order mark\); list files must be UTF-8\."),
+    bad_input("repeated_line", edit_and_load(
+        appended("train.txt", "train/c0/0.jpg 0\n")), ValueError,
+        r"train\.txt, line 7: 'train/c0/0\.jpg' is listed again \(first on line 1\); 1 "
+        r"duplicate line\(s\) in this list, which change the class sizes\. Remove them, "
+        r"or pass allow_duplicate_paths=True \(--allow_duplicate_paths\)"),
+    bad_input("path_under_two_labels", edit_and_load(
+        appended("train.txt", "train/c0/0.jpg 2\n")), ValueError,
+        r"train\.txt, line 7: 'train/c0/0\.jpg' has label 2, but line 1 lists it with "
+        r"label 0; one image cannot have two labels \(1 such line\(s\) in this list\)\."),
+    bad_input("path_under_two_labels_with_duplicates_allowed", edit_and_load(
+        appended("val.txt", "./val/a.png 1\n"), allow_duplicate_paths=True), ValueError,
+        r"val\.txt, line 3: '\./val/a\.png' has label 1, but line 1 lists it with label 0"),
+    bad_input("repeated_line_allowed_when_asked", repeated_line_allowed_when_asked, None,
+              "accepted"),
+    bad_input("utf8_paths", utf8_paths, None, "accepted"),
+    bad_input("path_starting_with_a_hash", path_starting_with_a_hash, None, "accepted"),
+    bad_input("path_climbing_out_of_the_root", edit_and_load(
+        appended("train.txt", "../../../../etc/passwd 0\n")), ValueError,
+        r"train\.txt, line 7: the path '\.\./\.\./\.\./\.\./etc/passwd' is outside the "
+        r"image root .*allow_outside_image_root=True"),
+    bad_input("absolute_path", edit_and_load(
+        appended("train.txt", "/etc/passwd 0\n")), ValueError,
+        r"train\.txt, line 7: the path '/etc/passwd' is outside the image root"),
+    bad_input("path_leaving_the_root_midway", edit_and_load(
+        written("val.txt", "train/../../x.jpg 0\nval/b.jpg 2\n")), ValueError,
+        r"val\.txt, line 1: the path 'train/\.\./\.\./x\.jpg' is outside the image root"),
+    bad_input("outside_path_allowed_when_asked", outside_path_allowed_when_asked, None,
+              "accepted"),
+    bad_input("missing_image", edit_and_load(
+        appended("train.txt", "train/c1/gone.jpg 1\n")), FileNotFoundError,
+        r"Image file not found: \S*train/c1/gone\.jpg \(listed in \S*train\.txt, line 7\)"),
+    bad_input("missing_image_skipped", missing_image_skipped, None, "skipped"),
+    bad_input("empty_list", edit_and_load(written("train.txt", "# nothing here\n\n")),
+              ValueError, r"train\.txt: no entries"),
+    bad_input("missing_list_file", missing_list_file, FileNotFoundError,
+              r"List file not found: \S*nope\.txt"),
+    bad_input("zero_num_classes", edit_and_load(num_classes=0), ValueError,
+              r"`num_classes` must be a positive integer. Received: 0"),
+]
+
+
+@pytest.mark.parametrize("act, error, message", LIST_FILE_CASES)
+def test_bad_list_file(act, error, message, user_files, lists):
+    check_bad_input(user_files, act, error, message, lists)
+
+
+def damage_and_read(name, damage, read):
+    """A case: `damage(bytes)` rewrites image `name`, then `read(data)` reads it."""
+    def act(ctx, lists):
+        path = lists / name
+        path.write_bytes(damage(path.read_bytes()))
+        ctx.ready()
+        iterate(read(load_lists(lists)))
+
+    return act
+
+
+def evaluation(batch_size):
+    return lambda data: nbn_data.make_eval_dataset(data, "val", batch_size=batch_size)
+
+
+def training(batch_size):
+    return lambda data: nbn_data.make_train_dataset(data, batch_size, epochs=1)
+
+
+def text_file_under_a_cjk_path(ctx, lists):
+    names = _write_utf8_images(lists)
+    (lists / names[1]).write_text("not an image at all")
+    ctx.ready()
+    iterate(nbn_data.make_train_dataset(load_lists(lists), 8, epochs=1))
+
+
+def corrupt_jpeg_skipped(ctx, lists):
+    path = lists / "train" / "c2" / "5.jpg"
+    path.write_bytes(jpeg_with_corrupt_data(path.read_bytes()))
+    ctx.ready()
+    data = load_lists(lists, on_bad_image="skip")
+    assert [os.path.basename(p) for p in data.skipped["train"]] == ["5.jpg"]
+    assert data.class_counts.tolist() == [2, 2, 1]
+    assert iterate(nbn_data.make_train_dataset(data, 2, epochs=1)) == 4
+
+
+def truncated_png_and_missing_skipped(ctx, lists):
+    path = lists / "val" / "a.png"
+    path.write_bytes(path.read_bytes()[:200])
+    (lists / "val.txt").write_text("val/a.png 0\nval/b.jpg 2\nval/gone.jpg 1\n")
+    ctx.ready()
+    data = load_lists(lists, on_bad_image="skip")
+    assert sorted(os.path.basename(p) for p in data.skipped["val"]) == ["a.png", "gone.jpg"]
+    assert data.val_split.labels.tolist() == [2]
+
+
+IMAGE_FILE_CASES = [
+    bad_input("text_file_as_image", damage_and_read(
+        "val/a.png", lambda _: b"not an image at all", evaluation(8)),
+        tf.errors.InvalidArgumentError, r"Cannot read or decode image file \S*val/a\.png"),
+    bad_input("empty_image_file", damage_and_read("val/a.png", lambda _: b"", evaluation(8)),
+              tf.errors.InvalidArgumentError,
+              r"Cannot read or decode image file \S*val/a\.png"),
+    bad_input("cut_jpeg_in_training", damage_and_read(
+        "train/c1/4.jpg", jpeg_cut_after_scan_header, training(2)),
+        tf.errors.InvalidArgumentError,
+        r"Cannot read or decode image file \S*train/c1/4\.jpg"),
+    bad_input("cut_jpeg_last_in_evaluation", damage_and_read(
+        "val/b.jpg", jpeg_cut_after_scan_header, evaluation(8)),
+        tf.errors.InvalidArgumentError, r"Cannot read or decode image file \S*val/b\.jpg"),
+    bad_input("truncated_png_in_evaluation", damage_and_read(
+        "val/a.png", lambda data: data[:200], evaluation(1)),
+        tf.errors.InvalidArgumentError, r"Cannot read or decode image file \S*val/a\.png"),
+    bad_input("text_file_under_a_cjk_path", text_file_under_a_cjk_path,
+              tf.errors.InvalidArgumentError,
+              "Cannot read or decode image file \\S*/\u0444\u043e\u0442\u043e/"
+              "\u753b\u50cf\\.jpg"),
+    bad_input("corrupt_jpeg_skipped", corrupt_jpeg_skipped, None, "skipped"),
+    bad_input("truncated_png_and_missing_skipped", truncated_png_and_missing_skipped, None,
+              "skipped"),
+]
+
+
+@pytest.mark.parametrize("act, error, message", IMAGE_FILE_CASES)
+def test_bad_image_file(act, error, message, user_files, lists):
+    check_bad_input(user_files, act, error, message, lists)

@@ -13,34 +13,17 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from absl import flags
 
 from nbn_keras.serving import export
 from nbn_keras.models import resnet
 from nbn_keras.conversion import convert_to_nbn
-
-SIZE = 12
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-
-
-def tiny_classifier(size=SIZE, channels=3, name="tiny"):
-    inputs = keras.Input((size, size, channels), name="pixels")
-    x = keras.layers.Rescaling(1 / 255)(inputs)
-    x = keras.layers.Normalization(
-        mean=[0.5] * channels, variance=[0.06] * channels
-    )(x)
-    x = keras.layers.Conv2D(6, 3, padding="same")(x)
-    x = keras.layers.BatchNormalization(name="stack_0_block1_1_bn")(x)
-    x = keras.layers.ReLU()(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(4)(x)
-    model = keras.Model(inputs, outputs, name=name)
-    rng = np.random.default_rng(0)
-    bn = model.get_layer("stack_0_block1_1_bn")
-    bn.set_weights([
-        rng.uniform(0.5, 2.0, 6), rng.normal(size=6),
-        rng.normal(size=6) * 0.1, rng.uniform(0.5, 2.0, 6),
-    ])
-    return model
+from tests.helpers import ENV
+from tests.helpers import SIZE
+from tests.helpers import bad_input
+from tests.helpers import check_bad_input
+from tests.helpers import pil_bytes
+from tests.helpers import tiny_classifier
 
 
 def nbn_classifier():
@@ -548,14 +531,6 @@ def test_stale_temporary_directories_are_removed(tmp_path):
     assert (model_dir / "1" / "saved_model.pb").read_bytes() == b"earlier export"
 
 
-def _pil_bytes(pil_image, fmt):
-    import io
-
-    buffer = io.BytesIO()
-    pil_image.save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
 def test_header_sizes_match_the_decoded_sizes():
     from PIL import Image  # Installed with matplotlib.
 
@@ -565,12 +540,12 @@ def test_header_sizes_match_the_decoded_sizes():
         array = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
         image = Image.fromarray(array)
         encoded += [
-            (_pil_bytes(image, "PNG"), (height, width)),
-            (_pil_bytes(image.convert("L"), "PNG"), (height, width)),
-            (_pil_bytes(image.convert("RGBA"), "PNG"), (height, width)),
-            (_pil_bytes(image, "JPEG"), (height, width)),
-            (_pil_bytes(image, "GIF"), (height, width)),
-            (_pil_bytes(image, "BMP"), (height, width)),
+            (pil_bytes(image, "PNG"), (height, width)),
+            (pil_bytes(image.convert("L"), "PNG"), (height, width)),
+            (pil_bytes(image.convert("RGBA"), "PNG"), (height, width)),
+            (pil_bytes(image, "JPEG"), (height, width)),
+            (pil_bytes(image, "GIF"), (height, width)),
+            (pil_bytes(image, "BMP"), (height, width)),
             (tf.io.encode_jpeg(array, progressive=True).numpy(), (height, width)),
         ]
     for data, expected in encoded:
@@ -605,3 +580,92 @@ def test_saved_model_cli_run_reports_bad_inputs(tmp_path):
                      outputs["serving_default"])
     assert re.search(r"image_bytes\[1\] is 21x21 pixels, more than the 400 pixels",
                      outputs["serve_image_bytes"])
+
+
+# --------------------------------------------------------------------------
+# Bad flags of `python -m nbn_keras.export` (the README's "Bad input" table):
+# parsed and run in this process, the user's export directory as the target.
+# Each case asserts its error and that the user's files (`user_files`) stay
+# as they were.
+
+
+def export_command(argv):
+    """A case: the export command with the flags `argv(ctx)`."""
+    def act(ctx):
+        values = flags.FlagValues()
+        export.define_flags(values)
+        values(["export", *argv(ctx)])
+        return export.run_from_flags(values)
+
+    return act
+
+
+def users_export(*argv):
+    """A case: `export_command` into the user's `saved_models/m/`."""
+    return export_command(lambda ctx: [
+        f"--base_dir={ctx.user / 'saved_models'}", "--model_name=m",
+        *[flag(ctx) if callable(flag) else flag for flag in argv]])
+
+
+def users_best(ctx):
+    return f"--model={ctx.user / 'run' / 'best.keras'}"
+
+
+def export_of_a_truncated_file(ctx):
+    path = ctx.trained_copy()
+    path.write_bytes(path.read_bytes()[:100000])
+    ctx.ready()
+    users_export(f"--model={path}")(ctx)
+
+
+def export_next_to_someone_elses_file(ctx):
+    (ctx.tmp / "served" / "m").mkdir(parents=True)
+    (ctx.tmp / "served" / "m" / "notes.txt").write_text("mine")
+    ctx.ready()
+    export_command(lambda ctx: [f"--base_dir={ctx.tmp / 'served'}", "--model_name=m",
+                                users_best(ctx)])(ctx)
+
+
+EXPORT_FLAG_CASES = [
+    bad_input("export_over_an_existing_version", users_export(users_best, "--version=1"),
+              SystemExit, r"Version 1 of 'm' already exists"),
+    bad_input("export_with_a_negative_version", users_export(users_best, "--version=-1"),
+              flags.IllegalFlagValueError, r"--version=-1: -1 is not a non-negative integer"),
+    bad_input("export_with_no_pixels_allowed", users_export(
+        users_best, "--max_image_pixels=0"), flags.IllegalFlagValueError,
+        r"--max_image_pixels=0: 0 is not a positive integer"),
+    bad_input("export_with_a_bad_image_size", users_export(users_best, "--image_size=12x"),
+              SystemExit, r"--image_size must be H or HxW, got '12x'"),
+    bad_input("export_with_a_mismatched_image_size", users_export(
+        users_best, "--image_size=8"), SystemExit,
+        r"image_size \(8, 8\) does not match the model's input shape"),
+    bad_input("export_with_an_unknown_resize_mode", users_export(
+        users_best, "--resize_mode=stretch"), flags.IllegalFlagValueError,
+        r"--resize_mode=stretch: value should be one of"),
+    bad_input("export_without_a_model", users_export(), flags.IllegalFlagValueError,
+              r"--model must have a value other than None"),
+    bad_input("export_of_a_missing_file", users_export(
+        lambda ctx: f"--model={ctx.tmp / 'absent.keras'}"), SystemExit,
+        r"No model file at '\S*absent\.keras'"),
+    bad_input("export_of_a_weights_file", users_export(
+        lambda ctx: f"--model={ctx.user / 'run' / 'backup' / 'latest.weights.h5'}"),
+        SystemExit, r"is not a \.keras file\. Only whole-model \.keras files can be exported"),
+    bad_input("export_of_a_truncated_file", export_of_a_truncated_file, SystemExit,
+              r"nbn_keras\.export: error: '\S*model\.keras' is not a complete \.keras file",
+              slow=True),
+    bad_input("export_with_a_nested_model_name", export_command(lambda ctx: [
+        f"--base_dir={ctx.user / 'saved_models'}", "--model_name=a/b", users_best(ctx)]),
+        SystemExit, r"Invalid model_name 'a/b'"),
+    bad_input("export_with_a_temporary_model_name", export_command(lambda ctx: [
+        f"--base_dir={ctx.user / 'saved_models'}", "--model_name=.tmp-export-1",
+        users_best(ctx)]), SystemExit, r"Invalid model_name '\.tmp-export-1'"),
+    bad_input("export_next_to_someone_elses_file", export_next_to_someone_elses_file,
+              SystemExit,
+              r"nbn_keras\.export: error: \S+/m holds 1 entry that is not a model version "
+              r"\(notes\.txt\); .*pass allow_foreign_files=True \(--allow_foreign_export_dir\)"),
+]
+
+
+@pytest.mark.parametrize("act, error, message", EXPORT_FLAG_CASES)
+def test_bad_export_flag(act, error, message, user_files):
+    check_bad_input(user_files, act, error, message)

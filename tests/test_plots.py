@@ -32,7 +32,7 @@ def leaf_layers(model):
     return model._flatten_layers(include_self=False, recursive=True)
 
 
-def tiny_classifier(num_classes=3, shortcut="projection"):
+def resnet8_classifier(num_classes=3, shortcut="projection"):
     keras.utils.set_random_seed(0)
     backbone = backbones.cifar_resnet(8, input_shape=SHAPE, shortcut=shortcut)
     return backbones.build_classifier(backbone, num_classes, SHAPE)
@@ -41,7 +41,7 @@ def tiny_classifier(num_classes=3, shortcut="projection"):
 @pytest.fixture(scope="module")
 def models():
     """A plain classifier and its NBN copy with non-trivial parameters."""
-    bn = tiny_classifier()
+    bn = resnet8_classifier()
     rng = np.random.default_rng(1)
     for layer in leaf_layers(bn):
         if isinstance(layer, keras.layers.BatchNormalization):

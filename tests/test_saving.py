@@ -1,20 +1,26 @@
-"""`.keras` files written by the training command load in fresh processes."""
+"""`.keras` files written by the training command load in fresh processes.
+
+And damaged or wrong `.keras` files are refused with a specific error
+(`test_bad_keras_file`, rows of the README's "Bad input" table).
+"""
 
 import ast
 import json
-import os
 import subprocess
 import sys
 import textwrap
+import warnings
+import zipfile
 
 import keras
 import numpy as np
 import pytest
 
 import nbn_keras
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+from tests.helpers import ENV
+from tests.helpers import REPO
+from tests.helpers import bad_input
+from tests.helpers import check_bad_input
 
 _SCRIPT = textwrap.dedent(
     """
@@ -169,3 +175,144 @@ def test_import_registers_everything_in_a_fresh_process():
     assert result.returncode == 0, result.stderr[-3000:]
     names = ast.literal_eval(result.stdout.strip().splitlines()[-1])
     assert set(names) == set(nbn_keras.custom_objects())
+
+
+# --------------------------------------------------------------------------
+# Bad `.keras` files (the README's "Bad input" table): copies of the user's
+# or the trained `best.keras`, tampered with. Each case asserts its error and
+# that the user's files (`user_files`) stay as they were.
+
+
+def _rezip(source, target, replace=None, drop=()):
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(target, "w") as zout:
+        for name in zin.namelist():
+            if name in drop:
+                continue
+            data = zin.read(name)
+            if replace and name in replace:
+                data = replace[name](data)
+            zout.writestr(name, data)
+
+
+def _load_tampered(tamper):
+    """A case: `tamper(ctx)` writes `<tmp>/model.keras`, which is then loaded."""
+    def act(ctx):
+        tamper(ctx)
+        ctx.ready()
+        nbn_keras.load_model(ctx.tmp / "model.keras")
+
+    return act
+
+
+def _cut_trained_file(keep):
+    def tamper(ctx):
+        path = ctx.trained_copy()
+        path.write_bytes(path.read_bytes()[:keep(path.stat().st_size)])
+
+    return tamper
+
+
+def _rezip_trained_file(**changes):
+    return lambda ctx: _rezip(ctx.trained_best(), ctx.tmp / "model.keras", **changes)
+
+
+def _flip_a_weights_byte(ctx):
+    path = ctx.trained_copy()
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("model.weights.h5")
+    data = bytearray(path.read_bytes())
+    data[info.header_offset + 30 + len(info.filename) + info.file_size // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _rename_scale_class(data):
+    return data.replace(b'"NBNScale"', b'"NoSuchLayer"').replace(
+        b"nbn_keras>NBNScale", b"nbn_keras>NoSuchLayer")
+
+
+def keras_file_with_other_weights(ctx):
+    other = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    other.save_weights(ctx.tmp / "other.weights.h5")
+    weights = (ctx.tmp / "other.weights.h5").read_bytes()
+    _rezip(ctx.trained_best(), ctx.tmp / "model.keras",
+           replace={"model.weights.h5": lambda data: weights})
+    ctx.ready()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Keras warns per layer first.
+        nbn_keras.load_model(ctx.tmp / "model.keras")
+
+
+def keras_file_with_a_lambda(ctx):
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2)(inputs))
+    model.save(ctx.tmp / "lambda.keras")
+    ctx.ready()
+    nbn_keras.load_model(ctx.tmp / "lambda.keras")
+
+
+def _add_config_key(ctx):
+    def add_key(data):
+        config = json.loads(data)
+        for layer in config["config"]["layers"]:
+            if layer["class_name"] == "NormalizedBatchNormalization":
+                layer["config"]["foo"] = 1
+        return json.dumps(config).encode()
+
+    _rezip(ctx.user / "run" / "best.keras", ctx.tmp / "model.keras",
+           replace={"config.json": add_key})
+
+
+def _load(path):
+    """A case: the file at `path(ctx)`, as it is, is loaded."""
+    return lambda ctx: nbn_keras.load_model(path(ctx))
+
+
+KERAS_FILE_CASES = [
+    bad_input("keras_file_cut_in_half", _load_tampered(_cut_trained_file(lambda n: n // 2)),
+              ValueError,
+              r"not a complete \.keras file \(truncated, or not a Keras zip archive\)",
+              slow=True),
+    bad_input("keras_file_missing_its_end", _load_tampered(_cut_trained_file(
+        lambda n: n - 10)), ValueError, r"not a complete \.keras file", slow=True),
+    bad_input("keras_file_with_a_flipped_byte", _load_tampered(_flip_a_weights_byte),
+              ValueError,
+              r"is damaged: its member 'model\.weights\.h5' does not match its checksum",
+              slow=True),
+    bad_input("keras_file_with_broken_config", _load_tampered(_rezip_trained_file(
+        replace={"config.json": lambda data: data[: len(data) // 2]})), ValueError,
+        r"is damaged: its config\.json is not JSON", slow=True),
+    bad_input("keras_file_without_weights", _load_tampered(_rezip_trained_file(
+        drop=("model.weights.h5",))), ValueError,
+        r"is not a complete \.keras file: it has no model\.weights\.h5", slow=True),
+    bad_input("keras_file_with_an_unknown_class", _load_tampered(_rezip_trained_file(
+        replace={"config.json": _rename_scale_class})), TypeError,
+        r"it needs nbn_keras>NoSuchLayer \(module nbn_keras\.layers\), which no imported "
+        r"package has registered\. Import nbn_keras", slow=True),
+    bad_input("keras_file_with_other_weights", keras_file_with_other_weights, ValueError,
+              r"Could not load '\S*model\.keras': A total of \d+ objects could not be "
+              r"loaded", slow=True),
+    bad_input("keras_file_with_a_lambda", keras_file_with_a_lambda, ValueError,
+              r"Could not load .*safe_mode=False"),
+    bad_input("keras_file_with_an_unknown_config_key", _load_tampered(_add_config_key),
+              TypeError,
+              r"\ACould not load '[^']*model\.keras': unknown config key\(s\) 'foo' in "
+              r"layer 'batch_normalization' \(NormalizedBatchNormalization\): this version "
+              r"of NormalizedBatchNormalization does not take them \(a file from another "
+              r"version, or edited\)\.\Z"),
+    bad_input("empty_keras_file", _load_tampered(
+        lambda ctx: (ctx.tmp / "model.keras").write_bytes(b"")), ValueError,
+        r"'\S*model\.keras' is empty \(0 bytes\): not a \.keras file\."),
+    bad_input("weights_file_as_model", _load(
+        lambda ctx: ctx.user / "run" / "backup" / "latest.weights.h5"), ValueError,
+        r"is not a \.keras model file\. A \.weights\.h5 file holds weights only"),
+    bad_input("saved_model_as_model", _load(lambda ctx: ctx.user / "saved_models" / "m" / "1"),
+              ValueError,
+              r"is not a \.keras model file\. A directory may be a TF Serving export"),
+    bad_input("missing_keras_file", _load(lambda ctx: ctx.tmp / "absent.keras"),
+              FileNotFoundError, r"No model file at '\S*absent\.keras'"),
+]
+
+
+@pytest.mark.parametrize("act, error, message", KERAS_FILE_CASES)
+def test_bad_keras_file(act, error, message, user_files):
+    check_bad_input(user_files, act, error, message)

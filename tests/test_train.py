@@ -22,7 +22,7 @@ from absl import flags
 from nbn_keras.training import config as config_lib
 from nbn_keras.models.ride import network as ride
 from nbn_keras.training import driver as train
-from tests.test_bad_inputs import jpeg_cut_after_scan_header
+from tests.helpers import jpeg_cut_after_scan_header
 from tests.test_data_fashion_mnist import write_fashion_mnist
 from tests.test_export import ENV as SERVE_ENV
 from tests.test_export import LOAD_SCRIPT as SERVE_SCRIPT
@@ -476,7 +476,7 @@ if sys.argv[1] == "2":
 from absl import app
 from nbn_keras.training import config as config_lib
 from nbn_keras.training import driver as train
-from tests.test_bad_inputs import jpeg_cut_after_scan_header
+from tests.helpers import jpeg_cut_after_scan_header
 from tests.test_data_fashion_mnist import write_fashion_mnist
 app.run(train.main, argv=["train"] + sys.argv[2:])
 """
