@@ -1,4 +1,4 @@
-"""Figures of the effect study (`effect_study.py`), drawn from its records.
+"""Figures of the effect study (`effect_plan.py`), drawn from its records.
 
 Matplotlib's Agg canvas without pyplot, as in `nbn_keras.analysis.plots`.
 """
@@ -10,6 +10,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
+import effect_plan
 from nbn_keras.analysis import plots
 
 GROUP_METRICS = ("top1", "many", "medium", "few")
@@ -216,9 +217,7 @@ def write_all(args, records, stats, out_dir):
 
     from nbn_keras import data as data_lib
 
-    import effect_study
-
-    labels = effect_study.LABELS
+    labels = effect_plan.LABELS
     paths = []
     if stats["cells"]:
         paths.append(plot_paired_differences(
@@ -233,16 +232,16 @@ def write_all(args, records, stats, out_dir):
     if stats["ablations"]:
         paths.append(plot_ablations(stats, labels,
                                     os.path.join(out_dir, "effect_ablations.png")))
-    decays = effect_study.decay_cells(args)
+    decays = effect_plan.decay_cells(args)
     paths.append(plot_mechanism(records, labels, [bn for _, bn, _ in decays],
                                 [nbn for _, _, nbn in decays],
                                 os.path.join(out_dir, "effect_mechanism.png")))
     for r in records:  # Next to each run's own files, not in out_dir.
         plot_run_mechanism(
-            r, f"{effect_study.run_name(r['data'], r['imbalance_factor'], r['arm'], r['seed'])}"
+            r, f"{effect_plan.run_name(r['data'], r['imbalance_factor'], r['arm'], r['seed'])}"
                f" ({labels[r['arm']]})",
-            os.path.join(effect_study.REPO, r["run_dir"], "mechanism.png"))
-    for data, factor in effect_study.cells(args):
+            os.path.join(effect_plan.REPO, r["run_dir"], "mechanism.png"))
+    for data, factor in effect_plan.cells(args):
         runs = [r for r in records if r["data"] == data and r["imbalance_factor"] == factor]
         if not runs:
             continue
@@ -257,12 +256,12 @@ def write_all(args, records, stats, out_dir):
         paths.append(plots.plot_per_class_accuracy(
             per_arm, os.path.join(out_dir, f"per_class_accuracy_{tag}.png")))
     # Magnitudes and Grad-CAM of the first seed at the hardest digits cell.
-    digits = [f for d, f in effect_study.cells(args) if d == "digits_lt"]
+    digits = [f for d, f in effect_plan.cells(args) if d == "digits_lt"]
     if digits:
         factor = max(digits)
         seed = min(args.seeds)
         models = {labels[r["arm"]]: keras.models.load_model(
-                      os.path.join(effect_study.REPO, r["run_dir"], "model.keras"),
+                      os.path.join(effect_plan.REPO, r["run_dir"], "model.keras"),
                       compile=False)
                   for r in records if r["data"] == "digits_lt" and r["arm"] in ("bn", "nbn")
                   and r["imbalance_factor"] == factor and r["seed"] == seed}

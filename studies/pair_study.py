@@ -36,6 +36,7 @@ import os
 import sys
 import time
 
+import effect_plan
 import effect_stats
 import effect_study
 
@@ -89,7 +90,7 @@ def check_pair(args):
     """
     configs = {}
     cwd = os.getcwd()
-    os.chdir(effect_study.REPO)  # Configs name their recipe relative to the root.
+    os.chdir(effect_plan.REPO)  # Configs name their recipe relative to the root.
     try:
         for arm, path in (("bn", args.bn_config), ("nbn", args.nbn_config)):
             if not os.path.isfile(path):
@@ -140,7 +141,7 @@ def statistics(records):
         "paired_nbn_minus_bn": {
             m: effect_study.paired(records, data, factor, "nbn", "bn",
                                    effect_study.metric(m))
-            for m in effect_study.METRICS},
+            for m in effect_plan.METRICS},
         "same_initial_convs": sum(bn[s]["conv_kernel_fingerprint"]
                                   == nbn[s]["conv_kernel_fingerprint"] for s in seeds),
     }
@@ -154,14 +155,14 @@ def tables(args, records, stats, shrink, thresholds):
              "Test accuracy (%) on the balanced test split, mean ± sample standard "
              "deviation (ddof 1) over seeds; best-validation epoch. Groups: many > "
              f"{thresholds[0]}, few < {thresholds[1]} training images (classes "
-             f"many/medium/few: {'/'.join(str(groups.get(g)) for g in effect_study.GROUPS)}).",
+             f"many/medium/few: {'/'.join(str(groups.get(g)) for g in effect_plan.GROUPS)}).",
              "", "| arm | config | seeds | top1 | many | medium | few |",
              "|---|---|---|---|---|---|---|"]
     for arm, path in (("bn", args.bn_config), ("nbn", args.nbn_config)):
         runs = effect_study.by_cell(records, data, factor, arm)
         lines.append(f"| {LABELS[arm]} | `{path}` | {len(runs)} | " + " | ".join(
             effect_study.mean_sd([r["figures"][m] for r in runs.values()])
-            for m in effect_study.METRICS) + " |")
+            for m in effect_plan.METRICS) + " |")
     p = stats["paired_nbn_minus_bn"]
     lines += ["", "## Paired difference NBN − BN", "",
               "Per seed, NBN minus BN (same subset, same initial convolutions), in "
@@ -169,7 +170,7 @@ def tables(args, records, stats, shrink, thresholds):
               "| n | top1 | many | medium | few | few: NBN ahead/behind | same initial convs |",
               "|---|---|---|---|---|---|---|",
               f"| {p['top1']['n']} | "
-              + " | ".join(effect_stats.format_interval(p[m]) for m in effect_study.METRICS)
+              + " | ".join(effect_stats.format_interval(p[m]) for m in effect_plan.METRICS)
               + f" | {p['few']['positive']}/{p['few']['negative']} | "
               f"{stats['same_initial_convs']}/{len(stats['seeds'])} |"]
     lines += ["", "## Mechanism: do the raw gamma and beta shrink and turn?", "",
@@ -204,7 +205,7 @@ def write_figures(records, stats, out_dir):
     for r in records:  # Next to each run's own files, not in out_dir.
         effect_figures.plot_run_mechanism(
             r, f"{os.path.basename(r['run_dir'])} ({LABELS[r['arm']]})",
-            os.path.join(effect_study.REPO, r["run_dir"], "mechanism.png"))
+            os.path.join(effect_plan.REPO, r["run_dir"], "mechanism.png"))
     per_arm = {}
     for r in records:
         per_arm.setdefault(LABELS[r["arm"]], []).append(r["figures"])
@@ -226,7 +227,7 @@ def main(argv=None):
     if not records:
         raise RuntimeError(f"No finished run in {args.work_dir}.")
     stats = statistics(records)
-    run_dir = os.path.join(effect_study.REPO, records[0]["run_dir"])
+    run_dir = os.path.join(effect_plan.REPO, records[0]["run_dir"])
     sum_lr, predicted = effect_study.lr_sum_and_shrink(run_dir)
     config = effect_study.run_config(run_dir)
     shrink = {"sum_lr": sum_lr, "predicted": predicted, "weight_decay": config.weight_decay,
