@@ -133,16 +133,7 @@ def export_for_serving(
         model_dir, model_name, version, fixed, run_id)
 
 
-def export_keras_file(
-    model_path,
-    base_dir="saved_models",
-    model_name=None,
-    version=None,
-    image_size=None,
-    resize_mode="auto",
-    max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
-    allow_foreign_files=False,
-):
+def export_keras_file(model_path, base_dir="saved_models", model_name=None, **options):
     """Loads a `.keras` file and exports it with `export_for_serving`.
 
     Args:
@@ -153,11 +144,9 @@ def export_keras_file(
         base_dir: See `export_for_serving`.
         model_name: See `export_for_serving`. Defaults to the file name
             without its extension.
-        version: See `export_for_serving`.
-        image_size: See `export_for_serving`.
-        resize_mode: See `export_for_serving`.
-        max_image_pixels: See `export_for_serving`.
-        allow_foreign_files: See `export_for_serving`.
+        **options: The other arguments of `export_for_serving` (`version`,
+            `image_size`, `resize_mode`, `max_image_pixels`,
+            `allow_foreign_files`).
 
     Returns:
         The path of the written version directory.
@@ -174,16 +163,7 @@ def export_keras_file(
     model = saving.load_model(model_path, compile=False)
     if model_name is None:
         model_name = os.path.basename(model_path)[: -len(".keras")]
-    return export_for_serving(
-        model,
-        base_dir=base_dir,
-        model_name=model_name,
-        version=version,
-        image_size=image_size,
-        resize_mode=resize_mode,
-        max_image_pixels=max_image_pixels,
-        allow_foreign_files=allow_foreign_files,
-    )
+    return export_for_serving(model, base_dir=base_dir, model_name=model_name, **options)
 
 
 def parse_image_size(text):
