@@ -1,10 +1,11 @@
 """The files of a training run: its flags and state files, its lock, foreign entries.
 
 Every file a run writes goes through `nbn_keras.files.atomic_write` (or a
-helper built on it, re-exported here: `write_text`, `write_json`), so a
-reader or a rerun after `kill -9` sees either the previous complete file or
-the new complete one. `kill_point` (also from `nbn_keras.files`) lets the
-crash tests interrupt a run at a named point.
+helper built on it), so a reader or a rerun after `kill -9` sees either the
+previous complete file or the new complete one. The helpers the trainer
+uses are re-exported here from `nbn_keras.files`: `atomic_write`,
+`write_text`, `write_json`, `read_json`, `remove_stale_temporaries` and
+`kill_point` (the crash tests' fault injection).
 """
 
 import errno
