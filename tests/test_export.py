@@ -15,7 +15,9 @@ import pytest
 import tensorflow as tf
 from absl import flags
 
+from nbn_keras.serving import decoding
 from nbn_keras.serving import export
+from nbn_keras.serving import versions
 from nbn_keras.models import resnet
 from nbn_keras.conversion import convert_to_nbn
 from tests.helpers import ENV
@@ -24,6 +26,7 @@ from tests.helpers import bad_input
 from tests.helpers import check_bad_input
 from tests.helpers import pil_bytes
 from tests.helpers import tiny_classifier
+from nbn_keras.conversion import fold_nbn
 
 
 def nbn_classifier():
@@ -231,9 +234,9 @@ def test_versions(tmp_path):
     os.makedirs(tmp_path / "m" / ".tmp-3-abc")
     (tmp_path / "m" / "README").write_text("notes")
     (tmp_path / "m" / "4").write_text("a file, not a version")
-    assert export.foreign_entries(str(tmp_path / "m")) == ["4", "README"]
+    assert versions.foreign_entries(str(tmp_path / "m")) == ["4", "README"]
     os.remove(tmp_path / "m" / "4")
-    assert export.next_version(str(tmp_path / "m")) == 3
+    assert versions.next_version(str(tmp_path / "m")) == 3
     with pytest.raises(ValueError, match=r"m holds 1 entry that is not a model version "
                        r"\(README\)"):
         export.export_for_serving(model, base, "m")
@@ -245,7 +248,7 @@ def test_versions(tmp_path):
     assert sorted(os.listdir(tmp_path / "m")) == [
         ".tmp-3-abc", "1", "10", "2", "9", "README"
     ]
-    assert export.next_version(str(tmp_path / "absent")) == 1
+    assert versions.next_version(str(tmp_path / "absent")) == 1
 
 
 def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
@@ -265,13 +268,13 @@ def test_crop_mode_geometry():
     rng = np.random.default_rng(3)
     image = rng.integers(0, 256, size=(40, 60, 3), dtype=np.uint8)
     data = tf.io.encode_png(image)
-    out = export.decode_and_resize(data, 16, 16, 3, "crop")
+    out = decoding.decode_and_resize(data, 16, 16, 3, "crop")
     # torchvision's Resize(round(16 * 256 / 224) = 18): 40x60 to 18x27
     # (antialiased bilinear, whole levels), then CenterCrop(16) at row
     # round(2 / 2) = 1, column round(11 / 2) = 6 (half to even).
     resized = np.round(tf.image.resize(image.astype("float32"), [18, 27], antialias=True))
     np.testing.assert_allclose(out, resized[1:17, 6:22], atol=1e-4)
-    grey = export.decode_and_resize(data, 16, 16, 1, "resize")
+    grey = decoding.decode_and_resize(data, 16, 16, 1, "resize")
     assert grey.shape == (16, 16, 1)
 
 
@@ -287,7 +290,7 @@ def test_auto_resize_mode_and_flexible_input(tmp_path):
     image = pixels(n=1, size=160)
     encoded = tf.constant(png_bytes(image))
     outputs = served.signatures["serve_image_bytes"](image_bytes=encoded)
-    cropped = export.decode_and_resize(encoded[0], 160, 160, 3, "crop")
+    cropped = decoding.decode_and_resize(encoded[0], 160, 160, 3, "crop")
     np.testing.assert_allclose(
         outputs["logits"], predict(model, cropped[None]), atol=1e-4
     )
@@ -344,7 +347,7 @@ def test_layers_fold_as_they_declare_whatever_their_module(tmp_path):
     model = keras.Model(inputs, DoubledDense(2, name="head")(inputs))
     x = np.random.default_rng(7).normal(size=(4, 3)).astype("float32")
     kernel, bias = model.get_layer("head").get_weights()
-    folded = export.fold_nbn(model)
+    folded = fold_nbn(model)
     assert type(folded.get_layer("head")) is keras.layers.Dense
     np.testing.assert_allclose(folded(x), 2.0 * (x @ kernel + bias), atol=1e-5)
     images = keras.Input((2, 2, 1), name="images")
@@ -382,7 +385,7 @@ def test_crop_mode_matches_the_evaluation_pipeline(tmp_path):
     rng = np.random.default_rng(3)
     pixels = rng.integers(0, 256, (300, 420, 3), dtype=np.uint8)
     png = tf.io.encode_png(pixels)
-    served = export.decode_and_resize(png, 224, 224, 3, "crop")
+    served = decoding.decode_and_resize(png, 224, 224, 3, "crop")
     pipeline = data_transforms.center_crop_resize(png, tf.constant(False), 224)
     np.testing.assert_allclose(served.numpy(), pipeline.numpy(), atol=1e-4)
 
@@ -423,14 +426,14 @@ def test_a_taken_version_is_skipped_or_refused(tmp_path):
     staged.mkdir()
     (staged / "saved_model.pb").write_bytes(b"new")
     # Another exporter took 1 and 2 after this one chose version 1.
-    path = export._claim_version(str(staged), str(model_dir), "m", 1, fixed=False)
+    path = versions.claim_version(str(staged), str(model_dir), "m", 1, fixed=False)
     assert path == str(model_dir / "3")
     assert (model_dir / "3" / "saved_model.pb").read_bytes() == b"new"
     for taken in ("1", "2"):
         assert (model_dir / taken / "saved_model.pb").read_bytes() == b"earlier export"
     staged.mkdir()
     with pytest.raises(FileExistsError, match="Version 2 of 'm' already exists"):
-        export._claim_version(str(staged), str(model_dir), "m", 2, fixed=True)
+        versions.claim_version(str(staged), str(model_dir), "m", 2, fixed=True)
     assert (model_dir / "2" / "saved_model.pb").read_bytes() == b"earlier export"
 
 
@@ -549,11 +552,11 @@ def test_header_sizes_match_the_decoded_sizes():
             (tf.io.encode_jpeg(array, progressive=True).numpy(), (height, width)),
         ]
     for data, expected in encoded:
-        size = export.encoded_image_size(tf.constant(data)).numpy().tolist()
+        size = decoding.encoded_image_size(tf.constant(data)).numpy().tolist()
         decoded = tf.io.decode_image(data, expand_animations=False).shape[:2]
         assert size == list(expected) == list(decoded), data[:4]
     with pytest.raises(tf.errors.InvalidArgumentError, match="not a JPEG"):
-        export.encoded_image_size(tf.constant(b"RIFF....WEBPVP8 "))
+        decoding.encoded_image_size(tf.constant(b"RIFF....WEBPVP8 "))
 
 
 @pytest.mark.slow

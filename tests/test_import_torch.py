@@ -10,6 +10,7 @@ so their state dicts have the keys of the authors' checkpoints.
 import io
 import os
 import zipfile
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -218,7 +219,7 @@ def test_a_logit_bn_their_builder_never_makes_is_refused(nbn_state_dict, arch):
         import_torch.head_type(state_dict, arch)
 
 
-def test_errors_keep_existing_files(nbn_state_dict, tmp_path):
+def test_errors_keep_existing_files(nbn_state_dict, tmp_path, monkeypatch):
     checkpoint = tmp_path / "ckpt.pth.tar"
     save_authors_checkpoint(nbn_state_dict[0], "resnet50_nbn", checkpoint)
     output = tmp_path / "out.keras"
@@ -236,6 +237,20 @@ def test_errors_keep_existing_files(nbn_state_dict, tmp_path):
     with pytest.raises(FileNotFoundError, match="No checkpoint file"):
         import_torch.import_checkpoint(str(tmp_path / "none.pth"), "resnet50_nbn",
                                        NUM_CLASSES)
+
+    def half_save(path):
+        with open(path, "w") as f:
+            f.write("partial")
+        raise OSError("disk full")
+
+    # Even with overwrite, a save that fails leaves the previous file (the
+    # model is not what is tested here: a stand-in keeps this cheap).
+    monkeypatch.setattr(import_torch, "build_model", lambda *args: None)
+    monkeypatch.setattr(import_torch, "load_state_dict",
+                        lambda model, state_dict: SimpleNamespace(save=half_save))
+    with pytest.raises(OSError, match="disk full"):
+        import_torch.import_checkpoint(str(checkpoint), "resnet50_nbn", NUM_CLASSES,
+                                       output=str(output), image_size=SIZE, overwrite=True)
     assert output.read_text() == "precious"
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pth.tar", "out.keras"]
 

@@ -24,9 +24,9 @@ def test_a_writer_killed_mid_write_leaves_the_previous_file(tmp_path):
     # Importing only the module keeps the child light (no TensorFlow).
     killed = python("""
         import importlib.util, os, signal, sys
-        spec = importlib.util.spec_from_file_location("run_files", "nbn_keras/training/run_files.py")
-        run_files = importlib.util.module_from_spec(spec); spec.loader.exec_module(run_files)
-        with run_files.atomic_write(sys.argv[1]) as tmp:
+        spec = importlib.util.spec_from_file_location("files", "nbn_keras/files.py")
+        files = importlib.util.module_from_spec(spec); spec.loader.exec_module(files)
+        with files.atomic_write(sys.argv[1]) as tmp:
             with open(tmp, "w") as f:
                 f.write("half of the new")
                 f.flush()
@@ -54,9 +54,15 @@ def test_an_error_inside_the_block_keeps_the_previous_file(tmp_path):
 
 def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
-        import importlib.util, sys, time
-        spec = importlib.util.spec_from_file_location("run_files", "nbn_keras/training/run_files.py")
-        run_files = importlib.util.module_from_spec(spec); spec.loader.exec_module(run_files)
+        import importlib.util, sys, time, types
+        def load(name, path):
+            spec = importlib.util.spec_from_file_location(name, path)
+            sys.modules[name] = module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+        sys.modules["nbn_keras"] = types.ModuleType("nbn_keras")  # without TensorFlow
+        load("nbn_keras.files", "nbn_keras/files.py")
+        run_files = load("run_files", "nbn_keras/training/run_files.py")
         with run_files.RunLock(sys.argv[1]):
             print("locked", flush=True)
             time.sleep(120)
@@ -76,12 +82,12 @@ def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
 def test_kill_point_counts_and_ignores_other_points():
     result = python("""
         import importlib.util, os
-        spec = importlib.util.spec_from_file_location("run_files", "nbn_keras/training/run_files.py")
-        run_files = importlib.util.module_from_spec(spec); spec.loader.exec_module(run_files)
-        run_files.kill_point("best")
+        spec = importlib.util.spec_from_file_location("files", "nbn_keras/files.py")
+        files = importlib.util.module_from_spec(spec); spec.loader.exec_module(files)
+        files.kill_point("best")
         for i in range(1, 4):
             print(i, flush=True)
-            run_files.kill_point("batch")
+            files.kill_point("batch")
     """, env=dict(os.environ, NBN_KERAS_KILL_AT="batch:2"))
     assert result.returncode == -signal.SIGKILL
     assert result.stdout.split() == ["1", "2"]

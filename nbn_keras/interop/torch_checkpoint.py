@@ -24,7 +24,6 @@ PyTorch is needed only here: `pip install -e ".[torch]"`.
 """
 
 import os
-import tempfile
 import zipfile
 
 import keras
@@ -32,6 +31,7 @@ import numpy as np
 
 from nbn_keras import conversion
 from nbn_keras import interrupts
+from nbn_keras import files
 from nbn_keras.models.ride import network as ride
 from nbn_keras.models.registry import build_classifier
 from nbn_keras.data.list_files import IMAGENET_MEAN
@@ -452,19 +452,9 @@ def import_checkpoint(
     model = load_state_dict(
         build_model(arch, num_classes, image_size, options, head), state_dict)
     if output is not None:
-        directory = os.path.dirname(os.path.abspath(output))
-        os.makedirs(directory, exist_ok=True)
-        handle, tmp_path = tempfile.mkstemp(
-            prefix=".tmp-", suffix=".keras", dir=directory
-        )
-        os.close(handle)
-        try:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        with files.atomic_write(output) as tmp_path:
             model.save(tmp_path)
-            os.replace(tmp_path, output)
-        except BaseException:
-            if os.path.exists(tmp_path):
-                os.remove(tmp_path)
-            raise
     return model
 
 

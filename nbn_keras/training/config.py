@@ -17,7 +17,7 @@ from typing import Optional
 from absl import flags
 
 from nbn_keras import data as data_lib
-from nbn_keras.serving import export
+from nbn_keras.serving import versions
 from nbn_keras.models.ride import network as ride
 from nbn_keras.training import run_files
 from nbn_keras.models.registry import BACKBONES
@@ -438,7 +438,7 @@ def _foreign_files(config):
     if config.export and not config.allow_foreign_export_dir and _MODEL_NAME.match(
             config.served_model_name):
         model_dir = os.path.join(config.export_dir, config.served_model_name)
-        message = export.foreign_model_dir_error(model_dir, "--allow_foreign_export_dir")
+        message = versions.foreign_model_dir_error(model_dir, "--allow_foreign_export_dir")
         if message:
             problems.append(f"--export_dir={config.export_dir}: {message}")
     return problems
