@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from nbn_keras.serving import export
-from nbn_keras.models import resnet
+from nbn_keras.models import heads
 from nbn_keras.conversion import convert_to_nbn
 
 SIZE = 12
@@ -60,7 +60,7 @@ def head_classifier(head):
     """`tiny_classifier` with a logit-rectification head and NBN in the body."""
     body = tiny_classifier(name=f"tiny_{head}")
     features = body.get_layer(index=-2).output
-    logits = resnet.apply_head(features, 4, head)
+    logits = heads.apply_head(features, 4, head)
     model = convert_to_nbn(keras.Model(body.input, logits),
                            selection=["stack_0_block1_1_bn"])
     bn = model.get_layer("logits_bn")
