@@ -54,7 +54,7 @@ def checkpoint_options(state_dict):
 def scale_factor_length(model):
     """Entries of their `scale_factor`: one per 2D BN (not the logits' BN1d)."""
     return sum(
-        isinstance(layer, keras.layers.BatchNormalization) and len(layer.input.shape) == 4
+        isinstance(layer, keras.layers.BatchNormalization) and len(layer.output.shape) == 4
         for layer in graph.leaf_layers(model)
     )
 
