@@ -3,8 +3,8 @@
 A selection is an object whose `groups(model)` returns
 `{scale_name: [BN layers]}`: each group gets its own `NBNScale` when scales
 are shared. `nbn_keras.convert_to_nbn` accepts one directly, or a name
-(`"paper"`, `"all"`, or one a model family declares, such as RIDE's
-`"ride"`), a collection of layer names or a predicate, which
+(`"paper"`, `"all"`, or one a model family declares, such as RIDE's),
+a collection of layer names or a predicate, which
 `nbn_keras.conversion.resolve_selection` turns into one.
 
 Stages and blocks are read from layer names by a `Naming`, the contract a
@@ -230,7 +230,7 @@ class StageGroupSelection(Selection):
         pattern: A regular expression matched at the start of BN layer
             names; its one group is the branch index.
         scale_name: The scale layers' names, with `{}` for the branch.
-        name: The selection's name, as users pass it (`"ride"`).
+        name: The selection's name, as users pass it.
         refusal: The error raised when conversion options other than
             `separate_scales` are asked for.
         not_found: The error raised when the model has no such layer

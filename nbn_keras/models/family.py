@@ -62,7 +62,8 @@ class Family:
         min_image_size: The smallest usable input side (the total stride).
         naming: The `nbn_keras.selection.Naming` its layer names follow, or
             `None`.
-        selections: Named selections it contributes (`{"ride": ...}`).
+        selections: `{name: nbn_keras.selection.Selection}`: the named
+            selections it contributes (RIDE's one scale per expert).
         nbn_selection: The selection its NBN models use (a name).
         head_initializer: What `head_initializer="auto"` means for it.
         options: `options(config)` -> its builder's keyword arguments from a
