@@ -34,7 +34,6 @@ import keras
 from keras import layers
 from keras import ops
 
-from nbn_keras import graph
 from nbn_keras.models import heads
 from nbn_keras.models import resnet
 
@@ -184,11 +183,3 @@ def build_ride_classifier(
     )
     outputs = ExpertAverage(dtype="float32", name="logits")(stacked)
     return keras.Model(inputs, outputs, name=name or arch)
-
-
-def expert_average_layer(model):
-    """The `ExpertAverage` layer of a RIDE model, or `None`."""
-    for layer in graph.leaf_layers(model):
-        if isinstance(layer, ExpertAverage):
-            return layer
-    return None
