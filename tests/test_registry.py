@@ -4,6 +4,8 @@ Expectations are counted by hand from the architectures (blocks per stage,
 which block has a projection shortcut), not read from the code.
 """
 
+import dataclasses
+
 import keras
 import pytest
 
@@ -219,3 +221,42 @@ def test_an_unregistered_family_is_unknown():
     with pytest.raises(ValueError, match="Unknown selection 'tiny_stages'. Use 'paper', "
                                          "'all', 'ride'"):
         nbn_keras.convert_to_nbn(model, selection="tiny_stages")
+
+
+def test_training_and_checkpoint_tables_come_from_the_families():
+    from nbn_keras.interop import torch_checkpoint
+    from nbn_keras.training import losses
+
+    assert losses.LOSS_NAMES == ("cross_entropy", "balanced_softmax", "logit_adjusted",
+                                 "ldam", "ldam_drw", "hcm", "ride", "ride_balanced_softmax")
+    # The authors' `arch` names (their main.py) and the builders' fc_types.
+    assert torch_checkpoint.ARCHS == {
+        "resnet50": ("resnet50", False), "resnet50_nbn": ("resnet50", True),
+        "resnext50": ("resnext50", False), "resnext50_nbn": ("resnext50", True),
+        "resnet50_ride": ("resnet50_ride", False),
+        "resnet50_ride_nbn": ("resnet50_ride", True)}
+    assert torch_checkpoint.ARCH_HEADS["resnet50_nbn"] == ("linear", "fcbn", "fcbn_notaffine")
+    assert torch_checkpoint.ARCH_HEADS["resnet50_ride_nbn"] == ("linear", "fcbn_notaffine")
+    assert {torch_checkpoint.ARCH_HEADS[a] for a in
+            ("resnet50", "resnext50", "resnext50_nbn", "resnet50_ride")} == {("linear",)}
+
+
+def test_a_family_loss_is_built_by_name_and_checked_against_the_backbone(
+        tiny_registered, monkeypatch, tmp_path):
+    from nbn_keras.models.family import FamilyLoss
+    from nbn_keras.training import config as config_lib
+    from nbn_keras.training import losses
+
+    tiny = dataclasses.replace(TINY, losses={"tiny_ce": FamilyLoss(
+        lambda counts, **options: keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, name=f"tiny_ce_{len(counts)}"))})
+    monkeypatch.setattr(registry, "FAMILIES", registry.FAMILIES[:-1] + [tiny])
+    assert losses.build_loss("tiny_ce", [3, 2, 1]).name == "tiny_ce_3"
+    config = config_lib.TrainConfig(run_dir=str(tmp_path / "run"), export=False)
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"--loss=tiny_ce needs a Tiny backbone \(tiny_net2\), "
+                             "not --backbone=resnet32"):
+        config_lib.validate(config.replace(loss="tiny_ce"))
+    with pytest.raises(config_lib.ConfigError,
+                       match="--nbn_selection=tiny_stages needs a Tiny backbone"):
+        config_lib.validate(config.replace(nbn_selection="tiny_stages"))
