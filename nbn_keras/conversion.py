@@ -4,7 +4,6 @@ import keras
 
 from nbn_keras import graph
 from nbn_keras import selection as selection_lib
-from nbn_keras.graph import feeds_residual_sum  # noqa: F401 (public here too)
 from nbn_keras.graph import leaf_layers
 from nbn_keras.layers import NBNScale
 from nbn_keras.layers import NormalizedBatchNormalization

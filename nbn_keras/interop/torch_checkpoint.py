@@ -31,6 +31,7 @@ import keras
 import numpy as np
 
 from nbn_keras import conversion
+from nbn_keras import graph
 from nbn_keras.models import registry
 from nbn_keras.models.registry import build_classifier
 from nbn_keras.data.list_files import IMAGENET_MEAN
@@ -230,7 +231,7 @@ def _scale_factor_length(model):
         if found and found[0].scale_factor_length is not None:
             return found[0].scale_factor_length(model)
     return sum(
-        conversion.feeds_residual_sum(layer)
+        graph.feeds_residual_sum(layer)
         for layer in conversion.leaf_layers(model)
         if isinstance(layer, keras.layers.BatchNormalization)
     )
