@@ -1,150 +1,68 @@
 """Putting NBN into a model (`convert_to_nbn`) and taking it out (`fold_nbn`)."""
 
-import re
-
 import keras
 
-from nbn_keras import keras_internals
+from nbn_keras import graph
+from nbn_keras import selection as selection_lib
+from nbn_keras.graph import leaf_layers
 from nbn_keras.layers import NBNScale
 from nbn_keras.layers import NormalizedBatchNormalization
+from nbn_keras.models import registry
+from nbn_keras.selection import SCALE_LAYER_NAME
 
-SCALE_LAYER_NAME = "nbn_scale"
 SCALE_SHARING_MODES = ("model", "layer")
-
-# How a ResNet's layer names say which stage and block a layer is in. Each
-# backbone of `nbn_keras.models` declares its structure by naming its
-# layers after one of these contracts, and so does KerasCV. Names are what
-# survives `clone_model`, folding and `.keras` round trips unchanged (a layer
-# attribute does not, and a model subclass is lost by `clone_model`). Which
-# BN of a stage the paper converts is read from the graph, not from names:
-# see `paper_selection`.
-RESNET_NAMING = {
-    # `layer{stage}_{block}_...`, stages from 1, blocks from 0: the
-    # torchvision / authors' layout (`nbn_keras.models.resnet`), whose
-    # layer names are the PyTorch module paths with "_" for ".".
-    "torchvision": re.compile(r"(?:^|_)layer(\d+)_(\d+)_"),
-    # `..._stack_{stage}_block{block}_...`, stages from 0, blocks from 1:
-    # KerasCV ResNet v1 and v2 (prefix `v2_stack_` for both) and
-    # `nbn_keras.models.cifar_resnet`.
-    "keras_cv": re.compile(r"(?:^|_)stack_?(\d+)_block(\d+)_"),
-}
+GENERIC_SELECTIONS = ("paper", "all")
 
 
 def resnet_layer_location(name):
     """Returns `(naming, stage, block)` of a ResNet layer name, or `None`.
 
     Args:
-        name: A layer name following one of `RESNET_NAMING`.
+        name: A layer name following one of the families' naming contracts
+            (`nbn_keras.models.registry.namings`).
     """
-    for naming, pattern in RESNET_NAMING.items():
-        match = pattern.search(name)
-        if match:
-            return (naming,) + tuple(int(g) for g in match.groups())
-    return None
+    return selection_lib.locate(registry.namings(), name)
 
 
-def _is_plain_bn(layer):
-    return isinstance(layer, keras.layers.BatchNormalization) and not isinstance(
-        layer, NormalizedBatchNormalization
-    )
-
-
-def leaf_layers(model):
-    """Yields every layer of `model` that is not a model, nested ones included."""
-    for layer, _ in _walk(model):
-        yield layer
-
-
-def _walk(model):
-    """Yields `(layer, parent_model)` for every leaf layer, depth first."""
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            yield from _walk(layer)
-        else:
-            yield layer, model
-
-
-def feeds_residual_sum(layer):
-    """Whether `layer`'s output goes straight into an `Add` layer.
-
-    In a post-activation ResNet (v1, v1.5, ResNeXt) these are exactly the BN
-    that ends each residual branch and the BN of a projection shortcut.
-    """
-    return any(
-        isinstance(node.operation, keras.layers.Add)
-        for node in keras_internals.outbound_nodes(layer)
-    )
-
-
-def paper_selection(bn_layers, stages=None):
-    """Picks the BN layers NBN converts in the reference ResNets.
-
-    In each selected stage: the last BN of every residual block and the BN of
-    the shortcut branch, i.e. the BN layers whose output goes straight into
-    the residual sum. Stages come from the layer names (`RESNET_NAMING`),
-    the roles from the model graph, so a model the rule does not describe
-    raises an error instead of being converted by a guess. In particular a
-    pre-activation ResNet (KerasCV `ResNetV2Backbone`), whose residual
-    branches end in a convolution and whose shortcuts have no BN, is refused.
+def resolve_selection(selection, stages=None):
+    """The `nbn_keras.selection.Selection` a `convert_to_nbn` argument means.
 
     Args:
-        bn_layers: The candidate BN layers (of one model, connected).
-        stages: Stage indices (negative counts from the last stage), or
-            `None` for the last stage only, as in the paper.
+        selection: A `Selection`; `"paper"` (see
+            `nbn_keras.selection.PaperSelection`), `"all"`, or the name of a
+            selection a model family declares (RIDE's); a collection of
+            layer names; or a predicate `fn(layer) -> bool` called on every
+            plain BN layer.
+        stages: With `selection="paper"`, the stages to convert instead of
+            the last one.
 
     Returns:
-        The list of selected layers.
+        A `Selection`.
+
+    Raises:
+        ValueError: for an unknown name, or `stages` without `"paper"`.
     """
-    options = (
-        "Pass `selection='all'`, a list of layer names, or a predicate "
-        "`fn(layer) -> bool`."
-    )
-    located = []
-    for layer in bn_layers:
-        location = resnet_layer_location(layer.name)
-        if location is not None:
-            located.append((layer, location))
-    if not located:
+    if isinstance(selection, selection_lib.Selection):
+        return selection
+    family_selections = registry.family_selections()
+    if isinstance(selection, str) and selection in family_selections:
+        return family_selections[selection][1]
+    if stages is not None and selection != "paper":
+        raise ValueError("`stages` only applies to selection='paper'.")
+    if selection == "paper":
+        return selection_lib.PaperSelection(
+            registry.namings(), None if stages is None else tuple(stages))
+    if selection == "all":
+        return selection_lib.AllSelection()
+    if callable(selection):
+        return selection_lib.PredicateSelection(selection)
+    if isinstance(selection, str):
+        names = ", ".join(f"'{n}'" for n in GENERIC_SELECTIONS + tuple(family_selections))
         raise ValueError(
-            "The paper's selection is undefined for this model: none of its "
-            "BN layers is named as a ResNet's (the backbones of "
-            "`nbn_keras.models`, KerasCV's ResNetBackbone). " + options
+            f"Unknown selection '{selection}'. Use {names}, a "
+            "collection of layer names or a predicate."
         )
-    namings = sorted({naming for _, (naming, _, _) in located})
-    if len(namings) > 1:
-        raise ValueError(
-            f"The model's BN layers mix the ResNet naming contracts {namings}, "
-            "so its stages are ambiguous. " + options
-        )
-    all_stages = sorted({stage for _, (_, stage, _) in located})
-    wanted = []
-    for stage in [-1] if stages is None else stages:
-        if not -len(all_stages) <= stage < len(all_stages):
-            raise ValueError(
-                f"Stage {stage} does not exist: the model's stages are "
-                f"{all_stages}."
-            )
-        wanted.append(all_stages[stage])
-    selected = []
-    for stage in wanted:
-        in_stage = [
-            layer for layer, (_, s, _) in located
-            if s == stage and feeds_residual_sum(layer)
-        ]
-        if not in_stage:
-            raise ValueError(
-                f"No BN layer of stage {stage} feeds a residual sum, so the "
-                "paper's rule (the BN ending each residual branch and the "
-                "shortcut BN) does not apply: this is not a post-activation "
-                "ResNet. A pre-activation ResNet (e.g. KerasCV's "
-                "ResNetV2Backbone) ends its branches with a convolution. "
-                + options
-            )
-        already = [l.name for l in in_stage if not _is_plain_bn(l)]
-        if already:
-            raise ValueError(f"Layers {already} are already NBN layers.")
-        selected.extend(in_stage)
-    return selected
+    return selection_lib.NameSelection(frozenset(selection))
 
 
 def select_bn_layers(model, selection="paper", stages=None):
@@ -152,45 +70,18 @@ def select_bn_layers(model, selection="paper", stages=None):
 
     Args:
         model: A Keras model.
-        selection: `"paper"` (the default: see `paper_selection`), `"all"`
-            (every BatchNormalization layer), a collection of layer names, or
-            a predicate `fn(layer) -> bool` called on every BN layer.
+        selection: See `resolve_selection`.
         stages: With `selection="paper"`, the stages to convert instead of
             the last one.
 
     Returns:
-        The list of selected `keras.layers.BatchNormalization` layers.
+        The list of selected `keras.layers.BatchNormalization` layers, every
+        group of the selection in turn.
     """
-    bn_layers = [layer for layer in leaf_layers(model) if _is_plain_bn(layer)]
-    if stages is not None and selection != "paper":
-        raise ValueError("`stages` only applies to selection='paper'.")
-    if selection == "paper":
-        selected = paper_selection(
-            [layer for layer in leaf_layers(model)
-             if isinstance(layer, keras.layers.BatchNormalization)],
-            stages,
-        )
-    elif selection == "all":
-        selected = bn_layers
-    elif callable(selection):
-        selected = [layer for layer in bn_layers if selection(layer)]
-    elif isinstance(selection, str):
-        raise ValueError(
-            f"Unknown selection '{selection}'. Use 'paper', 'all', a "
-            "collection of layer names or a predicate."
-        )
-    else:
-        names = set(selection)
-        selected = [layer for layer in bn_layers if layer.name in names]
-        missing = names - {layer.name for layer in selected}
-        if missing:
-            raise ValueError(
-                f"No BatchNormalization layers named {sorted(missing)} in "
-                f"model '{model.name}'."
-            )
-    if not selected:
-        raise ValueError(f"The selection matches no BN layer of '{model.name}'.")
-    return selected
+    resolved = resolve_selection(selection, stages)
+    resolved.check_options(stages, "model", False)
+    groups = resolved.groups(model)
+    return [layer for layers in groups.values() for layer in layers]
 
 
 def convert_to_nbn(
@@ -227,9 +118,13 @@ def convert_to_nbn(
         model: A functional or Sequential Keras model.
         selection: Which BN layers to convert: `"paper"` (default: in the
             last stage, the last BN of each residual block and the shortcut
-            BN), `"ride"` (a RIDE model's every BN of each expert's last
-            stage, one scale per expert: `nbn_keras.models.ride`), `"all"`, a collection of layer names, or a predicate
-            `fn(layer) -> bool`. See `select_bn_layers`.
+            BN), `"all"`, the name of a selection a model family declares
+            (RIDE's: every BN of each expert's last stage, one scale per
+            expert, `nbn_keras.models.ride.selection`), a collection of
+            layer names, a predicate `fn(layer) -> bool`, or a
+            `nbn_keras.selection.Selection`. See `resolve_selection`. With
+            `scale_sharing="model"` each group of the selection gets its
+            own `NBNScale`, named as the group.
         stages: With `selection="paper"`, a list of stage indices to convert
             instead of the last stage (negative indices count from the end).
         scale_sharing: `"model"` for one scale shared by all converted layers,
@@ -276,26 +171,13 @@ def convert_to_nbn(
         )
     if beta_initializer is not None:
         beta_initializer = keras.initializers.get(beta_initializer)
-    if isinstance(selection, str) and selection == "ride":
-        # RIDE groups its BN by expert, one scale each: see `nbn_keras.models.ride`.
-        if stages is not None or scale_sharing != "model" or preserve_outputs:
-            raise ValueError(
-                "selection='ride' takes only `separate_scales`: it converts "
-                "every BN of each expert's last stage, one scale per expert."
-            )
-        from nbn_keras.models.ride import network as ride
-
-        return ride.convert_ride_to_nbn(model, separate_scales=separate_scales)
-    model = _as_functional(model)
-    selected_ids = {id(layer) for layer in select_bn_layers(model, selection, stages)}
+    resolved = resolve_selection(selection, stages)
+    resolved.check_options(stages, scale_sharing, preserve_outputs)
+    model = graph.as_functional(model)
+    groups = resolved.groups(model)
     shared = scale_sharing == "model"
     if shared:
-        _check_single_graph(model, selected_ids)
-        if any(l.name == SCALE_LAYER_NAME for l in leaf_layers(model)):
-            raise ValueError(
-                f"Model '{model.name}' already has a layer named "
-                f"'{SCALE_LAYER_NAME}'."
-            )
+        _check_scale_wiring(model, groups)
 
     def make_nbn(layer):
         return NormalizedBatchNormalization.from_batch_normalization(
@@ -303,30 +185,75 @@ def convert_to_nbn(
             preserve_outputs=preserve_outputs,
         )
 
-    scale_tensors = []
-
-    def call_with_shared_scale(layer, *args, **kwargs):
-        if isinstance(layer, NormalizedBatchNormalization) and layer.shared_scale:
-            if not scale_tensors:
-                scale_layer = NBNScale(
-                    separate_scales=separate_scales, name=SCALE_LAYER_NAME
-                )
-                scale_tensors.append(scale_layer(args[0]))
-            kwargs["scale"] = scale_tensors[0]
-        return layer(*args, **kwargs)
-
-    converted = _clone(
-        model,
-        lambda layer: make_nbn(layer) if id(layer) in selected_ids else None,
-        call_with_shared_scale if shared else None,
+    group_of_new = {}
+    converted = graph.clone(
+        model, _replacer(groups, make_nbn, group_of_new),
+        _scale_caller(group_of_new, separate_scales) if shared else None,
     )
     if beta_initializer is not None:
-        nbn_layers = [l for l in leaf_layers(converted)
-                      if isinstance(l, NormalizedBatchNormalization) and l.center]
-        for position, layer in enumerate(nbn_layers):
-            initializer = _offset_seed(beta_initializer, position)
-            layer.beta.assign(initializer(layer.beta.shape, layer.beta.dtype))
+        _draw_betas(converted, beta_initializer)
     return converted
+
+
+def _replacer(groups, make_nbn, group_of_new):
+    """`replace(layer)` for `graph.clone`: NBN for the selected layers.
+
+    Records the group (shared scale) of each new layer in `group_of_new`,
+    keyed by `id`, for `_scale_caller`.
+    """
+    group_of = {id(layer): group for group, layers in groups.items() for layer in layers}
+
+    def replace(layer):
+        if id(layer) not in group_of:
+            return None
+        new = make_nbn(layer)
+        group_of_new[id(new)] = group_of[id(layer)]
+        return new
+
+    return replace
+
+
+def _scale_caller(group_of_new, separate_scales):
+    """`call_function` for `clone_model`: feeds each NBN layer its group's scale.
+
+    The scale layer of a group (named as the group) is made at its group's
+    first layer and called on that layer's input, so it joins the graph there.
+    """
+    scale_tensors = {}
+
+    def call_with_scale(layer, *args, **kwargs):
+        group = group_of_new.get(id(layer))
+        if group is not None:
+            if group not in scale_tensors:
+                scale_layer = NBNScale(separate_scales=separate_scales, name=group)
+                scale_tensors[group] = scale_layer(args[0])
+            kwargs["scale"] = scale_tensors[group]
+        return layer(*args, **kwargs)
+
+    return call_with_scale
+
+
+def _draw_betas(model, beta_initializer):
+    """Redraws the raw beta of every NBN layer, one seed offset per layer."""
+    nbn_layers = [l for l in leaf_layers(model)
+                  if isinstance(l, NormalizedBatchNormalization) and l.center]
+    for position, layer in enumerate(nbn_layers):
+        initializer = _offset_seed(beta_initializer, position)
+        layer.beta.assign(initializer(layer.beta.shape, layer.beta.dtype))
+
+
+def _check_scale_wiring(model, groups):
+    """Each group's scale must be wireable and its name free."""
+    for group, layers in groups.items():
+        _check_single_graph(model, {id(layer) for layer in layers})
+    clashing = sorted({l.name for l in leaf_layers(model)} & set(groups))
+    if clashing == [SCALE_LAYER_NAME]:
+        raise ValueError(
+            f"Model '{model.name}' already has a layer named "
+            f"'{SCALE_LAYER_NAME}'."
+        )
+    if clashing:
+        raise ValueError(f"Model '{model.name}' already has layers {clashing}.")
 
 
 def has_fold_hook(layer):
@@ -363,7 +290,7 @@ def fold_nbn(model):
     >>> served = nbn_keras.fold_nbn(nbn_model)
     >>> np.testing.assert_allclose(served(x), nbn_model(x), atol=1e-5)
     """
-    model = _as_functional(model)
+    model = graph.as_functional(model)
 
     def make_stock(layer):
         return layer.stock_equivalent() if has_fold_hook(layer) else None
@@ -372,28 +299,12 @@ def fold_nbn(model):
         kwargs.pop("scale", None)
         return layer(*args, **kwargs)
 
-    return _clone(model, make_stock, call_without_scale)
-
-
-def _as_functional(model):
-    if isinstance(model, keras.Sequential):
-        if not model.built:
-            raise ValueError(
-                f"Sequential model '{model.name}' is not built; give it an "
-                "Input first."
-            )
-        return keras.Model(model.inputs, model.outputs, name=model.name)
-    if not isinstance(model, keras.Model) or not hasattr(model, "_nodes_by_depth"):
-        raise ValueError(
-            f"'{getattr(model, 'name', model)}' is not a functional or "
-            "Sequential Keras model; subclassed models cannot be converted."
-        )
-    return model
+    return graph.clone(model, make_stock, call_without_scale)
 
 
 def _check_single_graph(model, selected_ids):
     """A shared scale is one graph edge, so all its layers need one graph."""
-    parents = {id(parent): parent for layer, parent in _walk(model)
+    parents = {id(parent): parent for layer, parent in graph.walk_layers(model)
                if id(layer) in selected_ids}
     if len(parents) > 1:
         names = sorted(p.name for p in parents.values())
@@ -408,33 +319,6 @@ def _check_single_graph(model, selected_ids):
             f"A shared scale cannot be wired inside the Sequential sub-model "
             f"'{parent.name}'. Use scale_sharing='layer'."
         )
-
-
-def _clone(model, replace, call_function):
-    """`clone_model` with per-layer replacement and every weight carried over.
-
-    `replace(layer)` returns a new layer holding its own weights, or `None`
-    to clone `layer` unchanged (`clone_model` copies no weights, so they are
-    copied here).
-    """
-    pairs = []
-
-    def clone_function(layer):
-        new = replace(layer)
-        if new is None:
-            new = layer.__class__.from_config(layer.get_config())
-            pairs.append((layer, new))
-        return new
-
-    clone = keras.models.clone_model(
-        model,
-        clone_function=clone_function,
-        call_function=call_function,
-        recursive=True,
-    )
-    for old, new in pairs:
-        new.set_weights(old.get_weights())
-    return clone
 
 
 def _offset_seed(initializer, offset):

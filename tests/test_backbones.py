@@ -116,7 +116,7 @@ def test_names():
 def head_model(head, features=6, classes=4):
     """Pooled features -> `apply_head`, with random weights and BN statistics."""
     inputs = keras.Input((features,))
-    model = keras.Model(inputs, nbn_keras.models.resnet.apply_head(inputs, classes, head))
+    model = keras.Model(inputs, nbn_keras.models.heads.apply_head(inputs, classes, head))
     rng = np.random.default_rng(0)
     for weight in model.weights:
         low = 0.5 if "variance" in weight.path or "gamma" in weight.path else -0.5
@@ -130,7 +130,7 @@ def test_heads_are_the_authors_fc_types(fc_type):
 
     from tests.torch_nets import make_head
 
-    head = {v: k for k, v in nbn_keras.models.resnet.TORCH_FC_TYPES.items()}[fc_type]
+    head = {v: k for k, v in nbn_keras.models.heads.TORCH_FC_TYPES.items()}[fc_type]
     ours = head_model(head)
     theirs = make_head(fc_type, 6, 4)
     dense = ours.get_layer("logits")
@@ -205,5 +205,5 @@ def test_activation_elements_sums_every_batched_layer_output():
     outputs = keras.layers.Dense(5)(keras.layers.Flatten()(x))
     # Conv 8*8*4, nested conv and ReLU 2 * 4*4*2, flatten 32, dense 5; the
     # inputs are not counted.
-    assert nbn_keras.models.registry.activation_elements(keras.Model(inputs, outputs)) == (
+    assert nbn_keras.graph.activation_elements(keras.Model(inputs, outputs)) == (
         256 + 64 + 32 + 5)

@@ -12,7 +12,7 @@ import tensorflow as tf
 import nbn_keras
 from nbn_keras.training import callbacks
 from nbn_keras.models.registry import build_classifier
-from nbn_keras.models.registry import cifar_resnet
+from nbn_keras.models.cifar_resnet import cifar_resnet
 
 RNG = np.random.default_rng(0)
 X = RNG.uniform(0, 255, (16, 8, 8, 3)).astype("float32")

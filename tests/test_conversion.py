@@ -10,7 +10,7 @@ from nbn_keras import NBNScale
 from nbn_keras import NormalizedBatchNormalization
 from nbn_keras.models.registry import build_backbone
 from nbn_keras.models.registry import build_classifier
-from nbn_keras.models.registry import cifar_resnet
+from nbn_keras.models.cifar_resnet import cifar_resnet
 from nbn_keras.conversion import leaf_layers
 
 RNG = np.random.default_rng(0)
@@ -380,7 +380,7 @@ np.testing.assert_allclose(layer.moving_variance.numpy(), x.var(0), rtol=1e-4)
 # A converted classifier built and converted in scope trains with one scale.
 with strategy.scope():
     model = nbn_keras.convert_to_nbn(nbn_keras.models.build_classifier(
-        nbn_keras.models.registry.cifar_resnet(8, (16, 16, 3), synchronized_bn=True),
+        nbn_keras.models.cifar_resnet.cifar_resnet(8, (16, 16, 3), synchronized_bn=True),
         num_classes=3, input_shape=(16, 16, 3)))
     model.compile(keras.optimizers.SGD(0.1),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))

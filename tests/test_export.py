@@ -18,7 +18,7 @@ from absl import flags
 from nbn_keras.serving import decoding
 from nbn_keras.serving import export
 from nbn_keras.serving import versions
-from nbn_keras.models import resnet
+from nbn_keras.models import heads
 from nbn_keras.conversion import convert_to_nbn
 from tests.helpers import ENV
 from tests.helpers import SIZE
@@ -46,7 +46,7 @@ def head_classifier(head):
     """`tiny_classifier` with a logit-rectification head and NBN in the body."""
     body = tiny_classifier(name=f"tiny_{head}")
     features = body.get_layer(index=-2).output
-    logits = resnet.apply_head(features, 4, head)
+    logits = heads.apply_head(features, 4, head)
     model = convert_to_nbn(keras.Model(body.input, logits),
                            selection=["stack_0_block1_1_bn"])
     bn = model.get_layer("logits_bn")

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 import nbn_keras
 from nbn_keras.models import registry as backbones
+from nbn_keras.models.cifar_resnet import cifar_resnet
 from nbn_keras.analysis import gradcam
 from nbn_keras.analysis import plots
 from nbn_keras.analysis import report
@@ -34,7 +35,7 @@ def leaf_layers(model):
 
 def resnet8_classifier(num_classes=3, shortcut="projection"):
     keras.utils.set_random_seed(0)
-    backbone = backbones.cifar_resnet(8, input_shape=SHAPE, shortcut=shortcut)
+    backbone = cifar_resnet(8, input_shape=SHAPE, shortcut=shortcut)
     return backbones.build_classifier(backbone, num_classes, SHAPE)
 
 

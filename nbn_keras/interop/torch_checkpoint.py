@@ -30,40 +30,27 @@ import keras
 import numpy as np
 
 from nbn_keras import conversion
-from nbn_keras import interrupts
 from nbn_keras import files
-from nbn_keras.models.ride import network as ride
+from nbn_keras import graph
+from nbn_keras import interrupts
+from nbn_keras.models import registry
 from nbn_keras.models.registry import build_classifier
 from nbn_keras.data.list_files import IMAGENET_MEAN
 from nbn_keras.data.list_files import IMAGENET_STD
 from nbn_keras.layers import NBNScale
-from nbn_keras.models.resnet import TORCH_FC_TYPES
+from nbn_keras.models.heads import TORCH_FC_TYPES
 
-# Their `arch` -> (our backbone, converted to NBN).
-ARCHS = {
-    "resnet50": ("resnet50", False),
-    "resnet50_nbn": ("resnet50", True),
-    "resnext50": ("resnext50", False),
-    "resnext50_nbn": ("resnext50", True),
-    "resnet50_ride": ("resnet50_ride", False),
-    # Their `resnet50_ride_NBN`.
-    "resnet50_ride_nbn": ("resnet50_ride", True),
-}
+# Their `arch` -> (our backbone, converted to NBN), from the families'
+# checkpoint mappings (`nbn_keras.models.family.CheckpointArch`).
+ARCHS = {arch: (entry.architecture, entry.nbn)
+         for arch, (_, entry) in registry.checkpoint_archs().items()}
 # Their NBN models hold the shared alpha as `scale_factor[0]` of a vector
 # with one entry per NBN-capable BN (the rest are never used); RIDE's hold
 # expert e's alpha as `scale_factor[e]`.
 SCALE_KEY = "scale_factor"
-# The heads each of their builders can build: `resnet50_nbn` and the RIDE NBN
-# model pass `arch_args.fc_type` on (RIDE NBN knows Linear and
-# Linear_fcbn_notaffine only); the others always build `nn.Linear`.
-ARCH_HEADS = {
-    "resnet50": ("linear",),
-    "resnet50_nbn": ("linear", "fcbn", "fcbn_notaffine"),
-    "resnext50": ("linear",),
-    "resnext50_nbn": ("linear",),
-    "resnet50_ride": ("linear",),
-    "resnet50_ride_nbn": ("linear", "fcbn_notaffine"),
-}
+# The heads each of their builders can build (some pass `arch_args.fc_type`
+# on; the others always build `nn.Linear`).
+ARCH_HEADS = {arch: entry.heads for arch, (_, entry) in registry.checkpoint_archs().items()}
 # A BN counter PyTorch keeps; unused at inference, accepted when present.
 OPTIONAL_SUFFIX = ".num_batches_tracked"
 _MAX_LISTED = 10
@@ -207,13 +194,16 @@ def _expected_arrays(model):
 
 
 def _scale_index(name):
-    """The `scale_factor` entry of a scale layer: 0, or RIDE's expert index."""
+    """The `scale_factor` entry of a scale layer: 0, or the one its family says.
+
+    (RIDE's: the expert index.)
+    """
     if name == conversion.SCALE_LAYER_NAME:
         return 0
-    prefix = ride.SCALE_NAME.format("")
-    if name.startswith(prefix) and name[len(prefix):].isdigit():
-        return int(name[len(prefix):])
-    raise AssertionError(f"No checkpoint mapping for scale layer '{name}'.")
+    found = registry.scale_family(name)
+    if found is None:
+        raise AssertionError(f"No checkpoint mapping for scale layer '{name}'.")
+    return found[1]
 
 
 class _ScaleEntries:
@@ -233,17 +223,16 @@ def _scale_factor_length(model):
     """How many entries the authors' `scale_factor` has for this network.
 
     One per BN of their NBN class: the last BN of every residual block and
-    every shortcut BN, i.e. the BN layers that feed a residual sum; in RIDE,
-    every 2D BN (the BN over the logits is PyTorch's BatchNorm1d).
+    every shortcut BN, i.e. the BN layers that feed a residual sum; or what
+    the family of the model's scale layers says (RIDE: every 2D BN, the BN
+    over the logits being PyTorch's BatchNorm1d).
     """
-    if ride.expert_average_layer(model) is not None:
-        return sum(
-            isinstance(layer, keras.layers.BatchNormalization)
-            and not layer.name.startswith("linears_")
-            for layer in conversion.leaf_layers(model)
-        )
+    for layer in conversion.leaf_layers(model):
+        found = isinstance(layer, NBNScale) and registry.scale_family(layer.name)
+        if found and found[0].scale_factor_length is not None:
+            return found[0].scale_factor_length(model)
     return sum(
-        conversion.feeds_residual_sum(layer)
+        graph.feeds_residual_sum(layer)
         for layer in conversion.leaf_layers(model)
         if isinstance(layer, keras.layers.BatchNormalization)
     )
@@ -262,9 +251,10 @@ def build_model(arch, num_classes, image_size=224, ride_options=None, head="line
         arch: One of `ARCHS`.
         num_classes: Number of classes of the classifier.
         image_size: Height and width of the model's input.
-        ride_options: For the RIDE archs, options of
-            `nbn_keras.models.ride.build_ride_classifier` (see `ride_options`).
-        head: The head, one of `nbn_keras.models.resnet.HEADS` (see `head_type`).
+        ride_options: For the archs whose family reads options from their
+            checkpoints (RIDE's), the options of its classifier builder
+            (`nbn_keras.models.family.Family.checkpoint_options`).
+        head: The head, one of `nbn_keras.models.heads.HEADS` (see `head_type`).
 
     Returns:
         A `keras.Model` from raw pixels in [0, 255] (ImageNet mean/std
@@ -272,47 +262,23 @@ def build_model(arch, num_classes, image_size=224, ride_options=None, head="line
     """
     if arch not in ARCHS:
         raise ValueError(f"Unknown arch '{arch}'. Choose one of {tuple(ARCHS)}.")
-    backbone, nbn = ARCHS[arch]
+    family, entry = registry.checkpoint_archs()[arch]
     model = build_classifier(
-        backbone, num_classes, (image_size, image_size, 3),
+        entry.architecture, num_classes, (image_size, image_size, 3),
         mean=IMAGENET_MEAN, std=IMAGENET_STD, name=arch,
-        ride_options=ride_options if backbone in ride.ARCHITECTURES else None,
+        ride_options=ride_options if family.checkpoint_options else None,
         head=head,
     )
-    if not nbn:
+    if not entry.nbn:
         return model
-    selection = "ride" if backbone in ride.ARCHITECTURES else "paper"
-    return conversion.convert_to_nbn(model, selection)
-
-
-def ride_options(state_dict):
-    """The RIDE options of the network a state dict is from.
-
-    Experts are counted from the `layer4s.{e}` keys (the head type:
-    `head_type`); `share_layer3` when `layer3.` keys exist; the `planes` of `layer3` and
-    `layer4` (256/512, or 192/384 with `reduce_dimension`) from the first
-    blocks' `conv1` weights.
-    """
-    experts = {int(k.split(".")[1]) for k in state_dict if k.startswith("layer4s.")}
-    if not experts:
-        raise ValueError("The checkpoint has no 'layer4s.' keys: it is not a RIDE model.")
-    share_layer3 = any(k.startswith("layer3.") for k in state_dict)
-    layer3 = "layer3.0.conv1.weight" if share_layer3 else "layer3s.0.0.conv1.weight"
-    for key in (layer3, "layer4s.0.0.conv1.weight"):
-        if key not in state_dict:
-            raise ValueError(f"The RIDE checkpoint has no '{key}'.")
-    return dict(
-        num_experts=max(experts) + 1,
-        share_layer3=share_layer3,
-        layer3_output_dim=int(state_dict[layer3].shape[0]),
-        layer4_output_dim=int(state_dict["layer4s.0.0.conv1.weight"].shape[0]),
-    )
+    return conversion.convert_to_nbn(model, family.nbn_selection)
 
 
 def head_type(state_dict, arch):
     """The head a state dict of the authors' `arch` holds, and the evidence.
 
-    Their `fc` (RIDE: each of `linears.{e}`) is `Linear_fcbn` when it has a
+    Their `fc` (the family's `checkpoint_head`; RIDE: each of `linears.{e}`,
+    read on `linears.0`) is `Linear_fcbn` when it has a
     BN (`fc.bn.running_mean`) with `fc.bn.weight`, `Linear_fcbn_notaffine`
     when that BN has no weight and bias, else `Linear`.
 
@@ -322,13 +288,13 @@ def head_type(state_dict, arch):
             (`ARCH_HEADS`).
 
     Returns:
-        `(head, description)`: one of `nbn_keras.models.resnet.HEADS` and a
+        `(head, description)`: one of `nbn_keras.models.heads.HEADS` and a
         sentence saying which keys decided it.
 
     Raises:
         ValueError: if `arch`'s builder never makes that head.
     """
-    fc = "linears.0" if ARCHS[arch][0] in ride.ARCHITECTURES else "fc"
+    fc = registry.checkpoint_archs()[arch][0].checkpoint_head
     if f"{fc}.bn.running_mean" not in state_dict:
         head, keys = "linear", f"no '{fc}.bn.*' keys"
     elif f"{fc}.bn.weight" in state_dict:
@@ -444,9 +410,10 @@ def import_checkpoint(
         )
     if arch not in ARCHS:
         raise ValueError(f"Unknown arch '{arch}'. Choose one of {tuple(ARCHS)}.")
+    family = registry.checkpoint_archs()[arch][0]
     options = None
-    if ARCHS[arch][0] in ride.ARCHITECTURES:
-        options = ride_options(state_dict)
+    if family.checkpoint_options is not None:
+        options = family.checkpoint_options(state_dict)
     head, found = head_type(state_dict, arch)
     print(f"{arch}: found {found}.", flush=True)
     model = load_state_dict(

@@ -1,7 +1,9 @@
-"""The networks: the authors' ResNets and RIDE, CIFAR ResNets, KerasCV's, and their heads.
+"""The networks, one module per family, and the registry that names them.
 
 `build_backbone` and `build_classifier` build any of them by name
-(`BACKBONES`).
+(`BACKBONES`); `nbn_keras.models.registry.FAMILIES` lists the families
+(`resnet`, `keras_cv`, `cifar_resnet`, `ride`), each declared by a
+`nbn_keras.models.family.Family` in its own module.
 """
 
 from nbn_keras.models.registry import BACKBONES

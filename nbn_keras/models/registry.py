@@ -1,45 +1,170 @@
-"""Backbones and the classifier around them, named by strings.
+"""The model registry: every family, and the builders that read it.
+
+Each family module declares a `nbn_keras.models.family.Family` (its
+architecture names, builders, minimum image size, naming contract, NBN
+selections, training pieces and checkpoint mapping); `FAMILIES` lists them.
+Adding a family is its own module and one line here (or `register` for a
+family defined outside the package).
 
 - `resnet18`, `resnet34`, `resnet50`, `resnet101`, `resnet152`, `resnext50`:
-  the NBN authors' networks (torchvision v1.5 layout, ResNeXt-50 32x4d), see
-  `nbn_keras.models.resnet`. Layer names follow the PyTorch module paths
-  (`layer4_0_bn3`, `layer4_0_downsample_1`, ...).
-- `keras_cv_resnet{18,34,50,101,152}_v1`: KerasCV's `ResNetBackbone` (v1:
-  the stride of a downsampling bottleneck is in its first 1x1 conv), BN
-  names `v2_stack_{stage}_block{block}_{i}_bn`.
-- `resnet20`, `resnet32`, `resnet44`, `resnet56`, `resnet110`: the CIFAR
-  ResNets of He et al. (2016), with KerasCV-style BN names; `resnet8` and
-  `resnet14` (one and two blocks per stage) are small models for quick
-  studies, not from the paper.
-
-`nbn_keras.convert_to_nbn` reads each backbone's stages from these names
-(`nbn_keras.conversion.RESNET_NAMING`).
+  the NBN authors' networks (torchvision v1.5 layout, ResNeXt-50 32x4d),
+  `nbn_keras.models.resnet`.
+- `keras_cv_resnet{18,34,50,101,152}_v1`: KerasCV's `ResNetBackbone` v1,
+  `nbn_keras.models.keras_cv`.
+- `resnet8`, `resnet14`, `resnet20`, `resnet32`, `resnet44`, `resnet56`,
+  `resnet110`: CIFAR ResNets, `nbn_keras.models.cifar_resnet`.
+- `resnet50_ride`: the authors' multi-expert RIDE, `nbn_keras.models.ride`.
 """
 
-import math
+import collections.abc
 
-import keras
-from keras import layers
-
-from nbn_keras import keras_internals
+from nbn_keras.models import cifar_resnet
+from nbn_keras.models import heads
+from nbn_keras.models import keras_cv
 from nbn_keras.models import resnet
-from nbn_keras.models.ride import network as ride
+from nbn_keras.models.ride import family as ride_family
 
-_KERAS_CV_RESNETS = {
-    # name: (blocks per stage, block type)
-    "keras_cv_resnet18_v1": ([2, 2, 2, 2], "basic_block"),
-    "keras_cv_resnet34_v1": ([3, 4, 6, 3], "basic_block"),
-    "keras_cv_resnet50_v1": ([3, 4, 6, 3], "block"),
-    "keras_cv_resnet101_v1": ([3, 4, 23, 3], "block"),
-    "keras_cv_resnet152_v1": ([3, 8, 36, 3], "block"),
-}
-_CIFAR_RESNET_DEPTHS = (8, 14, 20, 32, 44, 56, 110)
-BACKBONES = (
-    tuple(resnet.ARCHITECTURES)
-    + tuple(_KERAS_CV_RESNETS)
-    + tuple(f"resnet{depth}" for depth in _CIFAR_RESNET_DEPTHS)
-    + tuple(ride.ARCHITECTURES)
-)
+FAMILIES = [
+    resnet.FAMILY,
+    keras_cv.FAMILY,
+    cifar_resnet.FAMILY,
+    ride_family.FAMILY,
+]
+
+
+class _Names(collections.abc.Sequence):
+    """The architecture names of `FAMILIES`, read when used."""
+
+    def _names(self):
+        return tuple(name for family in FAMILIES for name in family.architectures)
+
+    def __getitem__(self, index):
+        return self._names()[index]
+
+    def __len__(self):
+        return len(self._names())
+
+    def __repr__(self):
+        return repr(self._names())
+
+    def __eq__(self, other):
+        return tuple(self) == tuple(other)
+
+    def __hash__(self):
+        return hash(self._names())
+
+
+BACKBONES = _Names()
+
+
+def register(family):
+    """Adds `family` to `FAMILIES`.
+
+    Args:
+        family: A `nbn_keras.models.family.Family`.
+
+    Returns:
+        `family`.
+
+    Raises:
+        ValueError: when one of its architectures, selections, losses or
+            checkpoint archs is another family's already.
+
+    Example:
+
+    >>> registry.register(Family("Tiny", ("tiny1",), build_backbone=tiny))
+    """
+    taken = {
+        "architecture": set(BACKBONES),
+        "selection": set(family_selections()),
+        "loss": set(family_losses()),
+        "checkpoint arch": set(checkpoint_archs()),
+    }
+    declared = {
+        "architecture": family.architectures,
+        "selection": family.selections,
+        "loss": family.losses,
+        "checkpoint arch": family.checkpoints,
+    }
+    for kind, names in declared.items():
+        clashing = sorted(set(names) & taken[kind])
+        if clashing:
+            raise ValueError(
+                f"Family '{family.name}' declares the {kind} names {clashing}, "
+                "which another family has.")
+    FAMILIES.append(family)
+    return family
+
+
+def family_of(name):
+    """The `Family` that builds backbone `name`.
+
+    Raises:
+        ValueError: naming the backbones when `name` is none of them.
+    """
+    for family in FAMILIES:
+        if name in family.architectures:
+            return family
+    raise ValueError(f"Unknown backbone '{name}'. Choose one of {BACKBONES}.")
+
+
+def namings():
+    """The distinct naming contracts of all families, in registry order."""
+    found = []
+    for family in FAMILIES:
+        if family.naming is not None and family.naming not in found:
+            found.append(family.naming)
+    return tuple(found)
+
+
+def _merged(attribute):
+    merged = {}
+    for family in FAMILIES:
+        for key, value in getattr(family, attribute).items():
+            merged.setdefault(key, (family, value))
+    return merged
+
+
+def family_selections():
+    """`{selection name: (family, Selection)}` the families contribute."""
+    return _merged("selections")
+
+
+def family_losses():
+    """`{loss name: FamilyLoss}` the families contribute, in registry order."""
+    return {name: loss for name, (_, loss) in _merged("losses").items()}
+
+
+def loss_family(loss_name):
+    """The family contributing loss `loss_name`, or `None` for a generic loss."""
+    entry = _merged("losses").get(loss_name)
+    return None if entry is None else entry[0]
+
+
+def selection_family(selection_name):
+    """The family contributing selection `selection_name`, or `None`."""
+    entry = family_selections().get(selection_name)
+    return None if entry is None else entry[0]
+
+
+def checkpoint_archs():
+    """`{their arch: (family, CheckpointArch)}` of the authors' checkpoints."""
+    return _merged("checkpoints")
+
+
+def scale_family(scale_name):
+    """`(family, index)` of a family whose scale layers include `scale_name`, or `None`."""
+    for family in FAMILIES:
+        index = family.scale_index(scale_name) if family.scale_index else None
+        if index is not None:
+            return family, index
+    return None
+
+
+def config_options(config):
+    """The builder options `config.backbone`'s family reads from a `TrainConfig`."""
+    family = family_of(config.backbone)
+    return family.options(config) if family.options else None
 
 
 def min_image_size(name):
@@ -53,144 +178,14 @@ def min_image_size(name):
         name: One of `BACKBONES`.
 
     Returns:
-        4 for the CIFAR ResNets (strides 1, 2, 2), 32 for the ImageNet ones
-        (stem and max-pool 2 each, stages 1, 2, 2, 2).
+        The family's `min_image_size`: 4 for the CIFAR ResNets (strides 1,
+        2, 2), 32 for the ImageNet ones (stem and max-pool 2 each, stages 1,
+        2, 2, 2).
     """
-    depth = name.removeprefix("resnet")
-    return 4 if depth.isdigit() and int(depth) in _CIFAR_RESNET_DEPTHS else 32
-
-
-def activation_elements(model):
-    """Numbers per example of every layer output of `model`, nested models included.
-
-    Training keeps these outputs for the backward pass, so `batch *
-    activation_elements(model) * bytes per number` estimates its memory.
-
-    Args:
-        model: A built functional `keras.Model` with static shapes.
-
-    Returns:
-        An int: the sum over layers (inputs excluded) of the sizes of their
-        batched outputs without the batch axis (a layer's unbatched output,
-        such as NBN's shared scale, is no per-example memory).
-
-    Example:
-
-    >>> activation_elements(build_classifier("resnet8", 10, (16, 16, 3)))
-    """
-    total = 0
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            total += activation_elements(layer)
-        elif not isinstance(layer, keras.layers.InputLayer):
-            for node in keras_internals.inbound_nodes(layer):
-                for tensor in keras.tree.flatten(node.outputs):
-                    if tensor.shape and tensor.shape[0] is None:
-                        total += math.prod(tensor.shape[1:])
-    return total
-
-
-def zero_pad_shortcut(x, filters, strides, name):
-    """The parameter-free shortcut of CIFAR ResNets ("option A").
-
-    Subsamples `x` spatially by `strides` and zero-pads its channels, half on
-    each side, up to `filters`. Built from stock layers only (a 1x1 pooling
-    picks every `strides`-th pixel; a 3D zero-padding over (H, W, C) pads
-    the channels), so folded and exported models need no custom layer.
-    """
-    x = layers.MaxPooling2D(1, strides=strides, name=name + "_subsample")(x)
-    height, width, channels = x.shape[1:]
-    if height is None or width is None:
-        raise ValueError(
-            "Zero-padding shortcuts need a static input size; got "
-            f"{x.shape}. Use shortcut='projection'."
-        )
-    before = (filters - channels) // 2
-    x = layers.Reshape((height, width, channels, 1), name=name + "_expand")(x)
-    x = layers.ZeroPadding3D(
-        ((0, 0), (0, 0), (before, filters - channels - before)), name=name
-    )(x)
-    return layers.Reshape((height, width, filters), name=name + "_squeeze")(x)
-
-
-def cifar_resnet(
-    depth=32,
-    input_shape=(32, 32, 3),
-    stackwise_filters=(16, 32, 64),
-    shortcut="zero_pad",
-    bn_momentum=0.9,
-    bn_epsilon=1e-5,
-    synchronized_bn=False,
-):
-    """The CIFAR ResNet of He et al. (2016), as used for CIFAR-LT.
-
-    A 3x3 stem, then three stages of `(depth - 2) / 6` basic blocks with
-    16, 32 and 64 channels, strides 1, 2, 2. ResNet-32 is the standard
-    backbone of the long-tailed CIFAR literature (0.46M parameters).
-
-    Args:
-        depth: Total depth, `6 n + 2` (8, 14, 20, 32, 44, 56, 110; 8 and
-            14, with one and two blocks per stage, are small models for
-            quick studies, not from the paper).
-        input_shape: Input shape, channels last.
-        stackwise_filters: Channels of the three stages.
-        shortcut: `"zero_pad"` (parameter-free "option A", as in the
-            long-tailed CIFAR literature; such shortcuts have no BN) or
-            `"projection"` (1x1 convolution + BN, "option B").
-        bn_momentum: Momentum of the BN moving averages (0.9 is PyTorch's 0.1).
-        bn_epsilon: BN epsilon (PyTorch's default).
-        synchronized_bn: Synchronise BN statistics across replicas.
-
-    Returns:
-        A functional `keras.Model` from images to the last feature map.
-
-    Reference:
-    - [He et al., Deep Residual Learning for Image Recognition, CVPR 2016](
-      https://arxiv.org/abs/1512.03385).
-    """
-    if (depth - 2) % 6 or depth < 8:
-        raise ValueError(f"A CIFAR ResNet has depth 6n + 2, got {depth}.")
-    if shortcut not in ("zero_pad", "projection"):
-        raise ValueError(
-            f"shortcut must be 'zero_pad' or 'projection', got '{shortcut}'."
-        )
-    blocks = (depth - 2) // 6
-
-    def conv(filters, kernel_size, strides, name):
-        return layers.Conv2D(
-            filters, kernel_size, strides=strides, padding="same",
-            use_bias=False, kernel_initializer="he_normal", name=name,
-        )
-
-    def bn(name):
-        return layers.BatchNormalization(
-            momentum=bn_momentum, epsilon=bn_epsilon,
-            synchronized=synchronized_bn, name=name,
-        )
-
-    inputs = keras.Input(input_shape)
-    x = conv(stackwise_filters[0], 3, 1, "conv1_conv")(inputs)
-    x = bn("conv1_bn")(x)
-    x = layers.ReLU(name="conv1_relu")(x)
-    for stage, filters in enumerate(stackwise_filters):
-        for block in range(1, blocks + 1):
-            prefix = f"v2_stack_{stage}_block{block}_"
-            strides = 2 if stage > 0 and block == 1 else 1
-            shortcut_x = x
-            if strides != 1 or x.shape[-1] != filters:
-                if shortcut == "zero_pad":
-                    shortcut_x = zero_pad_shortcut(x, filters, strides, prefix + "0_pad")
-                else:
-                    shortcut_x = conv(filters, 1, strides, prefix + "0_conv")(x)
-                    shortcut_x = bn(prefix + "0_bn")(shortcut_x)
-            y = conv(filters, 3, strides, prefix + "1_conv")(x)
-            y = bn(prefix + "1_bn")(y)
-            y = layers.ReLU(name=prefix + "1_relu")(y)
-            y = conv(filters, 3, 1, prefix + "2_conv")(y)
-            y = bn(prefix + "2_bn")(y)
-            x = layers.Add(name=prefix + "add")([shortcut_x, y])
-            x = layers.ReLU(name=prefix + "out")(x)
-    return keras.Model(inputs, x, name=f"cifar_resnet{depth}")
+    for family in FAMILIES:
+        if name in family.architectures:
+            return family.min_image_size
+    return 32
 
 
 def build_backbone(
@@ -209,7 +204,7 @@ def build_backbone(
             v1 ResNets, built from arguments so nothing is downloaded) or
             `"resnet8"`, `"resnet14"`, `"resnet20"`, `"resnet32"`,
             `"resnet44"`, `"resnet56"`, `"resnet110"` (CIFAR ResNets, see
-            `cifar_resnet`).
+            `nbn_keras.models.cifar_resnet`).
         input_shape: Input shape, channels last.
         bn_momentum: Momentum of the BN moving averages.
         bn_epsilon: BN epsilon.
@@ -218,38 +213,15 @@ def build_backbone(
     Returns:
         A functional `keras.Model` from images to the last feature map.
     """
-    if name in resnet.ARCHITECTURES:
-        return resnet.resnet(
-            name, input_shape=input_shape, bn_momentum=bn_momentum,
-            bn_epsilon=bn_epsilon, synchronized_bn=synchronized_bn,
-        )
-    if name in _KERAS_CV_RESNETS:
-        blocks, block_type = _KERAS_CV_RESNETS[name]
-        import keras_cv  # TensorFlow only: imported when asked for.
-
-        backbone = keras_cv.models.ResNetBackbone(
-            stackwise_filters=[64, 128, 256, 512],
-            stackwise_blocks=blocks,
-            stackwise_strides=[1, 2, 2, 2],
-            block_type=block_type,
-            include_rescaling=False,
-            input_shape=input_shape,
-        )
-        # KerasCV exposes no BN arguments; these attributes are read at call
-        # time and serialised by `get_config`.
-        for layer in backbone.layers:
-            if isinstance(layer, layers.BatchNormalization):
-                layer.momentum = bn_momentum
-                layer.epsilon = bn_epsilon
-                layer.synchronized = synchronized_bn
-        return backbone
-    depth = name.removeprefix("resnet")
-    if depth.isdigit() and int(depth) in _CIFAR_RESNET_DEPTHS:
-        return cifar_resnet(
-            int(depth), input_shape=input_shape, bn_momentum=bn_momentum,
-            bn_epsilon=bn_epsilon, synchronized_bn=synchronized_bn,
-        )
-    raise ValueError(f"Unknown backbone '{name}'. Choose one of {BACKBONES}.")
+    family = family_of(name)
+    if family.build_backbone is None:
+        raise ValueError(
+            f"'{name}' has no backbone of its own: its family builds whole "
+            "classifiers. Use `build_classifier`.")
+    return family.build_backbone(
+        name, input_shape=input_shape, bn_momentum=bn_momentum,
+        bn_epsilon=bn_epsilon, synchronized_bn=synchronized_bn,
+    )
 
 
 def build_classifier(
@@ -285,16 +257,17 @@ def build_classifier(
             (PyTorch's `nn.Linear` default: kernel and bias
             U(-1/sqrt(in), 1/sqrt(in)), as the authors' networks have),
             `"keras"` (Glorot uniform kernel, zero bias), or `"auto"`:
-            `"torch"` for the authors' networks, `"keras"` otherwise.
-        ride_options: For a RIDE backbone (`"resnet50_ride"`), keyword
-            arguments of `nbn_keras.models.ride.build_ride_classifier`
-            (`num_experts`, `reduce_dimension`, `share_layer3`).
-            A RIDE classifier has one head per expert and outputs their
-            mean logits.
-        head: The head, one of `nbn_keras.models.resnet.HEADS`: `"linear"`,
+            the family's choice, `"torch"` for the authors' networks,
+            `"keras"` otherwise.
+        ride_options: For a family that builds whole classifiers (RIDE,
+            `"resnet50_ride"`), keyword arguments of its builder
+            (`nbn_keras.models.ride.build_ride_classifier`: `num_experts`,
+            `reduce_dimension`, `share_layer3`). A RIDE classifier has one
+            head per expert and outputs their mean logits.
+        head: The head, one of `nbn_keras.models.heads.HEADS`: `"linear"`,
             `"fcbn"` (a BN over the logits, the authors' `Linear_fcbn`) or
             `"fcbn_notaffine"` (that BN without gamma and beta); see
-            `nbn_keras.models.resnet.apply_head`. For RIDE, every expert's head.
+            `nbn_keras.models.heads.apply_head`. For RIDE, every expert's head.
 
     Returns:
         A functional `keras.Model` with the backbone nested as one layer.
@@ -306,44 +279,26 @@ def build_classifier(
     ...     mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010))
     >>> nbn_model = nbn_keras.convert_to_nbn(model)
     """
-    if head_initializer not in ("auto", "torch", "keras"):
+    if head_initializer not in heads.HEAD_INITIALIZERS:
         raise ValueError(
             "head_initializer must be 'auto', 'torch' or 'keras', got "
             f"'{head_initializer}'."
         )
-    if isinstance(backbone, str) and backbone in ride.ARCHITECTURES:
-        return ride.build_ride_classifier(
-            num_classes, input_shape, mean=mean, std=std, arch=backbone,
-            name=name, synchronized_bn=synchronized_bn,
-            **{"head": head, **(ride_options or {})},
+    family = family_of(backbone) if isinstance(backbone, str) else None
+    if family is not None and family.build_classifier is not None:
+        return family.build_classifier(
+            backbone, num_classes, input_shape, mean=mean, std=std, name=name,
+            synchronized_bn=synchronized_bn, **{"head": head, **(ride_options or {})},
         )
     if ride_options:
-        raise ValueError(f"ride_options need a RIDE backbone, not '{backbone}'.")
+        whole = " or ".join(f.name for f in FAMILIES if f.build_classifier is not None)
+        raise ValueError(f"ride_options need a {whole} backbone, not '{backbone}'.")
     if head_initializer == "auto":
-        authors = isinstance(backbone, str) and backbone in resnet.ARCHITECTURES
-        head_initializer = "torch" if authors else "keras"
-    if isinstance(backbone, str):
-        backbone = build_backbone(
-            backbone, input_shape, synchronized_bn=synchronized_bn
-        )
-    inputs = keras.Input(input_shape, name="images")
-    if mean is None:
-        x = layers.Rescaling(1.0 / 255, name="normalize")(inputs)
-    else:
-        std = [1.0] * len(mean) if std is None else std
-        x = layers.Normalization(
-            mean=[255.0 * m for m in mean],
-            variance=[(255.0 * s) ** 2 for s in std],
-            name="normalize",
-        )(inputs)
-    x = backbone(x)
-    x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    initializers = {}
-    if head_initializer == "torch":
-        kernel, bias = resnet.torch_linear_initializers(x.shape[-1])
-        initializers = dict(kernel_initializer=kernel, bias_initializer=bias)
-    outputs = resnet.apply_head(
-        x, num_classes, head, name="logits", synchronized_bn=synchronized_bn,
-        **initializers,
+        head_initializer = family.head_initializer if family else "keras"
+    if family is not None:
+        backbone = build_backbone(backbone, input_shape, synchronized_bn=synchronized_bn)
+    return heads.classifier(
+        backbone, num_classes, input_shape, mean=mean, std=std,
+        synchronized_bn=synchronized_bn, name=name,
+        head_initializer=head_initializer, head=head,
     )
-    return keras.Model(inputs, outputs, name=name or backbone.name)

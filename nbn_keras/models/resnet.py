@@ -18,9 +18,9 @@ which is what makes their checkpoints import by name.
 
 Layer names are the PyTorch module paths with `_` for `.`: `conv1`, `bn1`,
 `layer4_0_conv2`, `layer4_0_bn3`, `layer4_0_downsample_1`, ... (padding layers
-add `_pad`). `nbn_keras.conversion` reads stages from these names
-(`layer{stage}_{block}_`), and `nbn_keras.import_torch` maps checkpoint keys
-to layers with them.
+add `_pad`). The family's naming contract (`NAMING`, `layer{stage}_{block}_`)
+gives the NBN selection its stages, and `nbn_keras.import_torch` maps
+checkpoint keys to layers with these names.
 
 The block and stage functions take the layer factory `ResNetLayers`, so other
 networks (a multi-expert model sharing a stem, say) can be assembled from the
@@ -33,6 +33,9 @@ import keras
 from keras import layers
 
 from nbn_keras.layers import GroupedConv2D
+from nbn_keras.models.family import CheckpointArch
+from nbn_keras.models.family import Family
+from nbn_keras.selection import Naming
 
 # The authors' ResNet init: N(0, sqrt(2 / (k * k * out_channels))).
 # (Keras' fan_out of a conv kernel is k * k * out_channels, also for grouped
@@ -291,89 +294,23 @@ def resnet(
     return keras.Model(inputs, x, name=name)
 
 
-def torch_linear_initializers(in_features):
-    """PyTorch's default `nn.Linear` init: kernel and bias U(+-1/sqrt(in))."""
-    bound = in_features ** -0.5
-    return (
-        keras.initializers.get(TORCH_DEFAULT_KERNEL),
-        keras.initializers.RandomUniform(-bound, bound),
-    )
+# `layer{stage}_{block}_...`, stages from 1, blocks from 0: the torchvision
+# layout, whose layer names are the PyTorch module paths with "_" for ".".
+NAMING = Naming("torchvision", r"(?:^|_)layer(\d+)_(\d+)_")
 
-
-# The classifier heads (the authors' `fc_type`s, models/LRClassifier.py):
-# `linear` (nn.Linear), `fcbn` (Linear_fcbn: a linear layer followed by a
-# BatchNorm1d over the logits) and `fcbn_notaffine` (Linear_fcbn_notaffine:
-# the same BN without gamma and beta). The logit BN is "logit rectification".
-HEADS = ("linear", "fcbn", "fcbn_notaffine")
-TORCH_FC_TYPES = {
-    "linear": "Linear",
-    "fcbn": "Linear_fcbn",
-    "fcbn_notaffine": "Linear_fcbn_notaffine",
-}
-
-
-def head_name(head):
-    """`head` as one of `HEADS`; the authors' `fc_type` names are accepted.
-
-    Raises:
-        ValueError: naming the head types when `head` is none of them.
-    """
-    by_fc_type = {fc_type: name for name, fc_type in TORCH_FC_TYPES.items()}
-    if head in HEADS:
-        return head
-    if head in by_fc_type:
-        return by_fc_type[head]
-    raise ValueError(
-        f"head must be one of {HEADS} (or their fc_type {tuple(by_fc_type)}), "
-        f"got '{head}'."
-    )
-
-
-def apply_head(
-    x,
-    num_classes,
-    head="linear",
-    name="logits",
-    kernel_initializer="glorot_uniform",
-    bias_initializer="zeros",
-    bn_momentum=0.9,
-    bn_epsilon=1e-5,
-    synchronized_bn=False,
-):
-    """A classifier head on pooled features: a linear layer, maybe a logit BN.
-
-    Everything runs in float32 under mixed precision (a stable softmax; the
-    BN over the logits also keeps float32 statistics and outputs).
-
-    Args:
-        x: Pooled features, `[batch, features]`.
-        num_classes: Number of classes.
-        head: One of `HEADS` (or the authors' `fc_type` name).
-        name: Name of the linear layer; the BN is `name + "_bn"`, which the
-            checkpoint importer maps to their `<fc>.bn`.
-        kernel_initializer: Kernel initializer of the linear layer.
-        bias_initializer: Bias initializer of the linear layer.
-        bn_momentum: Momentum of the logit BN's moving averages.
-        bn_epsilon: Epsilon of the logit BN.
-        synchronized_bn: Synchronise the logit BN's statistics across replicas.
-
-    Returns:
-        The float32 logits, `[batch, num_classes]`.
-
-    Example:
-
-    >>> features = keras.Input((2048,))
-    >>> logits = apply_head(features, 1000, head="fcbn")
-    """
-    head = head_name(head)
-    x = layers.Dense(
-        num_classes, dtype="float32", kernel_initializer=kernel_initializer,
-        bias_initializer=bias_initializer, name=name,
-    )(x)
-    if head == "linear":
-        return x
-    affine = head == "fcbn"
-    return layers.BatchNormalization(
-        momentum=bn_momentum, epsilon=bn_epsilon, center=affine, scale=affine,
-        synchronized=synchronized_bn, dtype="float32", name=name + "_bn",
-    )(x)
+FAMILY = Family(
+    name="ResNet",
+    architectures=tuple(ARCHITECTURES),
+    build_backbone=resnet,
+    naming=NAMING,
+    head_initializer="torch",
+    # Their `resnet50_nbn` passes `arch_args.fc_type` on; the others always
+    # build `nn.Linear`.
+    checkpoints={
+        "resnet50": CheckpointArch("resnet50", nbn=False),
+        "resnet50_nbn": CheckpointArch(
+            "resnet50", nbn=True, heads=("linear", "fcbn", "fcbn_notaffine")),
+        "resnext50": CheckpointArch("resnext50", nbn=False),
+        "resnext50_nbn": CheckpointArch("resnext50", nbn=True),
+    },
+)

@@ -18,13 +18,13 @@ from absl import flags
 
 from nbn_keras import data as data_lib
 from nbn_keras.serving import versions
-from nbn_keras.models.ride import network as ride
 from nbn_keras.training import run_files
+from nbn_keras.models import registry
 from nbn_keras.models.registry import BACKBONES
 from nbn_keras.models.registry import min_image_size
 from nbn_keras.conversion import SCALE_SHARING_MODES
 from nbn_keras.data.samplers import SAMPLERS
-from nbn_keras.models.resnet import HEADS
+from nbn_keras.models.heads import HEADS
 from nbn_keras.training.losses import LOSS_NAMES
 
 
@@ -415,13 +415,23 @@ def validate(config):
     problems += _foreign_files(config)
     if config.schedule == "cosine_annealing" and config.warmup_epochs:
         problems.append("--schedule=cosine_annealing has no warmup: set --warmup_epochs=0.")
-    if config.loss in ("ride", "ride_balanced_softmax") and config.backbone not in ride.ARCHITECTURES:
-        problems.append(f"--loss={config.loss} needs a RIDE backbone ({', '.join(ride.ARCHITECTURES)}), "
-                        f"not --backbone={config.backbone}.")
-    if config.nbn and config.nbn_selection == "ride" and config.backbone not in ride.ARCHITECTURES:
-        problems.append(f"--nbn_selection=ride needs a RIDE backbone, not --backbone={config.backbone}.")
+    problems += _family_problems(config)
     if problems:
         raise ConfigError(" ".join(problems))
+
+
+def _family_problems(config):
+    """A family's loss or NBN selection asked for with another family's backbone."""
+    problems = []
+    family = registry.loss_family(config.loss)
+    if family is not None and config.backbone not in family.architectures:
+        problems.append(f"--loss={config.loss} needs a {family.name} backbone "
+                        f"({', '.join(family.architectures)}), not --backbone={config.backbone}.")
+    family = registry.selection_family(config.nbn_selection)
+    if config.nbn and family is not None and config.backbone not in family.architectures:
+        problems.append(f"--nbn_selection={config.nbn_selection} needs a {family.name} "
+                        f"backbone, not --backbone={config.backbone}.")
+    return problems
 
 
 def _foreign_files(config):

@@ -36,16 +36,17 @@ from nbn_keras.training import config as config_lib
 from nbn_keras import data as data_lib
 from nbn_keras.training import distribute
 from nbn_keras.training import finetune
+from nbn_keras import graph
 from nbn_keras import interrupts
 from nbn_keras.training import losses
 from nbn_keras.training import metrics
 from nbn_keras.analysis import plots
 from nbn_keras.analysis import report
-from nbn_keras.models.ride import network as ride
 from nbn_keras.models.ride import loss as ride_loss
 from nbn_keras.training import run_files
 from nbn_keras.training import schedules
 from nbn_keras.models.registry import build_classifier
+from nbn_keras.conversion import GENERIC_SELECTIONS
 from nbn_keras.conversion import convert_to_nbn
 from nbn_keras.serving.export import export_for_serving
 from nbn_keras.training.optimizers import CoupledSGD
@@ -250,7 +251,7 @@ def check_memory(config, model, image_shape):
         limit_gb, source = machine_memory_gb(), "memory of this machine"
     if limit_gb is None:
         return
-    elements = backbones.activation_elements(model)
+    elements = graph.activation_elements(model)
     size = 2 if "16" in model.dtype_policy.compute_dtype else 4
     need_gb = config.global_batch_size * elements * size / 1e9
     if need_gb > limit_gb:
@@ -283,19 +284,14 @@ def epoch_steps(config, data, replicas):
 
 def build_model(config, data):
     """The classifier of `config`, converted to NBN when asked."""
-    ride_options = None
-    if config.backbone in ride.ARCHITECTURES:
-        ride_options = dict(
-            num_experts=config.ride_experts, reduce_dimension=config.ride_reduce_dimension,
-            share_layer3=config.ride_share_layer3)
     model = build_classifier(
         config.backbone, data.num_classes, data.image_shape, mean=data.mean,
         std=data.std, synchronized_bn=config.synchronized_bn, name=config.backbone,
-        ride_options=ride_options, head=config.head)
+        ride_options=backbones.config_options(config), head=config.head)
     if not config.nbn:
         return model
     selection = config.nbn_selection
-    if selection not in ("paper", "all", "ride"):
+    if selection not in GENERIC_SELECTIONS + tuple(backbones.family_selections()):
         selection = [name.strip() for name in selection.split(",")]
     return convert_to_nbn(
         model, selection, stages=list(config.nbn_stages) or None,

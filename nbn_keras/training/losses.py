@@ -11,28 +11,16 @@ import keras
 import numpy as np
 from keras import ops
 
-LOSS_NAMES = ("cross_entropy", "balanced_softmax", "logit_adjusted", "ldam", "ldam_drw", "hcm",
-              "ride", "ride_balanced_softmax")
+from nbn_keras.models import registry
+from nbn_keras.training.class_balance import as_counts
+from nbn_keras.training.class_balance import drw_class_weights
+from nbn_keras.training.class_balance import ldam_margins
+from nbn_keras.training.class_balance import sparse_labels
 
-
-def _as_counts(class_counts):
-    counts = np.asarray(class_counts, dtype=np.float64)
-    if counts.ndim != 1 or counts.size < 2:
-        raise ValueError(
-            "`class_counts` must be a list of per-class training counts with "
-            f"at least 2 classes, got {class_counts!r}."
-        )
-    if np.any(counts <= 0):
-        empty = np.flatnonzero(counts <= 0).tolist()
-        raise ValueError(
-            "Every class needs at least one training example; `class_counts` "
-            f"has non-positive entries at indices {empty}."
-        )
-    return counts
-
-
-def _sparse_labels(y_true):
-    return ops.cast(ops.reshape(y_true, (-1,)), "int32")
+# The losses of this module, then those the model families contribute (they
+# need a backbone of their family).
+LOSS_NAMES = ("cross_entropy", "balanced_softmax", "logit_adjusted", "ldam", "ldam_drw",
+              "hcm") + tuple(registry.family_losses())
 
 
 def cross_entropy(**kwargs):
@@ -86,7 +74,7 @@ class LogitAdjustedCrossEntropy(keras.losses.Loss):
         dtype=None,
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        counts = _as_counts(class_counts)
+        counts = as_counts(class_counts)
         self.class_counts = [int(n) for n in counts]
         self.tau = float(tau)
         self._log_prior = np.log(counts / counts.sum())
@@ -94,7 +82,7 @@ class LogitAdjustedCrossEntropy(keras.losses.Loss):
     def call(self, y_true, y_pred):
         shift = ops.convert_to_tensor(self.tau * self._log_prior, y_pred.dtype)
         return keras.losses.sparse_categorical_crossentropy(
-            _sparse_labels(y_true), y_pred + shift, from_logits=True
+            sparse_labels(y_true), y_pred + shift, from_logits=True
         )
 
     def get_config(self):
@@ -140,7 +128,7 @@ class BalancedSoftmaxCrossEntropy(LogitAdjustedCrossEntropy):
 
 
 def _log_prior(class_counts):
-    counts = _as_counts(class_counts)
+    counts = as_counts(class_counts)
     return np.log(counts / counts.sum())
 
 
@@ -192,14 +180,14 @@ class HardCategoryMiningLoss(keras.losses.Loss):
     def __init__(self, class_counts, hcm_n=300, name="hcm",
                  reduction="sum_over_batch_size", dtype=None):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.class_counts = [int(n) for n in _as_counts(class_counts)]
+        self.class_counts = [int(n) for n in as_counts(class_counts)]
         if int(hcm_n) < 1:
             raise ValueError(f"`hcm_n` must be at least 1, got {hcm_n}.")
         self.hcm_n = int(hcm_n)
         self._log_prior = _log_prior(self.class_counts)
 
     def call(self, y_true, y_pred):
-        labels = _sparse_labels(y_true)
+        labels = sparse_labels(y_true)
         adjusted = y_pred + ops.convert_to_tensor(self._log_prior, y_pred.dtype)
         mask = ops.stop_gradient(hardest_classes_mask(labels, y_pred, self.hcm_n))
         balanced = keras.losses.sparse_categorical_crossentropy(
@@ -212,19 +200,6 @@ class HardCategoryMiningLoss(keras.losses.Loss):
         config = super().get_config()
         config.update(class_counts=self.class_counts, hcm_n=self.hcm_n)
         return config
-
-
-def ldam_margins(class_counts, max_m=0.5):
-    """Per-class LDAM margins `m_j ~ n_j^(-1/4)`, the largest equal to `max_m`."""
-    margins = _as_counts(class_counts) ** -0.25
-    return margins * (max_m / margins.max())
-
-
-def drw_class_weights(class_counts, beta=0.9999):
-    """Class-balanced weights `(1 - beta) / (1 - beta^n_j)`, summing to C."""
-    counts = _as_counts(class_counts)
-    weights = (1.0 - beta) / (1.0 - np.power(beta, counts))
-    return weights * (counts.size / weights.sum())
 
 
 @keras.saving.register_keras_serializable(package="nbn_keras")
@@ -287,7 +262,7 @@ class LDAMLoss(keras.losses.Loss):
         dtype=None,
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.class_counts = [int(n) for n in _as_counts(class_counts)]
+        self.class_counts = [int(n) for n in as_counts(class_counts)]
         self.max_m = float(max_m)
         self.s = float(s)
         if drw_start_epoch is not None:
@@ -307,7 +282,7 @@ class LDAMLoss(keras.losses.Loss):
         self.drw_active.assign(1.0 if active else 0.0)
 
     def call(self, y_true, y_pred):
-        labels = _sparse_labels(y_true)
+        labels = sparse_labels(y_true)
         num_classes = len(self.class_counts)
         one_hot = ops.one_hot(labels, num_classes, dtype=y_pred.dtype)
         margins = ops.convert_to_tensor(self._margins, y_pred.dtype)
@@ -390,10 +365,9 @@ def build_loss(name, class_counts=None, **options):
         name: One of `"cross_entropy"`, `"balanced_softmax"`,
             `"logit_adjusted"`, `"ldam"` (LDAM without re-weighting, on
             unscaled logits: the NBN authors' `LDAMLoss`), `"ldam_drw"`,
-            `"hcm"` (`HardCategoryMiningLoss`), `"ride"` (a RIDE model's
-            multi-expert loss, `nbn_keras.models.ride.RIDELoss`; add its
-            `RIDEEpochHook` callback to `fit`), `"ride_balanced_softmax"`
-            (`nbn_keras.models.ride.RIDEBalancedSoftmaxLoss`).
+            `"hcm"` (`HardCategoryMiningLoss`), or a loss a model family
+            contributes (`nbn_keras.models.registry.family_losses`: RIDE's
+            two, whose training callbacks the family also names).
         class_counts: Number of training examples of each class. Needed by
             every loss but `"cross_entropy"`.
         **options: Passed on to the loss (`tau` for `"logit_adjusted"`;
@@ -410,9 +384,6 @@ def build_loss(name, class_counts=None, **options):
     """
     if name == "cross_entropy":
         return cross_entropy(**options)
-    # Imported here: `ride_loss` builds on this module's helpers.
-    from nbn_keras.models.ride import loss as ride_loss
-
     classes = {
         "balanced_softmax": BalancedSoftmaxCrossEntropy,
         "logit_adjusted": LogitAdjustedCrossEntropy,
@@ -421,9 +392,9 @@ def build_loss(name, class_counts=None, **options):
                                   name="ldam"),
         "ldam_drw": LDAMLoss,
         "hcm": HardCategoryMiningLoss,
-        "ride": ride_loss.RIDELoss,
-        "ride_balanced_softmax": ride_loss.RIDEBalancedSoftmaxLoss,
     }
+    classes.update({loss_name: family_loss.loss
+                    for loss_name, family_loss in registry.family_losses().items()})
     if name not in classes:
         raise ValueError(
             f"Unknown loss '{name}'. Valid names: {', '.join(LOSS_NAMES)}."

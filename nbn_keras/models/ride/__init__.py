@@ -7,6 +7,5 @@ from nbn_keras.models.ride.loss import ride_balanced_softmax_loss
 from nbn_keras.models.ride.network import ARCHITECTURES
 from nbn_keras.models.ride.network import ExpertAverage
 from nbn_keras.models.ride.network import build_ride_classifier
-from nbn_keras.models.ride.network import convert_ride_to_nbn
-from nbn_keras.models.ride.network import ride_selection
+from nbn_keras.models.ride.selection import SELECTION
 from nbn_keras.models.ride.trainer import ExpertLogitsTrainer

@@ -27,15 +27,15 @@ import numpy as np
 from keras import ops
 
 from nbn_keras.models.ride.trainer import ExpertLogitsTrainer
-from nbn_keras.training.losses import _as_counts
-from nbn_keras.training.losses import _sparse_labels
-from nbn_keras.training.losses import drw_class_weights
-from nbn_keras.training.losses import ldam_margins
+from nbn_keras.training.class_balance import as_counts
+from nbn_keras.training.class_balance import drw_class_weights
+from nbn_keras.training.class_balance import ldam_margins
+from nbn_keras.training.class_balance import sparse_labels
 
 
 def diversity_temperature_weights(class_counts, reweight_factor=0.05):
     """Per-class temperature factors `w_j`, the largest 1 (see the module)."""
-    counts = _as_counts(class_counts)
+    counts = as_counts(class_counts)
     frequencies = counts / counts.sum()
     weights = counts.size * frequencies * reweight_factor + 1.0 - reweight_factor
     weights = weights / weights.max()
@@ -102,7 +102,7 @@ class RIDELoss(keras.losses.Loss):
         dtype=None,
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.class_counts = [int(n) for n in _as_counts(class_counts)]
+        self.class_counts = [int(n) for n in as_counts(class_counts)]
         self.max_m = float(max_m)
         self.s = float(s)
         self.reweight_epoch = None if reweight_epoch is None else int(reweight_epoch)
@@ -149,7 +149,7 @@ class RIDELoss(keras.losses.Loss):
     def call(self, y_true, y_pred):
         experts = ops.cast(self._expert_logits(y_pred), "float32")
         mean_logits = ops.mean(experts, axis=1)
-        labels = _sparse_labels(y_true)
+        labels = sparse_labels(y_true)
         num_classes = len(self.class_counts)
         one_hot = ops.one_hot(labels, num_classes, dtype="float32")
         margins = ops.convert_to_tensor(self._margins, "float32")
@@ -235,8 +235,8 @@ def ride_balanced_softmax_loss(expert_logits, labels, class_counts, diversity_fa
     >>> ride_balanced_softmax_loss(np.zeros((2, 3, 4)), [0, 3], [40, 20, 5, 1])
     """
     experts = ops.cast(expert_logits, "float32")
-    labels = _sparse_labels(labels)
-    counts = _as_counts(class_counts)
+    labels = sparse_labels(labels)
+    counts = as_counts(class_counts)
     log_prior = ops.convert_to_tensor(np.log(counts / counts.sum()), "float32")
     target = ops.stop_gradient(ops.softmax(ops.mean(experts, axis=1) / temperature, axis=-1))
     log_target = ops.log(ops.maximum(target, 1e-38))

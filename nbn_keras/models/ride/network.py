@@ -10,10 +10,10 @@ model's output is the mean of the experts' logits.
 Layer names are the PyTorch module paths with `_` for `.` (`layer3s_0_1_bn2`,
 `layer4s_2_0_downsample_1`, `linears_1`, `linears_1_bn`, ...), which is what
 `nbn_keras.import_torch` maps checkpoints with. Stage names carry an `s`
-(`layer4s_`), so the plain ResNets' `"paper"` selection does not see the
-experts; NBN in RIDE is the `"ride"` selection (`ride_selection`,
-`convert_ride_to_nbn`): every BN of each expert's last stage (bn1, bn2, bn3
-and the shortcut BN), one `NBNScale` per expert, as in their
+(`layer4s_`), so the plain ResNets' paper selection does not see the
+experts; NBN in RIDE is the family's own selection
+(`nbn_keras.models.ride.selection`): every BN of each expert's last stage
+(bn1, bn2, bn3 and the shortcut BN), one `NBNScale` per expert, as in their
 `ResNet_NBN.scale_modules`.
 
 The classifier has one output, the mean logits (layer `"logits"`, an
@@ -29,22 +29,15 @@ Reference:
   Distribution-Aware Experts, ICLR 2021](https://arxiv.org/abs/2010.01809).
 """
 
-import re
-
 import keras
 from keras import layers
 from keras import ops
 
-from nbn_keras import conversion
+from nbn_keras.models import heads
 from nbn_keras.models import resnet
-from nbn_keras.layers import NBNScale
-from nbn_keras.layers import NormalizedBatchNormalization
 
 # name: (block, blocks per stage)
 ARCHITECTURES = {"resnet50_ride": ("bottleneck", (3, 4, 6, 3))}
-# The BN layers of expert `e`'s last stage: `layer4s_{e}_...`.
-LAST_STAGE = re.compile(r"^layer4s_(\d+)_")
-SCALE_NAME = "nbn_scale_expert{}"
 
 
 @keras.saving.register_keras_serializable(package="nbn_keras")
@@ -76,15 +69,6 @@ class ExpertAverage(keras.layers.Layer):
         return layers.GlobalAveragePooling1D(dtype=self.dtype_policy, name=self.name)
 
 
-def _normalize(inputs, mean, std):
-    if mean is None:
-        return layers.Rescaling(1.0 / 255, name="normalize")(inputs)
-    std = [1.0] * len(mean) if std is None else std
-    return layers.Normalization(
-        mean=[255.0 * m for m in mean],
-        variance=[(255.0 * s) ** 2 for s in std],
-        name="normalize",
-    )(inputs)
 
 
 def build_ride_classifier(
@@ -122,8 +106,8 @@ def build_ride_classifier(
         reduce_dimension: Experts' `planes` 192 and 384 instead of 256 and
             512 in `layer3` and `layer4`.
         share_layer3: One `layer3` shared by all experts (named `layer3`).
-        head: Every expert's head, one of `nbn_keras.models.resnet.HEADS`
-            (`nbn_keras.models.resnet.apply_head`; their `fc_type` names are
+        head: Every expert's head, one of `nbn_keras.models.heads.HEADS`
+            (`nbn_keras.models.heads.apply_head`; their `fc_type` names are
             accepted): their RIDE NBN config uses `"fcbn_notaffine"`
             (`Linear_fcbn_notaffine`: a linear layer followed by a BN over the
             logits with neither gamma nor beta).
@@ -147,7 +131,7 @@ def build_ride_classifier(
             f"Unknown RIDE architecture '{arch}'. Choose one of "
             f"{tuple(ARCHITECTURES)}."
         )
-    head = resnet.head_name(head)
+    head = heads.head_name(head)
     if int(num_experts) < 1:
         raise ValueError(f"num_experts must be >= 1, got {num_experts}.")
     block, stage_blocks = ARCHITECTURES[arch]
@@ -158,7 +142,7 @@ def build_ride_classifier(
         synchronized_bn=synchronized_bn,
     )
     inputs = keras.Input(input_shape, name="images")
-    x = resnet.apply_stem(_normalize(inputs, mean, std), make)
+    x = resnet.apply_stem(heads.apply_normalization(inputs, mean, std), make)
     x = resnet.apply_stage(x, block, 64, stage_blocks[0], 1, make, "layer1")
     x = resnet.apply_stage(x, block, 128, stage_blocks[1], 2, make, "layer2")
     if share_layer3:
@@ -171,8 +155,8 @@ def build_ride_classifier(
                 y, block, dim3, stage_blocks[2], 2, make, f"layer3s_{e}")
         y = resnet.apply_stage(y, block, dim4, stage_blocks[3], 2, make, f"layer4s_{e}")
         y = layers.GlobalAveragePooling2D(name=f"avg_pool_{e}")(y)
-        kernel, bias = resnet.torch_linear_initializers(y.shape[-1])
-        y = resnet.apply_head(
+        kernel, bias = heads.torch_linear_initializers(y.shape[-1])
+        y = heads.apply_head(
             y, num_classes, head, name=f"linears_{e}", kernel_initializer=kernel,
             bias_initializer=bias, bn_momentum=bn_momentum, bn_epsilon=bn_epsilon,
             synchronized_bn=synchronized_bn,
@@ -185,88 +169,3 @@ def build_ride_classifier(
     )
     outputs = ExpertAverage(dtype="float32", name="logits")(stacked)
     return keras.Model(inputs, outputs, name=name or arch)
-
-
-def expert_average_layer(model):
-    """The `ExpertAverage` layer of a RIDE model, or `None`."""
-    for layer in conversion.leaf_layers(model):
-        if isinstance(layer, ExpertAverage):
-            return layer
-    return None
-
-
-def ride_selection(model):
-    """Every BN layer of each expert's last stage, `{expert: [layers]}`.
-
-    Args:
-        model: A model from `build_ride_classifier`.
-
-    Returns:
-        A dict from expert index to its BN layers (bn1, bn2, bn3 of every
-        block and the shortcut BN of `layer4s_{expert}`).
-    """
-    selected = {}
-    for layer in conversion.leaf_layers(model):
-        match = LAST_STAGE.match(layer.name)
-        if match and isinstance(layer, keras.layers.BatchNormalization):
-            if isinstance(layer, NormalizedBatchNormalization):
-                raise ValueError(f"Layer '{layer.name}' is already an NBN layer.")
-            selected.setdefault(int(match.group(1)), []).append(layer)
-    if not selected:
-        raise ValueError(
-            f"The 'ride' selection needs a RIDE model (BN layers named "
-            f"'layer4s_<expert>_...'); '{model.name}' has none. Use "
-            "selection='paper' for a plain ResNet."
-        )
-    return selected
-
-
-def convert_ride_to_nbn(model, separate_scales=False):
-    """Returns a copy of a RIDE model with NBN in each expert's last stage.
-
-    Every BN layer of `layer4s_{e}` becomes a `NormalizedBatchNormalization`
-    fed by the scale of expert `e`: one `NBNScale` per expert, named
-    `nbn_scale_expert{e}`, initialised to 1, as in the authors'
-    `resnet50_ride_NBN` (`scale_factor[e]` for the BN of `layer4s.e`).
-    Weights are copied, as by `nbn_keras.convert_to_nbn`.
-
-    Args:
-        model: A model from `build_ride_classifier`.
-        separate_scales: Separate scales for gamma and beta.
-
-    Returns:
-        A new `keras.Model`.
-    """
-    model = conversion._as_functional(model)
-    expert_of = {
-        id(layer): expert
-        for expert, bn_layers in ride_selection(model).items()
-        for layer in bn_layers
-    }
-    clashing = [l.name for l in conversion.leaf_layers(model)
-                if l.name.startswith("nbn_scale")]
-    if clashing:
-        raise ValueError(f"Model '{model.name}' already has layers {clashing}.")
-    new_expert_of = {}
-
-    def replace(layer):
-        if id(layer) not in expert_of:
-            return None
-        new = NormalizedBatchNormalization.from_batch_normalization(
-            layer, shared_scale=True, separate_scales=separate_scales)
-        new_expert_of[id(new)] = expert_of[id(layer)]
-        return new
-
-    scales = {}
-
-    def call_with_expert_scale(layer, *args, **kwargs):
-        expert = new_expert_of.get(id(layer))
-        if expert is not None:
-            if expert not in scales:
-                scales[expert] = NBNScale(
-                    separate_scales=separate_scales, name=SCALE_NAME.format(expert)
-                )(args[0])
-            kwargs["scale"] = scales[expert]
-        return layer(*args, **kwargs)
-
-    return conversion._clone(model, replace, call_with_expert_scale)
