@@ -9,6 +9,8 @@ import os
 import keras
 import numpy as np
 
+from nbn_keras.models.ride import loss as ride_loss
+from nbn_keras.training import losses
 from nbn_keras.training import run_files
 from nbn_keras.conversion import leaf_layers
 from nbn_keras.conversion import select_bn_layers
@@ -294,3 +296,37 @@ class NBNDynamicsLogger(keras.callbacks.Callback):
         record["epochs"] = [e for e in record["epochs"] if e["epoch"] < epoch] + [entry]
         record["final"] = _vectors(self._layers)
         run_files.write_json(self.path, record)
+
+
+def for_run(config, run_dir, checkpoint):
+    """The callbacks of a training run, in the order they must run.
+
+    Args:
+        config: A `nbn_keras.training.config.TrainConfig` (`nbn_dynamics`, `loss`).
+        run_dir: The run's directory (TensorBoard logs, `nbn_dynamics.json`).
+        checkpoint: The run's `RunCheckpoint`, already restored.
+
+    Returns:
+        A list of `keras.callbacks.Callback`.
+
+    Example:
+
+    >>> checkpoint = RunCheckpoint("runs/x", monitor="val_top1")
+    >>> model.fit(..., callbacks=for_run(config, "runs/x", checkpoint))
+    """
+    callbacks = [
+        # Raising (rather than stopping) skips the epoch-end checkpoint, so
+        # the last good one survives a NaN loss.
+        keras.callbacks.TerminateOnNaN(raise_error=True),
+        NBNScaleLogger(),
+        LearningRateLogger(),
+        checkpoint,
+        keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard")),
+    ]
+    if config.nbn_dynamics:  # First: it reads the weights each step begins with.
+        callbacks.insert(0, NBNDynamicsLogger(os.path.join(run_dir, DYNAMICS_FILENAME)))
+    if config.loss == "ldam_drw":
+        callbacks.append(losses.DeferredReweighting())
+    if config.loss == "ride":
+        callbacks.append(ride_loss.RIDEEpochHook())
+    return callbacks
