@@ -1,6 +1,7 @@
 """The training command: every config, bad flags, resume, distribution."""
 
 import csv
+import dataclasses
 import glob
 import json
 import os
@@ -375,6 +376,70 @@ def test_resolved_flags_reproduce_the_run(tmp_path):
     with pytest.raises(train.RunError, match="holds a finished run"):
         train.train_and_evaluate(*again)
     assert (tmp_path / "b" / "best.keras").stat().st_mtime_ns == before
+
+
+# The options a resumed run may change (how it runs, not what it trains), and
+# values other than their defaults.
+RESUME_MAY_CHANGE = {"run_dir": "elsewhere", "allow_foreign_run_dir": True,
+                     "allow_foreign_export_dir": True, "verbose": 0,
+                     "allow_changed_flags": True, "cluster_timeout": 7,
+                     "memory_limit_gb": 3.0}
+
+
+def test_resume_compares_hyperparameters_and_the_export_place(tmp_path):
+    config, options = parse_run(f"--run_dir={tmp_path}", "--model_name=m")
+    state = train.open_run(config, options, str(tmp_path))
+    for name, value in RESUME_MAY_CHANGE.items():
+        assert train.open_run(config, options.replace(**{name: value}),
+                              str(tmp_path)) == state, name
+    assert ({field.name for field in dataclasses.fields(config_lib.RunOptions)}
+            == set(RESUME_MAY_CHANGE) | {"export_dir", "model_name"})
+    for flag, value in (("momentum", 0.8), ("epochs", 3), ("xla", "true")):
+        changed = parse_run(f"--run_dir={tmp_path}", "--model_name=m", f"--{flag}={value}")
+        with pytest.raises(train.RunError, match=rf"--{flag}: \S+ in the run, \S+ now"):
+            train.open_run(*changed, str(tmp_path))
+    for flag in ("--export_dir=other", "--model_name=other"):
+        with pytest.raises(train.RunError, match=flag.split("=")[0]):
+            train.open_run(*parse_run(f"--run_dir={tmp_path}", "--model_name=m", flag),
+                           str(tmp_path))
+
+
+# Imports the driver, prints the flags a module of nbn_keras defined (absl
+# records the module calling DEFINE_*), then runs the command as
+# `python -m nbn_keras.train` does, with the script's arguments.
+FLAGS_SCRIPT = """
+import json, runpy, sys
+from absl import flags
+import nbn_keras.training.driver
+print(json.dumps(sorted(flag.name for module, defined in
+                        flags.FLAGS.flags_by_module_dict().items()
+                        if module.startswith("nbn_keras") for flag in defined)),
+      file=sys.stderr)
+runpy.run_module("nbn_keras.train", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def command_flags():
+    """Flags an import of the driver defines, and `--helpfull` of the command."""
+    helped = subprocess.run([sys.executable, "-c", FLAGS_SCRIPT, "--helpfull"],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    return json.loads(helped.stderr.splitlines()[-1]), helped
+
+
+@pytest.mark.slow
+def test_importing_the_driver_defines_no_flag(command_flags):
+    defined, _ = command_flags
+    assert defined == []
+
+
+@pytest.mark.slow
+def test_the_command_lists_every_flag(command_flags):
+    _, helped = command_flags
+    listed = set(re.findall(r"^  --(?:\[no\])?(\w+):", helped.stdout, re.M))
+    fields = {field.name for cls in (config_lib.TrainConfig, config_lib.RunOptions)
+              for field in dataclasses.fields(cls)}
+    assert fields and fields <= listed, sorted(fields - listed)
 
 
 def run_command(*argv, env=None, timeout=300):
