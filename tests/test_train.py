@@ -411,7 +411,7 @@ FLAGS_SCRIPT = """
 import json, runpy, sys
 from absl import flags
 import nbn_keras.training.driver
-print(json.dumps(sorted(flag.name for module, defined in
+print("defined:", json.dumps(sorted(flag.name for module, defined in
                         flags.FLAGS.flags_by_module_dict().items()
                         if module.startswith("nbn_keras") for flag in defined)),
       file=sys.stderr)
@@ -424,7 +424,8 @@ def command_flags():
     """Flags an import of the driver defines, and `--helpfull` of the command."""
     helped = subprocess.run([sys.executable, "-c", FLAGS_SCRIPT, "--helpfull"],
                             capture_output=True, text=True, cwd=REPO, timeout=300)
-    return json.loads(helped.stderr.splitlines()[-1]), helped
+    printed = next(line for line in helped.stderr.splitlines() if line.startswith("defined:"))
+    return json.loads(printed.split(":", 1)[1]), helped
 
 
 @pytest.mark.slow
