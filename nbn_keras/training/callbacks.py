@@ -18,6 +18,33 @@ from nbn_keras.layers import NBNScale
 from nbn_keras.layers import NormalizedBatchNormalization
 
 
+class NonFiniteLoss(RuntimeError):
+    """Training reached a NaN or infinite loss."""
+
+
+class TerminateOnNonFiniteLoss(keras.callbacks.Callback):
+    """Raises `NonFiniteLoss` at the first batch whose loss is NaN or infinite.
+
+    Keras' `TerminateOnNaN(raise_error=True)` does the same with a plain
+    `RuntimeError`; its own type lets a caller catch this error only.
+    Raising (rather than stopping) skips the epoch-end checkpoint, so the
+    last good one survives.
+
+    Example:
+
+    >>> try:
+    ...     model.fit(x, y, callbacks=[TerminateOnNonFiniteLoss()])
+    ... except NonFiniteLoss as error:
+    ...     print(error)
+    """
+
+    def on_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise NonFiniteLoss(f"NaN or Inf loss encountered at batch {batch}. Loss value: "
+                                f"{loss}. Terminating training immediately.")
+
+
 def scale_variables(model):
     """Returns `{name: variable}` for every NBN scale of `model`."""
     scales = {}
@@ -315,9 +342,7 @@ def for_run(config, run_dir, checkpoint):
     >>> model.fit(..., callbacks=for_run(config, "runs/x", checkpoint))
     """
     callbacks = [
-        # Raising (rather than stopping) skips the epoch-end checkpoint, so
-        # the last good one survives a NaN loss.
-        keras.callbacks.TerminateOnNaN(raise_error=True),
+        TerminateOnNonFiniteLoss(),
         NBNScaleLogger(),
         LearningRateLogger(),
         checkpoint,

@@ -362,9 +362,7 @@ def train(config, data, strategy, run_dir, model, verbose=1):
                   validation_data=data_lib.make_eval_dataset(
                       data, "val", config.global_batch_size),
                   verbose=verbose)
-    except RuntimeError as error:
-        if "NaN" not in str(error) and "Inf" not in str(error):
-            raise
+    except nbn_callbacks.NonFiniteLoss as error:
         kept = [os.path.join(run_dir, name) for name in ("backup", "best.keras")
                 if os.path.exists(os.path.join(run_dir, name))]
         raise RunError(
