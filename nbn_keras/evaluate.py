@@ -31,6 +31,9 @@ from nbn_keras.training import run_files
 from nbn_keras import saving
 from nbn_keras.training import driver as train
 
+# The training command's flags describe the data set (a config or a run's
+# flags.cfg, which sets every one of them).
+config_lib.define_flags(flags.FLAGS)
 flags.DEFINE_string("model", None, "The .keras file to evaluate.")
 flags.DEFINE_enum("split", "test", ["test", "val"], "The split to evaluate.")
 flags.DEFINE_string("output", None, "The JSON file to write (default: "

@@ -255,12 +255,12 @@ def lr_sum_and_shrink(run_dir):
     """
     import numpy as np
 
-    from nbn_keras.training import driver as train_lib
+    from nbn_keras.training import schedules
 
     config = run_config(run_dir)
     # Without --steps_per_epoch the run's epoch length came from its data.
     steps = config.steps_per_epoch or read_figures(run_dir)["steps_trained"] // config.epochs
-    schedule = train_lib.build_schedule(config, steps)
+    schedule = schedules.from_config(config, steps)
     total = float(np.sum(np.asarray(schedule(np.arange(steps * config.epochs)))))
     return total, math.exp(-config.weight_decay * total / (1.0 - config.momentum))
 

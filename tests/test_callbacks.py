@@ -142,3 +142,18 @@ def test_history_and_tensorboard_record_each_epochs_learning_rate(tmp_path):
                 if value.tag == "epoch_lr":
                     logged[event.step] = float(tf.make_ndarray(value.tensor))
     assert logged == pytest.approx({0: 0.0, 1: 0.5, 2: 1.0, 3: 0.1})
+
+
+def test_a_non_finite_loss_stops_training_with_its_own_error():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    x = np.ones((8, 2), "float32")
+    y = np.zeros((8, 1), "float32")
+    history = model.fit(x, y, batch_size=4, epochs=2, verbose=0,
+                        callbacks=[callbacks.TerminateOnNonFiniteLoss()])
+    assert len(history.history["loss"]) == 2
+    y[5] = np.inf  # In the second batch (index 1).
+    with pytest.raises(callbacks.NonFiniteLoss, match=r"at batch 1\. Loss value: (inf|nan)"):
+        model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0,
+                  callbacks=[callbacks.TerminateOnNonFiniteLoss()])

@@ -203,8 +203,17 @@ def test_undecodable_image_error_names_file(image_root):
     with open(image_root / "train.txt", "a") as f:
         f.write("train/broken.jpg 2\n")
     data = _load(image_root)
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"broken\.jpg"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"broken\.jpg") as raised:
         list(nbn_data.make_eval_dataset(data, "train", batch_size=8))
+    # The file's line without TensorFlow's wrapping, as the training command prints it.
+    error = transforms.unreadable_image_error(raised.value)
+    assert isinstance(error, transforms.UnreadableImageError) and isinstance(error, ValueError)
+    assert str(error) == (
+        f"Cannot read or decode image file {image_root}/images/train/broken.jpg (the "
+        "decoder's own message is in the TensorFlow log). nbn_keras.data.list_files."
+        "find_undecodable lists every such file; on_bad_image='skip' drops them.")
+    other = tf.errors.InvalidArgumentError(None, None, "assertion failed: [x > 0]")
+    assert transforms.unreadable_image_error(other) is None
 
 
 def test_jpeg_train_and_eval_pipelines(image_root, tmp_path):

@@ -10,6 +10,7 @@ from nbn_keras.training import driver as train
 from nbn_keras.models.registry import build_classifier
 from nbn_keras.conversion import leaf_layers
 from tests.test_train import parse_config
+from tests.test_train import parse_run
 
 
 def weights_by_key(model):
@@ -42,7 +43,7 @@ def test_weights_are_matched_by_name_class_and_shape(trained_run):
 
 def test_retraining_moves_only_the_head_and_the_nbn_scale(trained_run, tmp_path, capsys):
     source = trained_run["run_dir"] / "model.keras"
-    train.train_and_evaluate(parse_config(
+    train.train_and_evaluate(*parse_run(
         "--flagfile=configs/digits_lt_nbn.cfg", "--backbone=resnet8", f"--init_from={source}",
         "--train_only_head", "--sampler=class_aware", "--samples_per_class=4",
         "--warmup_epochs=0", "--epochs=1", "--steps_per_epoch=2", "--verbose=0",

@@ -222,7 +222,8 @@ def quick_run(tmp_path):
                      "--backbone=resnet8", "--image_size=16",
                      "--epochs=1", "--steps_per_epoch=1", "--global_batch_size=8",
                      "--noexport", "--verbose=0", f"--run_dir={run_dir}", *extra])
-        return train.train_and_evaluate(config_lib.from_flags(flag_values))
+        return train.train_and_evaluate(config_lib.from_flags(flag_values),
+                                        config_lib.options_from_flags(flag_values))
 
     return run
 

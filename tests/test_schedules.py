@@ -8,8 +8,8 @@ import keras
 import numpy as np
 import pytest
 
+from nbn_keras.training import optimizers
 from nbn_keras.training import schedules
-from nbn_keras.training import driver as train
 from tests.test_train import parse_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,7 +150,7 @@ def ldam_drw_rate(base, epoch):
 def recipe_epoch_rates(recipe, steps_per_epoch=3):
     """The rate of the first and last step of each epoch under a recipe file."""
     config = parse_config(f"--flagfile={REPO}/configs/recipes/{recipe}")
-    optimizer = train.build_optimizer(config, steps_per_epoch)
+    optimizer = optimizers.from_config(config, steps_per_epoch)
     schedule = optimizer._learning_rate
     lr = schedules.scaled_learning_rate(config.base_lr, config.global_batch_size)
     starts = values(schedule, [e * steps_per_epoch for e in range(config.epochs)])

@@ -1,6 +1,7 @@
 """The training command: every config, bad flags, resume, distribution."""
 
 import csv
+import dataclasses
 import glob
 import json
 import os
@@ -77,12 +78,17 @@ SMALL = ["--backbone=resnet8", "--image_size=16", "--nopictures"]
 FLOAT16_STEPS = 8
 
 
-def parse_config(*argv):
-    """The `TrainConfig` of a command line, parsed apart from the global flags."""
+def parse_run(*argv):
+    """`(TrainConfig, RunOptions)` of a command line, parsed apart from the global flags."""
     flag_values = flags.FlagValues()
     config_lib.define_flags(flag_values)
     flag_values(["train", *argv])
-    return config_lib.from_flags(flag_values)
+    return config_lib.from_flags(flag_values), config_lib.options_from_flags(flag_values)
+
+
+def parse_config(*argv):
+    """The `TrainConfig` of a command line, parsed apart from the global flags."""
+    return parse_run(*argv)[0]
 
 
 @pytest.fixture(autouse=True)
@@ -267,12 +273,14 @@ def check_served_without_nbn_keras(server, run_dir, version_dir, tmp_path, is_ri
 def test_untrained_configs_differ_from_a_trained_twin(config):
     twin = os.path.join(REPO, "configs", TWINS[os.path.basename(config)])
     assert twin in TRAINED_CONFIGS
-    this, other = parse_config(f"--flagfile={config}"), parse_config(f"--flagfile={twin}")
-    differ = {name for name, value in vars(this).items() if getattr(other, name) != value}
+    (this, this_place), (other, other_place) = (parse_run(f"--flagfile={config}"),
+                                                parse_run(f"--flagfile={twin}"))
+    differ = {name for mine, theirs in ((this, other), (this_place, other_place))
+              for name, value in vars(mine).items() if getattr(theirs, name) != value}
     may_differ = TWIN_MAY_DIFFER | TWIN_ALSO_DIFFERS.get(os.path.basename(config), set())
     assert differ <= may_differ, sorted(differ - may_differ)
     name = os.path.basename(config).removesuffix(".cfg")
-    assert this.run_dir == f"runs/{name}" and this.model_name == name
+    assert this_place.run_dir == f"runs/{name}" and this_place.model_name == name
     assert this.nbn == name.endswith("_nbn")
     factor = re.search(r"_if(\d+)_", name)
     assert factor is None or this.imbalance_factor == float(factor.group(1))
@@ -300,7 +308,7 @@ def test_list_file_recipes_follow_the_authors_data_lists(recipe, data, classes, 
 def test_config_trains_reports_and_serves(config, tmp_path, serving_process):
     """Every phase of a config, then its export served without nbn_keras."""
     # --export: effect_study.cfg turns it off for the study's many runs.
-    run_config = parse_config(
+    run_config, options = parse_run(
         f"--flagfile={config}", f"--run_dir={tmp_path}/run",
         f"--export_dir={tmp_path}/export", "--export", *QUICK,
         *data_overrides(config, tmp_path))
@@ -308,9 +316,9 @@ def test_config_trains_reports_and_serves(config, tmp_path, serving_process):
     data, _ = config_family(config)
     if data.startswith("mock_cifar"):
         with mock_cifar(100 if data == "mock_cifar100" else 10, per_class=100):
-            figures = train.train_and_evaluate(run_config)
+            figures = train.train_and_evaluate(run_config, options)
     else:
-        figures = train.train_and_evaluate(run_config)
+        figures = train.train_and_evaluate(run_config, options)
     assert figures["steps_trained"] == 1
     run_dir = tmp_path / "run"
     assert json.loads((run_dir / "test_metrics.json").read_text(),
@@ -335,14 +343,14 @@ def test_config_trains_reports_and_serves(config, tmp_path, serving_process):
                for key in ("loss", "val_loss"))
     assert list((run_dir / "tensorboard" / "train").glob("events.out.tfevents.*"))
     state = json.loads((run_dir / "run_state.json").read_text())
-    version_dir = tmp_path / "export" / run_config.served_model_name / "1"
+    version_dir = tmp_path / "export" / options.served_model_name / "1"
     assert state["phase"] == "done" and state["export_path"] == str(version_dir)
     check_served_without_nbn_keras(serving_process, run_dir, version_dir, tmp_path,
                                    is_ride=is_ride)
 
 
 def test_float16_training_applies_a_step(tmp_path):
-    figures = train.train_and_evaluate(parse_config(
+    figures = train.train_and_evaluate(*parse_run(
         f"--flagfile={REPO}/configs/digits_lt_nbn.cfg", f"--run_dir={tmp_path}/run",
         "--noexport", "--mixed_precision=float16", "--epochs=1",
         f"--steps_per_epoch={FLOAT16_STEPS}", "--verbose=0", *SMALL))
@@ -354,20 +362,85 @@ def test_float16_training_applies_a_step(tmp_path):
 
 def test_resolved_flags_reproduce_the_run(tmp_path):
     config = os.path.join(REPO, "configs", "digits_lt_nbn.cfg")
-    first = train.train_and_evaluate(parse_config(
+    first = train.train_and_evaluate(*parse_run(
         f"--flagfile={config}", f"--run_dir={tmp_path}/a", "--noexport",
         "--epochs=1", "--steps_per_epoch=2", "--verbose=0", *SMALL))
-    again = parse_config(f"--flagfile={tmp_path}/a/flags.cfg", f"--run_dir={tmp_path}/b")
-    assert again == parse_config(f"--flagfile={config}", f"--run_dir={tmp_path}/b",
-                                 "--noexport", "--epochs=1", "--steps_per_epoch=2",
-                                 "--verbose=0", *SMALL)
-    second = train.train_and_evaluate(again)
+    again = parse_run(f"--flagfile={tmp_path}/a/flags.cfg", f"--run_dir={tmp_path}/b")
+    assert again == parse_run(f"--flagfile={config}", f"--run_dir={tmp_path}/b",
+                              "--noexport", "--epochs=1", "--steps_per_epoch=2",
+                              "--verbose=0", *SMALL)
+    second = train.train_and_evaluate(*again)
     assert first["per_class"] == second["per_class"]
     # A finished run is never trained over.
     before = (tmp_path / "b" / "best.keras").stat().st_mtime_ns
     with pytest.raises(train.RunError, match="holds a finished run"):
-        train.train_and_evaluate(again)
+        train.train_and_evaluate(*again)
     assert (tmp_path / "b" / "best.keras").stat().st_mtime_ns == before
+
+
+# The options a resumed run may change (how it runs, not what it trains), and
+# values other than their defaults.
+RESUME_MAY_CHANGE = {"run_dir": "elsewhere", "allow_foreign_run_dir": True,
+                     "allow_foreign_export_dir": True, "verbose": 0,
+                     "allow_changed_flags": True, "cluster_timeout": 7,
+                     "memory_limit_gb": 3.0}
+
+
+def test_resume_compares_hyperparameters_and_the_export_place(tmp_path):
+    config, options = parse_run(f"--run_dir={tmp_path}", "--model_name=m")
+    state = train.open_run(config, options, str(tmp_path))
+    for name, value in RESUME_MAY_CHANGE.items():
+        assert train.open_run(config, options.replace(**{name: value}),
+                              str(tmp_path)) == state, name
+    assert ({field.name for field in dataclasses.fields(config_lib.RunOptions)}
+            == set(RESUME_MAY_CHANGE) | {"export_dir", "model_name"})
+    for flag, value in (("momentum", 0.8), ("epochs", 3), ("xla", "true")):
+        changed = parse_run(f"--run_dir={tmp_path}", "--model_name=m", f"--{flag}={value}")
+        with pytest.raises(train.RunError, match=rf"--{flag}: \S+ in the run, \S+ now"):
+            train.open_run(*changed, str(tmp_path))
+    for flag in ("--export_dir=other", "--model_name=other"):
+        with pytest.raises(train.RunError, match=flag.split("=")[0]):
+            train.open_run(*parse_run(f"--run_dir={tmp_path}", "--model_name=m", flag),
+                           str(tmp_path))
+
+
+# Imports the driver, prints the flags a module of nbn_keras defined (absl
+# records the module calling DEFINE_*), then runs the command as
+# `python -m nbn_keras.train` does, with the script's arguments.
+FLAGS_SCRIPT = """
+import json, runpy, sys
+from absl import flags
+import nbn_keras.training.driver
+print("defined:", json.dumps(sorted(flag.name for module, defined in
+                        flags.FLAGS.flags_by_module_dict().items()
+                        if module.startswith("nbn_keras") for flag in defined)),
+      file=sys.stderr)
+runpy.run_module("nbn_keras.train", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def command_flags():
+    """Flags an import of the driver defines, and `--helpfull` of the command."""
+    helped = subprocess.run([sys.executable, "-c", FLAGS_SCRIPT, "--helpfull"],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    printed = next(line for line in helped.stderr.splitlines() if line.startswith("defined:"))
+    return json.loads(printed.split(":", 1)[1]), helped
+
+
+@pytest.mark.slow
+def test_importing_the_driver_defines_no_flag(command_flags):
+    defined, _ = command_flags
+    assert defined == []
+
+
+@pytest.mark.slow
+def test_the_command_lists_every_flag(command_flags):
+    _, helped = command_flags
+    listed = set(re.findall(r"^  --(?:\[no\])?(\w+):", helped.stdout, re.M))
+    fields = {field.name for cls in (config_lib.TrainConfig, config_lib.RunOptions)
+              for field in dataclasses.fields(cls)}
+    assert fields and fields <= listed, sorted(fields - listed)
 
 
 def run_command(*argv, env=None, timeout=300):
@@ -475,7 +548,7 @@ if sys.argv[1] == "2":
         cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 from absl import app
 from nbn_keras.training import config as config_lib
-from nbn_keras.training import driver as train
+from nbn_keras import train
 from tests.helpers import jpeg_cut_after_scan_header
 from tests.test_data_fashion_mnist import write_fashion_mnist
 app.run(train.main, argv=["train"] + sys.argv[2:])

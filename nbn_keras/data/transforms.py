@@ -33,6 +33,8 @@ which turns any such failure into an error naming the file, and
 `nbn_keras.data.list_files.find_undecodable` finds all such files up front.
 """
 
+import re
+
 import numpy as np
 import tensorflow as tf
 
@@ -89,6 +91,38 @@ def _filler(spec):
         return tf.zeros(shape, tensor_spec.dtype)
 
     return tf.nest.map_structure(zeros, spec)
+
+
+UNREADABLE_IMAGE = "Cannot read or decode image file "
+
+
+class UnreadableImageError(ValueError):
+    """An image file that cannot be read or decoded; the message names it."""
+
+
+def unreadable_image_error(error):
+    """The file `map_image_files` failed on, from the error TensorFlow raised.
+
+    Args:
+        error: A `tf.errors.InvalidArgumentError` from iterating a dataset.
+
+    Returns:
+        An `UnreadableImageError` whose message names the file (without
+        TensorFlow's wrapping), or `None` for any other error.
+
+    Example:
+
+    >>> try:
+    ...     model.fit(train_dataset)
+    ... except tf.errors.InvalidArgumentError as error:
+    ...     raise unreadable_image_error(error) or error
+    """
+    # The assertion's message reaches the error inside TensorFlow's text:
+    # "assertion failed: [<message>]", quotes escaped.
+    found = re.search(rf"({re.escape(UNREADABLE_IMAGE)}.*?)\]?$", error.message, re.M)
+    if found is None:
+        return None
+    return UnreadableImageError(found.group(1).replace("\\'", "'"))
 
 
 def map_image_files(indices, paths, fn, num_parallel_calls=tf.data.AUTOTUNE):
@@ -150,7 +184,7 @@ def map_image_files(indices, paths, fn, num_parallel_calls=tf.data.AUTOTUNE):
     def check(expected, item):
         position, index, previous, element = item
         message = tf.strings.join([
-            "Cannot read or decode image file ", paths[tf.maximum(previous, 0)],
+            UNREADABLE_IMAGE, paths[tf.maximum(previous, 0)],
             " (the decoder's own message is in the TensorFlow log). "
             "nbn_keras.data.list_files.find_undecodable lists every such file; "
             "on_bad_image='skip' drops them.",

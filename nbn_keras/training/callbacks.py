@@ -9,11 +9,39 @@ import os
 import keras
 import numpy as np
 
+from nbn_keras.training import losses
 from nbn_keras.training import run_files
 from nbn_keras.conversion import leaf_layers
 from nbn_keras.conversion import select_bn_layers
 from nbn_keras.layers import NBNScale
 from nbn_keras.layers import NormalizedBatchNormalization
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training reached a NaN or infinite loss."""
+
+
+class TerminateOnNonFiniteLoss(keras.callbacks.Callback):
+    """Raises `NonFiniteLoss` at the first batch whose loss is NaN or infinite.
+
+    Keras' `TerminateOnNaN(raise_error=True)` does the same with a plain
+    `RuntimeError`; its own type lets a caller catch this error only.
+    Raising (rather than stopping) skips the epoch-end checkpoint, so the
+    last good one survives.
+
+    Example:
+
+    >>> try:
+    ...     model.fit(x, y, callbacks=[TerminateOnNonFiniteLoss()])
+    ... except NonFiniteLoss as error:
+    ...     print(error)
+    """
+
+    def on_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise NonFiniteLoss(f"NaN or Inf loss encountered at batch {batch}. Loss value: "
+                                f"{loss}. Terminating training immediately.")
 
 
 def scale_variables(model):
@@ -311,3 +339,31 @@ class NBNDynamicsLogger(keras.callbacks.Callback):
         record["epochs"] = [e for e in record["epochs"] if e["epoch"] < epoch] + [entry]
         record["final"] = _vectors(self._layers)
         run_files.write_json(self.path, record)
+
+
+def for_run(config, run_dir, checkpoint):
+    """The callbacks of a training run, in the order they must run.
+
+    Args:
+        config: A `nbn_keras.training.config.TrainConfig` (`nbn_dynamics`, `loss`).
+        run_dir: The run's directory (TensorBoard logs, `nbn_dynamics.json`).
+        checkpoint: The run's `RunCheckpoint`, already restored.
+
+    Returns:
+        A list of `keras.callbacks.Callback`.
+
+    Example:
+
+    >>> checkpoint = RunCheckpoint("runs/x", monitor="val_top1")
+    >>> model.fit(..., callbacks=for_run(config, "runs/x", checkpoint))
+    """
+    callbacks = [
+        TerminateOnNonFiniteLoss(),
+        NBNScaleLogger(),
+        LearningRateLogger(),
+        checkpoint,
+        keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard")),
+    ]
+    if config.nbn_dynamics:  # First: it reads the weights each step begins with.
+        callbacks.insert(0, NBNDynamicsLogger(os.path.join(run_dir, DYNAMICS_FILENAME)))
+    return callbacks + losses.callbacks_for(config.loss)

@@ -1,11 +1,14 @@
-"""The training run's configuration: one dataclass, its flags and its checks.
+"""The training run's configuration: its hyperparameters, its options, their flags.
 
-`TrainConfig` is the single description of a run. Its fields define the
-command-line flags of `python -m nbn_keras.train` (`define_flags`), are read
-back from parsed flags (`from_flags`) or from a run's `flags.cfg`
-(`from_flagfile`), and are checked together (`validate`) before the run
-writes anything. Only `main` touches absl's global flags; every phase of the
-driver takes a `TrainConfig`.
+`TrainConfig` holds the hyperparameters, everything a run's result depends
+on; `RunOptions` holds where the run lives (`run_dir`, `export_dir`) and
+how it runs (`verbose`, the `allow_*` overrides, limits). Their fields define
+the command-line flags of `python -m nbn_keras.train` (`define_flags`), are
+read back from parsed flags (`from_flags`, `options_from_flags`) or from a
+run's `flags.cfg` (`from_flagfile`), written as one flagfile
+(`to_flagfile`), compared on resume (`changed_fields`) and checked together
+(`validate`) before the run writes anything. Only the command modules touch
+absl's global flags.
 """
 
 import dataclasses
@@ -55,15 +58,18 @@ class _NumberListParser(flags.ArgumentParser):
         return f"comma-separated {self.number_type.__name__} list"
 
 
-def _field(default, help_text, kind, choices=None, resume_may_change=False):
+def _field(default, help_text, kind, choices=None, kept_on_resume=True):
     return dataclasses.field(default=default, metadata={
         "help": help_text, "kind": kind, "choices": choices,
-        "resume_may_change": resume_may_change})
+        "kept_on_resume": kept_on_resume})
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Everything a training run depends on (see `--helpfull` for each field)."""
+    """The hyperparameters: what a run trains, and what it writes (see `--helpfull`).
+
+    A resumed run must have the same ones (`changed_fields`).
+    """
 
     # Data.
     data: str = _field("digits_lt", "Long-tailed data set.", "enum",
@@ -217,43 +223,62 @@ class TrainConfig:
         "ceil(N' / global batch) steps, N' the training images rounded up to a multiple of "
         "the replicas; off: floor(N / global batch) complete batches.", "bool")
     seed: int = _field(0, "Seed of initialisation, sampling and augmentation.", "int")
-    memory_limit_gb: Optional[float] = _field(
-        None, "Refuse a run whose training activations (estimated from the network's "
-        "layer outputs x --global_batch_size) need more memory than this, in GB "
-        "(default: this machine's memory; not checked on GPUs).", "float",
-        resume_may_change=True)
-
     # Execution.
     mixed_precision: str = _field("none", "Mixed-precision compute dtype.", "enum",
                                   ("none", "float16", "bfloat16"))
     xla: bool = _field(False, "XLA-compile the training step (single device only).", "bool")
-    run_dir: str = _field("runs/default", "Directory of the run's files.", "string",
-                          resume_may_change=True)
-    allow_foreign_run_dir: bool = _field(
-        False, "Use a --run_dir that holds files but no run of this project (they may "
-        "be overwritten).", "bool", resume_may_change=True)
-    export_dir: str = _field("saved_models", "TF Serving base directory of the export.",
-                             "string")
-    model_name: Optional[str] = _field(None, "Name of the served model (default: the run "
-                                       "directory's name).", "string")
     export: bool = _field(True, "Export a SavedModel for TF Serving at the end.", "bool")
-    allow_foreign_export_dir: bool = _field(
-        False, "Export although <export_dir>/<model_name> holds entries other than "
-        "model versions.", "bool", resume_may_change=True)
     max_image_pixels: int = _field(
         4096 * 4096, "Largest height * width the export's `serve_image_bytes` decodes "
         "(read from the image header; larger images are refused).", "int")
-    verbose: int = _field(1, "Keras progress output: 0, 1 (bar) or 2.", "int",
-                          resume_may_change=True)
     pictures: bool = _field(True, "Write pictures of the trained model (BN magnitudes, "
                             "per-class accuracy, Grad-CAM) to <run_dir>/pictures and "
                             "TensorBoard.", "bool")
-    allow_changed_flags: bool = _field(
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+def _option(default, help_text, kind, kept_on_resume=False):
+    return _field(default, help_text, kind, kept_on_resume=kept_on_resume)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """Where a run lives and how it runs, apart from its hyperparameters.
+
+    A resumed run may change every option but where its export goes
+    (`export_dir`, `model_name`), which is checked like a hyperparameter.
+
+    Example:
+
+    >>> options = RunOptions(run_dir="runs/digits", export_dir="saved_models")
+    >>> options.served_model_name
+    'digits'
+    """
+
+    run_dir: str = _option("runs/default", "Directory of the run's files.", "string")
+    allow_foreign_run_dir: bool = _option(
+        False, "Use a --run_dir that holds files but no run of this project (they may "
+        "be overwritten).", "bool")
+    export_dir: str = _option("saved_models", "TF Serving base directory of the export.",
+                              "string", kept_on_resume=True)
+    model_name: Optional[str] = _option(None, "Name of the served model (default: the run "
+                                        "directory's name).", "string", kept_on_resume=True)
+    allow_foreign_export_dir: bool = _option(
+        False, "Export although <export_dir>/<model_name> holds entries other than "
+        "model versions.", "bool")
+    verbose: int = _option(1, "Keras progress output: 0, 1 (bar) or 2.", "int")
+    allow_changed_flags: bool = _option(
         False, "Resume a run although flags differ from its flags.cfg (which is kept "
-        "as it is).", "bool", resume_may_change=True)
-    cluster_timeout: int = _field(
+        "as it is).", "bool")
+    cluster_timeout: int = _option(
         300, "Seconds a worker of a TF_CONFIG cluster waits for its peers before it "
-        "stops with an error naming their addresses.", "int", resume_may_change=True)
+        "stops with an error naming their addresses.", "int")
+    memory_limit_gb: Optional[float] = _option(
+        None, "Refuse a run whose training activations (estimated from the network's "
+        "layer outputs x --global_batch_size) need more memory than this, in GB "
+        "(default: this machine's memory; not checked on GPUs).", "float")
 
     @property
     def served_model_name(self):
@@ -261,6 +286,9 @@ class TrainConfig:
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
+
+
+_CLASSES = (TrainConfig, RunOptions)
 
 
 _DEFINE = {
@@ -271,9 +299,24 @@ _DEFINE = {
 }
 
 
-def define_flags(flag_values=flags.FLAGS):
-    """Defines one absl flag per `TrainConfig` field in `flag_values`."""
-    for field in dataclasses.fields(TrainConfig):
+def _all_fields():
+    return [field for cls in _CLASSES for field in dataclasses.fields(cls)]
+
+
+def define_flags(flag_values):
+    """Defines one absl flag per `TrainConfig` and `RunOptions` field in `flag_values`.
+
+    Args:
+        flag_values: The `absl.flags.FlagValues` to define them in
+            (`absl.flags.FLAGS` for a command).
+
+    Example:
+
+    >>> flag_values = flags.FlagValues()
+    >>> define_flags(flag_values)
+    >>> flag_values(["train", "--epochs=2", "--run_dir=/tmp/run"])
+    """
+    for field in _all_fields():
         meta = field.metadata
         kind, default = meta["kind"], field.default
         if kind == "enum":
@@ -288,86 +331,129 @@ def define_flags(flag_values=flags.FLAGS):
             _DEFINE[kind](field.name, default, meta["help"], flag_values=flag_values)
 
 
-def from_flags(flag_values=flags.FLAGS):
-    """The `TrainConfig` of parsed flags."""
+def from_flags(flag_values, cls=TrainConfig):
+    """The `TrainConfig` (or, with `cls=RunOptions`, the options) of parsed flags."""
     values = {}
-    for field in dataclasses.fields(TrainConfig):
+    for field in dataclasses.fields(cls):
         value = flag_values[field.name].value
         values[field.name] = tuple(value) if isinstance(value, list) else value
-    return TrainConfig(**values)
+    return cls(**values)
 
 
-def from_flagfile(path):
-    """The `TrainConfig` a flagfile (such as a run's `flags.cfg`) describes."""
+def options_from_flags(flag_values):
+    """The `RunOptions` of parsed flags."""
+    return from_flags(flag_values, RunOptions)
+
+
+def from_flagfile(path, cls=TrainConfig):
+    """The `TrainConfig` (or `RunOptions`) a flagfile such as a run's `flags.cfg` describes."""
     flag_values = flags.FlagValues()
     define_flags(flag_values)
     flag_values(["train", f"--flagfile={path}"])
-    return from_flags(flag_values)
+    return from_flags(flag_values, cls)
 
 
-def to_flagfile(config):
-    """`config` as flagfile text: every field, one `--flag=value` per line."""
+def to_flagfile(config, options):
+    """`config` and `options` as flagfile text: every field, one `--flag=value` per line."""
     flag_values = flags.FlagValues()
     define_flags(flag_values)
     lines = []
-    for field in dataclasses.fields(TrainConfig):
-        flag = flag_values[field.name]
-        value = getattr(config, field.name)
-        flag.value = list(value) if isinstance(value, tuple) else value
-        if value is not None:
-            lines.append(flag.serialize())
+    for instance in (config, options):
+        for field in dataclasses.fields(instance):
+            flag = flag_values[field.name]
+            value = getattr(instance, field.name)
+            flag.value = list(value) if isinstance(value, tuple) else value
+            if value is not None:
+                lines.append(flag.serialize())
     return "\n".join(lines) + "\n"
 
 
 def changed_fields(saved, current):
-    """Names of the fields that differ and matter on resume, with both values."""
+    """The fields a resumed run must keep that differ, with both values.
+
+    Args:
+        saved: The `TrainConfig` or `RunOptions` a run was started with.
+        current: The same class, now.
+
+    Returns:
+        `[(name, saved_value, current_value)]`: every differing hyperparameter,
+        and the options marked `kept_on_resume`.
+    """
     return [
         (field.name, getattr(saved, field.name), getattr(current, field.name))
-        for field in dataclasses.fields(TrainConfig)
-        if not field.metadata["resume_may_change"]
+        for field in dataclasses.fields(current)
+        if field.metadata["kept_on_resume"]
         and getattr(saved, field.name) != getattr(current, field.name)
     ]
 
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_POSITIVE = ("n_max", "image_size", "num_classes", "max_image_pixels", "epochs",
+             "global_batch_size", "base_lr", "learning_rate", "steps_per_epoch",
+             "ride_experts", "cosine_t_max", "fashion_mnist_val_per_class",
+             "samples_per_class", "hcm_n", "memory_limit_gb", "cluster_timeout")
+_NON_NEGATIVE = ("momentum", "weight_decay", "warmup_epochs", "drw_epoch", "logit_adjust_tau",
+                 "nbn_beta_init_std")
 
 
-def validate(config):
-    """Checks `config` as a whole; raises `ConfigError` naming every problem.
+def validate(config, options=None):
+    """Checks `config` (and `options`) as a whole; raises `ConfigError` naming every problem.
 
     Runs before the run writes anything: numbers finite and in range, files
     and directories that must exist, names usable as paths, the run and
     export directories writable.
+
+    Args:
+        config: A `TrainConfig`.
+        options: The run's `RunOptions`; `None` checks the hyperparameters only.
+
+    Raises:
+        ConfigError: One message listing every problem found.
     """
+    instances = (config,) if options is None else (config, options)
+    problems = _number_problems(instances)
+    problems += _data_problems(config) + _model_problems(config)
+    if options is not None:
+        problems += _place_problems(config, options)
+    problems += _recipe_problems(config)
+    if problems:
+        raise ConfigError(" ".join(problems))
+
+
+def _number_problems(instances):
+    """Numbers that are not finite or out of range."""
     problems = []
-    for field in dataclasses.fields(TrainConfig):
-        value = getattr(config, field.name)
-        numbers = value if isinstance(value, tuple) else (value,)
-        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
-            problems.append(f"--{field.name}={value} is not a finite number.")
-    positive = ("n_max", "image_size", "num_classes", "max_image_pixels", "epochs",
-                "global_batch_size", "base_lr", "learning_rate", "steps_per_epoch",
-                "ride_experts", "cosine_t_max", "fashion_mnist_val_per_class",
-                "samples_per_class", "hcm_n", "memory_limit_gb", "cluster_timeout")
-    for name in positive:
-        value = getattr(config, name)
+    values = {}
+    for instance in instances:
+        for field in dataclasses.fields(instance):
+            value = values[field.name] = getattr(instance, field.name)
+            numbers = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                problems.append(f"--{field.name}={value} is not a finite number.")
+    for name in _POSITIVE:
+        value = values.get(name)
         if value is not None and not value > 0:
             problems.append(f"--{name} must be positive (got {value}).")
-    for name in ("momentum", "weight_decay", "warmup_epochs", "drw_epoch", "logit_adjust_tau",
-                 "nbn_beta_init_std"):
-        if not getattr(config, name) >= 0:
-            problems.append(f"--{name} must be >= 0 (got {getattr(config, name)}).")
+    for name in _NON_NEGATIVE:
+        if not values[name] >= 0:
+            problems.append(f"--{name} must be >= 0 (got {values[name]}).")
     for name in ("seed", "data_seed"):
-        if not 0 <= getattr(config, name) < 2**32:
-            problems.append(f"--{name} must be in [0, 2**32) (got {getattr(config, name)}).")
+        if not 0 <= values[name] < 2**32:
+            problems.append(f"--{name} must be in [0, 2**32) (got {values[name]}).")
+    if not values["momentum"] < 1:
+        problems.append(f"--momentum must be < 1 (got {values['momentum']}).")
+    return problems
+
+
+def _data_problems(config):
+    """Data and schedule flags that cannot work together or name missing files."""
+    problems = []
     smallest = min_image_size(config.backbone)
     if config.image_size and config.image_size < smallest:
         problems.append(
             f"--image_size={config.image_size} is smaller than {smallest}, the smallest "
             f"input of --backbone={config.backbone} (its total stride: at {smallest}x"
             f"{smallest} its last stage is 1x1).")
-    if not config.momentum < 1:
-        problems.append(f"--momentum must be < 1 (got {config.momentum}).")
     if not config.imbalance_factor >= 1:
         problems.append("--imbalance_factor must be >= 1 (largest / smallest class size).")
     if not 0 <= config.few_threshold <= config.many_threshold:
@@ -393,6 +479,12 @@ def validate(config):
     if config.image_size and config.data == "fashion_mnist_lt":
         problems.append("--image_size is not supported for --data=fashion_mnist_lt (28x28; "
                         "--fashion_mnist_padded gives 32x32).")
+    return problems
+
+
+def _model_problems(config):
+    """Model-start flags that cannot work."""
+    problems = []
     if config.init_from and not os.path.isfile(config.init_from):
         problems.append(f"--init_from does not exist: {config.init_from}")
     if config.train_only_head and config.nbn and config.nbn_scale_sharing != "model":
@@ -401,18 +493,29 @@ def validate(config):
     if config.image_size and data_lib.uses_tfds(config.data):
         problems.append(f"--image_size is not supported for --data={config.data} "
                         "(its images are 32x32).")
-    if config.export and not _MODEL_NAME.match(config.served_model_name):
+    return problems
+
+
+def _place_problems(config, options):
+    """Run and export directories that cannot be written or hold others' files."""
+    problems = []
+    if config.export and not _MODEL_NAME.match(options.served_model_name):
         problems.append(
-            f"--model_name={config.served_model_name!r} is not usable as a directory "
+            f"--model_name={options.served_model_name!r} is not usable as a directory "
             "name (letters, digits, '_', '-', '.'; not starting with '.').")
-    directories = [("run_dir", config.run_dir)]
+    directories = [("run_dir", options.run_dir)]
     if config.export:
-        directories.append(("export_dir", config.export_dir))
+        directories.append(("export_dir", options.export_dir))
     for name, path in directories:
         problem = _not_writable(path)
         if problem:
             problems.append(f"--{name}={path}: {problem}")
-    problems += _foreign_files(config)
+    return problems + _foreign_files(config, options)
+
+
+def _recipe_problems(config):
+    """Schedule, loss and selection flags that do not fit the rest."""
+    problems = []
     if config.schedule == "cosine_annealing" and config.warmup_epochs:
         problems.append("--schedule=cosine_annealing has no warmup: set --warmup_epochs=0.")
     problems += _family_problems(config)
@@ -434,23 +537,23 @@ def _family_problems(config):
     return problems
 
 
-def _foreign_files(config):
+def _foreign_files(config, options):
     """Problems of run and export directories holding files that are not ours."""
     problems = []
-    foreign = run_files.foreign_entries(config.run_dir)
-    if foreign and not config.allow_foreign_run_dir:
+    foreign = run_files.foreign_entries(options.run_dir)
+    if foreign and not options.allow_foreign_run_dir:
         listed = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
         problems.append(
-            f"--run_dir={config.run_dir} holds no run of this project but {len(foreign)} "
+            f"--run_dir={options.run_dir} holds no run of this project but {len(foreign)} "
             f"other entr{'y' if len(foreign) == 1 else 'ies'} ({listed}); a run would "
             "overwrite them. Choose an empty or new "
             "--run_dir, or pass --allow_foreign_run_dir to use it anyway.")
-    if config.export and not config.allow_foreign_export_dir and _MODEL_NAME.match(
-            config.served_model_name):
-        model_dir = os.path.join(config.export_dir, config.served_model_name)
+    if config.export and not options.allow_foreign_export_dir and _MODEL_NAME.match(
+            options.served_model_name):
+        model_dir = os.path.join(options.export_dir, options.served_model_name)
         message = versions.foreign_model_dir_error(model_dir, "--allow_foreign_export_dir")
         if message:
-            problems.append(f"--export_dir={config.export_dir}: {message}")
+            problems.append(f"--export_dir={options.export_dir}: {message}")
     return problems
 
 

@@ -1,58 +1,43 @@
-r"""Trains a long-tailed classifier, with or without NBN, and exports it.
+r"""The training run's phases: `train_and_evaluate(config, options)`.
 
-Usage:
-
-    python -m nbn_keras.train --flagfile=configs/digits_lt_nbn.cfg \
-        [--flag=value ...]
-
-A run goes through phases recorded in `<run_dir>/run_state.json`: `train`
-(epochs, each ending in an atomic checkpoint), `select` (`model.keras` from
-the best validation epoch), `evaluate` (`test_metrics.json` and pictures),
-`export` (a SavedModel for TF Serving) and `done`. Every file is written
-atomically, so a run killed at any instant is completed by running the same
-command again: it resumes the phase it stopped in, training from the last
-completed epoch with exactly the batches the uninterrupted run would have
-seen. One process at a time may use a run directory, and a resumed run must
-have the flags in its `flags.cfg` (`--allow_changed_flags` overrides).
-Everything that can refuse a run is checked before its first file, and
-SIGINT or SIGTERM end it at once with one line (status 130 or 143).
+`python -m nbn_keras.train` (the command, its flags) calls it. A run goes
+through phases recorded in `<run_dir>/run_state.json`: `train` (epochs,
+each ending in an atomic checkpoint), `select` (`model.keras` from the best
+validation epoch), `evaluate` (`test_metrics.json` and pictures), `export`
+(a SavedModel for TF Serving) and `done`. Every file is written atomically,
+so a run killed at any instant is completed by running the same command
+again: it resumes the phase it stopped in, training from the last completed
+epoch with exactly the batches the uninterrupted run would have seen. One
+process at a time may use a run directory, and a resumed run must have the
+hyperparameters in its `flags.cfg` (`allow_changed_flags` overrides).
+Everything that can refuse a run is checked before its first file.
 """
 
 import os
-import re
 import shutil
-import sys
 import uuid
 
 import keras
 import tensorflow as tf
-from absl import app
-from absl import flags
 from absl import logging
 
-from nbn_keras.models import registry as backbones
-from nbn_keras.training import callbacks as nbn_callbacks
-from nbn_keras.training import config as config_lib
 from nbn_keras import data as data_lib
-from nbn_keras.training import distribute
-from nbn_keras.training import finetune
 from nbn_keras import graph
-from nbn_keras import interrupts
-from nbn_keras.training import losses
-from nbn_keras.training import metrics
 from nbn_keras.analysis import plots
 from nbn_keras.analysis import report
-from nbn_keras.models.ride import loss as ride_loss
-from nbn_keras.training import run_files
-from nbn_keras.training import schedules
-from nbn_keras.models.registry import build_classifier
 from nbn_keras.conversion import GENERIC_SELECTIONS
 from nbn_keras.conversion import convert_to_nbn
+from nbn_keras.models import registry
+from nbn_keras.models.registry import build_classifier
 from nbn_keras.serving.export import export_for_serving
-from nbn_keras.training.optimizers import CoupledSGD
-
-config_lib.define_flags()
-FLAGS = flags.FLAGS
+from nbn_keras.training import callbacks as nbn_callbacks
+from nbn_keras.training import config as config_lib
+from nbn_keras.training import distribute
+from nbn_keras.training import finetune
+from nbn_keras.training import losses
+from nbn_keras.training import metrics
+from nbn_keras.training import optimizers
+from nbn_keras.training import run_files
 
 PHASES = ("train", "select", "evaluate", "export", "done")
 STATE_FILENAME = run_files.STATE_FILENAME
@@ -63,61 +48,36 @@ class RunError(RuntimeError):
     """A run that cannot go on; the message says why and what to do."""
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    interrupts.exit_on_signals("the run's files are kept; run the same command again "
-                               "to resume it.")
-    if FLAGS["verbosity"].using_default_value:
-        # TensorFlow's INFO lines (strategy, saving, export) drown what the
-        # run prints.
-        logging.set_verbosity(logging.WARNING)
-        tf.get_logger().setLevel("WARNING")
-    try:
-        train_and_evaluate(config_lib.from_flags(FLAGS))
-    except (ValueError, FileNotFoundError, RunError, run_files.RunDirectoryLocked) as error:
-        # Bad options or data found once loading starts: one clear line
-        # (the traceback with --verbosity=1).
-        logging.debug("Traceback:", exc_info=True)
-        print(f"Error: {error}", file=sys.stderr)
-        return 1
-    except tf.errors.InvalidArgumentError as error:
-        # An image that fails to decode during training: the assertion of
-        # `transforms.map_image_files` names it, inside TF's wrapping.
-        found = re.search(r"(Cannot read or decode image file .*?)\]?$", error.message, re.M)
-        if not found:
-            raise
-        print(f"Error: {found.group(1)}".replace("\\'", "'"), file=sys.stderr)
-        return 1
-    except OSError as error:  # Read-only or full disk: name the path.
-        logging.debug("Traceback:", exc_info=True)
-        where = f": {error.filename}" if error.filename else ""
-        print(f"Error: {error.strerror or error}{where}. The last complete checkpoint "
-              "is kept; run the same command again once this is fixed.", file=sys.stderr)
-        return 1
-    return 0
-
-
-def train_and_evaluate(config):
+def train_and_evaluate(config, options):
     """Runs, or resumes, every phase of a run; returns the test figures.
 
     Args:
-        config: A `nbn_keras.training.config.TrainConfig`.
+        config: The run's hyperparameters, a `nbn_keras.training.config.TrainConfig`.
+        options: Where and how it runs, a `nbn_keras.training.config.RunOptions`
+            (`run_dir`, `export_dir`, `verbose`, ...).
 
     Returns:
         The test figures (`report.evaluate`), or `None` on a non-chief worker.
+
+    Raises:
+        ConfigError: Options that cannot run, before the run's first file.
+        RunError: A run directory holding another or a finished run, or
+            training stopped by a NaN loss.
+        RunDirectoryLocked: Another process uses the run directory.
+
+    Example:
+
+    >>> flag_values = flags.FlagValues()
+    >>> config_lib.define_flags(flag_values)
+    >>> flag_values(["train", "--flagfile=configs/digits_lt_nbn.cfg"])
+    >>> figures = train_and_evaluate(config_lib.from_flags(flag_values),
+    ...                              config_lib.options_from_flags(flag_values))
     """
-    config_lib.validate(config)
+    config_lib.validate(config, options)
     # Everything that can refuse the run happens before its first file.
-    strategy = distribute.make_strategy(
-        single_device=config.xla, cluster_timeout=config.cluster_timeout)
-    replicas = strategy.num_replicas_in_sync
-    if config.global_batch_size % replicas:
-        raise config_lib.ConfigError(
-            f"--global_batch_size={config.global_batch_size} is not divisible by the "
-            f"{replicas} replicas.")
+    strategy = make_strategy(config, options)
     chief = distribute.is_chief(strategy)
-    run_dir = config.run_dir if chief else distribute.worker_dir(config.run_dir, strategy)
+    run_dir = options.run_dir if chief else distribute.worker_dir(options.run_dir, strategy)
     # Phases only advance, so the phase read here before taking the lock
     # needs the data whenever the phase found under the lock does.
     phase = run_files.read_json(os.path.join(run_dir, STATE_FILENAME), {}).get(
@@ -126,45 +86,73 @@ def train_and_evaluate(config):
         keras.mixed_precision.set_global_policy(f"mixed_{config.mixed_precision}")
     keras.utils.set_random_seed(config.seed)
     data = load_data(config) if phase in PHASES[:3] else None
-    model = build_training_model(config, data, strategy) if phase == "train" else None
+    model = (build_training_model(config, data, strategy, options.memory_limit_gb)
+             if phase == "train" else None)
     os.makedirs(run_dir, exist_ok=True)
     with run_files.RunLock(run_dir):
-        state = open_run(config, run_dir)
+        state = open_run(config, options, run_dir)
         if state["phase"] == "train":
-            data.write_subset(run_dir)
-            print(f"{data.name}: {len(data.train_split)} training images in "
-                  f"{data.num_classes} classes, {epoch_steps(config, data, replicas)} steps per "
-                  f"epoch, {replicas} replica(s); run directory {run_dir}", flush=True)
-            steps_trained = train(config, data, strategy, run_dir, model)
+            steps_trained = train_phase(config, data, strategy, run_dir, model, options.verbose)
             if not chief:
                 return None  # The chief selects, reports and exports.
             state = advance(run_dir, state, "select", steps_trained=steps_trained)
-        if state["phase"] == "select":
-            select_model(run_dir)
-            state = advance(run_dir, state, "evaluate")
-        if state["phase"] == "evaluate":
-            evaluate(config, data, run_dir, state["steps_trained"])
-            state = advance(run_dir, state, "export")
-        if state["phase"] == "export":
-            path = export(config, run_dir, state) if config.export else None
-            run_files.kill_point("exported")
-            state = advance(run_dir, state, "done", export_path=path)
+        state = finish(config, options, data, run_dir, state)
         shutil.rmtree(os.path.join(run_dir, "backup"), ignore_errors=True)
     return run_files.read_json(os.path.join(run_dir, report.FIGURES_FILENAME))
 
 
-def open_run(config, run_dir):
+def make_strategy(config, options):
+    """The run's distribution strategy, once the global batch fits its replicas."""
+    strategy = distribute.make_strategy(
+        single_device=config.xla, cluster_timeout=options.cluster_timeout)
+    replicas = strategy.num_replicas_in_sync
+    if config.global_batch_size % replicas:
+        raise config_lib.ConfigError(
+            f"--global_batch_size={config.global_batch_size} is not divisible by the "
+            f"{replicas} replicas.")
+    return strategy
+
+
+def train_phase(config, data, strategy, run_dir, model, verbose):
+    """The `train` phase with its run's summary line; returns the optimizer steps."""
+    replicas = strategy.num_replicas_in_sync
+    data.write_subset(run_dir)
+    print(f"{data.name}: {len(data.train_split)} training images in "
+          f"{data.num_classes} classes, {epoch_steps(config, data, replicas)} steps per "
+          f"epoch, {replicas} replica(s); run directory {run_dir}", flush=True)
+    return train(config, data, strategy, run_dir, model, verbose)
+
+
+def finish(config, options, data, run_dir, state):
+    """The chief's phases after training: select, evaluate, export; returns the state."""
+    if state["phase"] == "select":
+        select_model(run_dir)
+        state = advance(run_dir, state, "evaluate")
+    if state["phase"] == "evaluate":
+        evaluate(config, data, run_dir, state["steps_trained"])
+        state = advance(run_dir, state, "export")
+    if state["phase"] == "export":
+        path = export(config, options, run_dir, state) if config.export else None
+        run_files.kill_point("exported")
+        state = advance(run_dir, state, "done", export_path=path)
+    return state
+
+
+def open_run(config, options, run_dir):
     """Checks the run directory against `config`; returns the run's state.
 
-    A new run gets `flags.cfg` and a state in phase `train`. A run that
-    exists must have been started with the same flags (else `RunError`
-    lists the differences) and must not be finished.
+    A new run gets `flags.cfg` (`config` and `options`) and a state in phase
+    `train`. A run that exists must have been started with the same
+    hyperparameters and export place (else `RunError` lists the
+    differences) and must not be finished.
     """
     flags_path = os.path.join(run_dir, FLAGS_FILENAME)
     state = run_files.read_json(os.path.join(run_dir, STATE_FILENAME))
     if os.path.exists(flags_path):
-        changes = config_lib.changed_fields(config_lib.from_flagfile(flags_path), config)
-        if changes and not config.allow_changed_flags:
+        changes = [change for current in (config, options) for change in
+                   config_lib.changed_fields(
+                       config_lib.from_flagfile(flags_path, type(current)), current)]
+        if changes and not options.allow_changed_flags:
             listed = "; ".join(f"--{name}: {old!r} in the run, {new!r} now"
                                for name, old, new in changes)
             raise RunError(
@@ -174,7 +162,7 @@ def open_run(config, run_dir):
         if changes:
             logging.warning("Resuming with changed flags: %s", changes)
     else:
-        run_files.write_text(flags_path, config_lib.to_flagfile(config))
+        run_files.write_text(flags_path, config_lib.to_flagfile(config, options))
     if state is None:
         state = {"phase": "train", "run_id": uuid.uuid4().hex}
         run_files.write_json(os.path.join(run_dir, STATE_FILENAME), state)
@@ -225,8 +213,18 @@ def load_data(config):
     return data_lib.load(config.data, **options)
 
 
-def build_training_model(config, data, strategy):
+def build_training_model(config, data, strategy, memory_limit_gb=None):
     """The model to train, in `strategy`'s scope, once the batch fits data and memory.
+
+    Args:
+        config: The run's `TrainConfig`.
+        data: The loaded data set.
+        strategy: The run's `tf.distribute.Strategy`.
+        memory_limit_gb: The `--memory_limit_gb` option (`None`: this
+            machine's memory).
+
+    Returns:
+        The built (and converted) model.
 
     Raises:
         ConfigError: `--global_batch_size` exceeds the training images, or
@@ -240,13 +238,13 @@ def build_training_model(config, data, strategy):
             f"training images of --data={config.data}.")
     with strategy.scope():
         model = build_model(config, data)
-    check_memory(config, model, data.image_shape)
+    check_memory(config, model, data.image_shape, memory_limit_gb)
     return model
 
 
-def check_memory(config, model, image_shape):
+def check_memory(config, model, image_shape, memory_limit_gb=None):
     """Refuses a batch whose activations would not fit (`--memory_limit_gb`)."""
-    limit_gb, source = config.memory_limit_gb, "--memory_limit_gb"
+    limit_gb, source = memory_limit_gb, "--memory_limit_gb"
     if limit_gb is None:
         limit_gb, source = machine_memory_gb(), "memory of this machine"
     if limit_gb is None:
@@ -287,11 +285,11 @@ def build_model(config, data):
     model = build_classifier(
         config.backbone, data.num_classes, data.image_shape, mean=data.mean,
         std=data.std, synchronized_bn=config.synchronized_bn, name=config.backbone,
-        ride_options=backbones.config_options(config), head=config.head)
+        ride_options=registry.config_options(config), head=config.head)
     if not config.nbn:
         return model
     selection = config.nbn_selection
-    if selection not in GENERIC_SELECTIONS + tuple(backbones.family_selections()):
+    if selection not in GENERIC_SELECTIONS + tuple(registry.family_selections()):
         selection = [name.strip() for name in selection.split(",")]
     return convert_to_nbn(
         model, selection, stages=list(config.nbn_stages) or None,
@@ -311,62 +309,7 @@ def start_model(config, model):
               "frozen, BN statistics kept.", flush=True)
 
 
-def build_schedule(config, steps_per_epoch):
-    """The run's learning-rate schedule, a function of the step."""
-    lr = config.learning_rate or schedules.scaled_learning_rate(
-        config.base_lr, config.global_batch_size)
-    if config.schedule == "cosine_annealing":
-        return schedules.EpochCosineAnnealing(
-            lr, steps_per_epoch, config.cosine_t_max or config.epochs)
-    if config.schedule in ("cifar_warm_step", "ldam_drw_warm_step"):
-        return schedules.EpochWarmupStepDecay(
-            lr, steps_per_epoch, warmup_epochs=config.warmup_epochs,
-            boundaries=list(config.lr_drop_epochs), factors=list(config.lr_drop_factors),
-            first_epoch=int(config.schedule == "ldam_drw_warm_step"))
-    if config.schedule == "cosine":
-        return schedules.WarmupCosineDecay(
-            lr, total_steps=config.epochs * steps_per_epoch,
-            warmup_steps=config.warmup_epochs * steps_per_epoch)
-    return schedules.WarmupStepDecay(
-        lr, steps_per_epoch, warmup_epochs=config.warmup_epochs,
-        boundaries=list(config.lr_drop_epochs), factors=list(config.lr_drop_factors))
-
-
-def build_optimizer(config, steps_per_epoch):
-    """SGD with the run's schedule and weight decay."""
-    schedule = build_schedule(config, steps_per_epoch)
-    exclude = [] if config.decay_nbn_scale else ["alpha"]
-    if config.weight_decay_mode == "coupled":
-        return CoupledSGD(schedule, momentum=config.momentum,
-                          coupled_weight_decay=config.weight_decay,
-                          exclude_from_coupled_decay=exclude)
-    optimizer = keras.optimizers.SGD(schedule, momentum=config.momentum,
-                                     weight_decay=config.weight_decay)
-    if exclude:
-        optimizer.exclude_from_weight_decay(var_names=exclude)
-    return optimizer
-
-
-def build_loss(config, class_counts):
-    options = {}
-    if config.loss == "logit_adjusted":
-        options["tau"] = config.logit_adjust_tau
-    elif config.loss == "ldam_drw":
-        # The head is a plain linear layer, so margins are subtracted from
-        # unscaled logits, as in the reference code (not s * logits).
-        options.update(drw_start_epoch=config.drw_epoch, scale_logits=False)
-    elif config.loss == "ride":
-        options.update(reweight_epoch=config.ride_reweight_epoch,
-                       diversity_factor=config.ride_diversity_factor,
-                       reweight_factor=config.ride_reweight_factor)
-    elif config.loss == "ride_balanced_softmax":
-        options.update(diversity_factor=config.ride_diversity_factor)
-    elif config.loss == "hcm":
-        options.update(hcm_n=config.hcm_n)
-    return losses.build_loss(config.loss, class_counts, **options)
-
-
-def train(config, data, strategy, run_dir, model):
+def train(config, data, strategy, run_dir, model, verbose=1):
     """The `train` phase: fits `model` from the last checkpoint; returns the optimizer steps.
 
     A loss with a `training_model` method (RIDE's) fits the model it returns,
@@ -375,9 +318,9 @@ def train(config, data, strategy, run_dir, model):
     steps = epoch_steps(config, data, strategy.num_replicas_in_sync)
     with strategy.scope():
         start_model(config, model)
-        loss = build_loss(config, data.class_counts)
+        loss = losses.from_config(config, data.class_counts)
         fitted = loss.training_model(model) if hasattr(loss, "training_model") else model
-        fitted.compile(optimizer=build_optimizer(config, steps), loss=loss,
+        fitted.compile(optimizer=optimizers.from_config(config, steps), loss=loss,
                        metrics=metrics.long_tail_metrics(
                            data.class_counts, config.many_threshold, config.few_threshold),
                        jit_compile=config.xla)
@@ -395,31 +338,14 @@ def train(config, data, strategy, run_dir, model):
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         with strategy.scope():
             distribute.adapt_to_multi_worker(fitted, next(iter(train_ds)))
-    callbacks = [
-        # Raising (rather than stopping) skips the epoch-end checkpoint, so
-        # the last good one survives a NaN loss.
-        keras.callbacks.TerminateOnNaN(raise_error=True),
-        nbn_callbacks.NBNScaleLogger(),
-        nbn_callbacks.LearningRateLogger(),
-        checkpoint,
-        keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard")),
-    ]
-    if config.nbn_dynamics:  # First: it reads the weights each step begins with.
-        callbacks.insert(0, nbn_callbacks.NBNDynamicsLogger(
-            os.path.join(run_dir, nbn_callbacks.DYNAMICS_FILENAME)))
-    if config.loss == "ldam_drw":
-        callbacks.append(losses.DeferredReweighting())
-    if config.loss == "ride":
-        callbacks.append(ride_loss.RIDEEpochHook())
+    callbacks = nbn_callbacks.for_run(config, run_dir, checkpoint)
     try:
         fitted.fit(train_ds, epochs=config.epochs, steps_per_epoch=steps,
                    initial_epoch=initial_epoch, shuffle=False, callbacks=callbacks,
                    validation_data=data_lib.make_eval_dataset(
                        data, "val", config.global_batch_size),
-                   verbose=config.verbose)
-    except RuntimeError as error:
-        if "NaN" not in str(error) and "Inf" not in str(error):
-            raise
+                   verbose=verbose)
+    except nbn_callbacks.NonFiniteLoss as error:
         kept = [os.path.join(run_dir, name) for name in ("backup", "best.keras")
                 if os.path.exists(os.path.join(run_dir, name))]
         raise RunError(
@@ -459,12 +385,12 @@ def evaluate(config, data, run_dir, steps_trained):
     return figures
 
 
-def export(config, run_dir, state):
+def export(config, options, run_dir, state):
     """The `export` phase: the folded model as a new TF Serving version."""
     model = keras.models.load_model(os.path.join(run_dir, "model.keras"), compile=False)
-    path = export_for_serving(model, base_dir=config.export_dir,
-                              model_name=config.served_model_name, run_id=state["run_id"],
+    path = export_for_serving(model, base_dir=options.export_dir,
+                              model_name=options.served_model_name, run_id=state["run_id"],
                               max_image_pixels=config.max_image_pixels,
-                              allow_foreign_files=config.allow_foreign_export_dir)
+                              allow_foreign_files=options.allow_foreign_export_dir)
     print(f"Exported for TF Serving to {path}")
     return path

@@ -402,3 +402,39 @@ def build_loss(name, class_counts=None, **options):
     if class_counts is None:
         raise ValueError(f"Loss '{name}' needs `class_counts`.")
     return classes[name](class_counts, **options)
+
+
+# The options the generic losses take from a `TrainConfig`; a family's
+# losses name theirs (`nbn_keras.models.family.FamilyLoss`).
+_CONFIG_OPTIONS = {
+    "logit_adjusted": lambda config: {"tau": config.logit_adjust_tau},
+    # The head is a plain linear layer, so margins are subtracted from
+    # unscaled logits, as in the reference code (not s * logits).
+    "ldam_drw": lambda config: {"drw_start_epoch": config.drw_epoch, "scale_logits": False},
+    "hcm": lambda config: {"hcm_n": config.hcm_n},
+}
+
+
+def from_config(config, class_counts):
+    """The loss of a training run: `build_loss(config.loss, ...)` with its options.
+
+    Args:
+        config: A `nbn_keras.training.config.TrainConfig`.
+        class_counts: Number of training examples of each class.
+
+    Returns:
+        A `keras.losses.Loss`; `callbacks_for(config.loss)` are the training
+        callbacks it needs.
+    """
+    family_loss = registry.family_losses().get(config.loss)
+    options = (family_loss.options if family_loss else
+               _CONFIG_OPTIONS.get(config.loss, lambda config: {}))(config)
+    return build_loss(config.loss, class_counts, **options)
+
+
+def callbacks_for(loss_name):
+    """The training callbacks loss `loss_name` needs, e.g. `DeferredReweighting`."""
+    if loss_name == "ldam_drw":
+        return [DeferredReweighting()]
+    family_loss = registry.family_losses().get(loss_name)
+    return family_loss.callbacks() if family_loss else []

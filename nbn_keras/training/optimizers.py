@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from nbn_keras.training import schedules
+
 
 @keras.saving.register_keras_serializable(package="nbn_keras")
 class CoupledSGD(keras.optimizers.SGD):
@@ -127,3 +129,32 @@ class CoupledSGD(keras.optimizers.SGD):
             torch_momentum=self.torch_momentum,
         )
         return config
+
+
+def from_config(config, steps_per_epoch):
+    """SGD with a training config's schedule, momentum and weight decay.
+
+    Args:
+        config: A `nbn_keras.training.config.TrainConfig` (`weight_decay_mode`,
+            `weight_decay`, `momentum`, `decay_nbn_scale` and the schedule's
+            fields, see `nbn_keras.training.schedules.from_config`).
+        steps_per_epoch: Optimizer steps per epoch.
+
+    Returns:
+        A `CoupledSGD` (`--weight_decay_mode=coupled`) or a Keras `SGD`.
+
+    Example:
+
+    >>> optimizer = from_config(config_lib.from_flagfile("runs/x/flags.cfg"), 98)
+    """
+    schedule = schedules.from_config(config, steps_per_epoch)
+    exclude = [] if config.decay_nbn_scale else ["alpha"]
+    if config.weight_decay_mode == "coupled":
+        return CoupledSGD(schedule, momentum=config.momentum,
+                          coupled_weight_decay=config.weight_decay,
+                          exclude_from_coupled_decay=exclude)
+    optimizer = keras.optimizers.SGD(schedule, momentum=config.momentum,
+                                     weight_decay=config.weight_decay)
+    if exclude:
+        optimizer.exclude_from_weight_decay(var_names=exclude)
+    return optimizer

@@ -292,3 +292,37 @@ class EpochWarmupStepDecay(keras.optimizers.schedules.LearningRateSchedule):
             "factors": list(self.factors),
             "first_epoch": self.first_epoch,
         }
+
+
+def from_config(config, steps_per_epoch):
+    """The learning-rate schedule a training config names.
+
+    Args:
+        config: A `nbn_keras.training.config.TrainConfig` (`schedule`, `base_lr`
+            or `learning_rate`, `global_batch_size`, `epochs`, `warmup_epochs`,
+            `lr_drop_epochs`, `lr_drop_factors`, `cosine_t_max`).
+        steps_per_epoch: Optimizer steps per epoch.
+
+    Returns:
+        A `keras.optimizers.schedules.LearningRateSchedule`.
+
+    Example:
+
+    >>> schedule = from_config(config_lib.from_flagfile("runs/x/flags.cfg"), 98)
+    """
+    lr = config.learning_rate or scaled_learning_rate(
+        config.base_lr, config.global_batch_size)
+    if config.schedule == "cosine_annealing":
+        return EpochCosineAnnealing(lr, steps_per_epoch, config.cosine_t_max or config.epochs)
+    if config.schedule in ("cifar_warm_step", "ldam_drw_warm_step"):
+        return EpochWarmupStepDecay(
+            lr, steps_per_epoch, warmup_epochs=config.warmup_epochs,
+            boundaries=list(config.lr_drop_epochs), factors=list(config.lr_drop_factors),
+            first_epoch=int(config.schedule == "ldam_drw_warm_step"))
+    if config.schedule == "cosine":
+        return WarmupCosineDecay(
+            lr, total_steps=config.epochs * steps_per_epoch,
+            warmup_steps=config.warmup_epochs * steps_per_epoch)
+    return WarmupStepDecay(
+        lr, steps_per_epoch, warmup_epochs=config.warmup_epochs,
+        boundaries=list(config.lr_drop_epochs), factors=list(config.lr_drop_factors))
