@@ -151,8 +151,9 @@ def tiny_classifier(size=SIZE, channels=3, name="tiny"):
 def users_classifier(name="tiny"):
     """The user's model in the bad-input cases: 12x12 RGB, one NBN, 4 classes.
 
-    Its NBN layer keeps Keras' default name `batch_normalization`, which the
-    `.keras` cases' messages name.
+    Its NBN layer is named `batch_normalization` (Keras' default name for a
+    first BN, given here so that it does not depend on what the process
+    built before), which the `.keras` cases' messages name.
 
     Args:
         name: the model's name.
@@ -167,7 +168,7 @@ def users_classifier(name="tiny"):
     inputs = keras.Input((SIZE, SIZE, 3))
     x = keras.layers.Rescaling(1 / 255)(inputs)
     x = keras.layers.Conv2D(4, 3, padding="same")(x)
-    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.BatchNormalization(name="batch_normalization")(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
     model = keras.Model(inputs, keras.layers.Dense(4)(x), name=name)
     return nbn_keras.convert_to_nbn(model, selection="all")
