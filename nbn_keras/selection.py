@@ -235,6 +235,7 @@ class StageGroupSelection(Selection):
             `separate_scales` are asked for.
         not_found: The error raised when the model has no such layer
             (`{model}` is replaced by the model's name).
+        description: What it converts, in a few words (the `--help` text).
     """
 
     pattern: str
@@ -242,6 +243,7 @@ class StageGroupSelection(Selection):
     name: str
     refusal: str
     not_found: str
+    description: str = ""
 
     def check_options(self, stages, scale_sharing, preserve_outputs):
         if stages is not None or scale_sharing != "model" or preserve_outputs:

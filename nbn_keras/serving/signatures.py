@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from nbn_keras.conversion import fold_nbn
 from nbn_keras.conversion import has_fold_hook
-from nbn_keras.conversion import leaf_layers
+from nbn_keras.graph import leaf_layers
 from nbn_keras.serving import decoding
 
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from nbn_keras.training import losses
 from nbn_keras.training import run_files
-from nbn_keras.conversion import leaf_layers
+from nbn_keras.graph import leaf_layers
 from nbn_keras.conversion import select_bn_layers
 from nbn_keras.layers import NBNScale
 from nbn_keras.layers import NormalizedBatchNormalization

@@ -140,9 +140,10 @@ class TrainConfig:
                        "(Linear_fcbn); 'fcbn_notaffine' = the same BN without gamma and "
                        "beta (Linear_fcbn_notaffine).", "enum", HEADS)
     nbn_selection: str = _field(
-        "paper", "'paper' (last stage: last BN of each block and shortcut BN), 'ride' "
-        "(RIDE backbones: every BN of each expert's last stage, one scale per expert), "
-        "'all', or comma-separated BN layer names.", "string")
+        "paper", "'paper' (last stage: last BN of each block and shortcut BN), 'all', "
+        + "".join(f"'{name}' ({family.name} backbones: {selection.description}), "
+                  for name, (family, selection) in registry.family_selections().items())
+        + "or comma-separated BN layer names.", "string")
     nbn_stages: tuple = _field((), "With --nbn_selection=paper: stage indices to convert "
                                "instead of the last stage.", "int_list")
     nbn_scale_sharing: str = _field("model", "One NBN scale for the model (the paper's) or "

@@ -17,7 +17,7 @@ stops the gradients, so there the statistics move.
 import keras
 
 from nbn_keras import saving
-from nbn_keras.conversion import leaf_layers
+from nbn_keras.graph import leaf_layers
 from nbn_keras.layers import NBNScale
 
 

@@ -221,7 +221,7 @@ class EpochCosineAnnealing(keras.optimizers.schedules.LearningRateSchedule):
 
 
 @keras.saving.register_keras_serializable(package="nbn_keras")
-class EpochWarmupStepDecay(keras.optimizers.schedules.LearningRateSchedule):
+class EpochWarmupStepDecay(WarmupStepDecay):
     """Warmup then step drops, constant within an epoch (a per-epoch scheduler).
 
     With `t = epoch + first_epoch` (`epoch` counted from 0 by Keras), epoch
@@ -263,13 +263,8 @@ class EpochWarmupStepDecay(keras.optimizers.schedules.LearningRateSchedule):
         factors=(0.01, 0.001),
         first_epoch=0,
     ):
-        boundaries, factors = _checked_steps(
-            steps_per_epoch, warmup_epochs, boundaries, factors)
-        self.base_learning_rate = float(base_learning_rate)
-        self.steps_per_epoch = int(steps_per_epoch)
-        self.warmup_epochs = int(warmup_epochs)
-        self.boundaries = boundaries
-        self.factors = factors
+        super().__init__(base_learning_rate, steps_per_epoch, warmup_epochs,
+                         boundaries, factors)
         self.first_epoch = int(first_epoch)
 
     def __call__(self, step):
@@ -284,14 +279,7 @@ class EpochWarmupStepDecay(keras.optimizers.schedules.LearningRateSchedule):
         return self.base_learning_rate * factor
 
     def get_config(self):
-        return {
-            "base_learning_rate": self.base_learning_rate,
-            "steps_per_epoch": self.steps_per_epoch,
-            "warmup_epochs": self.warmup_epochs,
-            "boundaries": list(self.boundaries),
-            "factors": list(self.factors),
-            "first_epoch": self.first_epoch,
-        }
+        return {**super().get_config(), "first_epoch": self.first_epoch}
 
 
 def from_config(config, steps_per_epoch):

@@ -25,6 +25,7 @@ SELECTION = StageGroupSelection(
         "'layer4s_<expert>_...'); '{model}' has none. Use "
         "selection='paper' for a plain ResNet."
     ),
+    description="every BN of each expert's last stage, one scale per expert",
 )
 
 

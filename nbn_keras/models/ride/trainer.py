@@ -12,7 +12,7 @@ is saved and exported.
 
 import keras
 
-from nbn_keras.conversion import leaf_layers
+from nbn_keras.graph import leaf_layers
 from nbn_keras.models.ride.network import ExpertAverage
 
 
