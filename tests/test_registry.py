@@ -252,7 +252,7 @@ def test_a_family_loss_is_built_by_name_and_checked_against_the_backbone(
             from_logits=True, name=f"tiny_ce_{len(counts)}"))})
     monkeypatch.setattr(registry, "FAMILIES", registry.FAMILIES[:-1] + [tiny])
     assert losses.build_loss("tiny_ce", [3, 2, 1]).name == "tiny_ce_3"
-    config = config_lib.TrainConfig(run_dir=str(tmp_path / "run"), export=False)
+    config = config_lib.TrainConfig(export=False)
     with pytest.raises(config_lib.ConfigError,
                        match=r"--loss=tiny_ce needs a Tiny backbone \(tiny_net2\), "
                              "not --backbone=resnet32"):

@@ -342,7 +342,7 @@ def test_epoch_cosine_annealing_is_pytorchs_over_200_epochs():
 def test_ride_flags_are_checked(changes, message, tmp_path):
     from nbn_keras.training import config as config_lib
 
-    config = config_lib.TrainConfig(run_dir=str(tmp_path / "run"), export=False)
+    config = config_lib.TrainConfig(export=False)
     with pytest.raises(config_lib.ConfigError, match=message):
         config_lib.validate(config.replace(**changes))
     config_lib.validate(config.replace(backbone="resnet50_ride", loss="ride",

@@ -42,7 +42,8 @@ def run_training(ctx, *argv):
             "--global_batch_size=64", "--epochs=1", "--steps_per_epoch=1", "--verbose=0",
             "--nopictures", f"--run_dir={ctx.tmp / 'run'}",
             f"--export_dir={ctx.tmp / 'exports'}", "--model_name=m", *argv])
-    return train.train_and_evaluate(config_lib.from_flags(values))
+    return train.train_and_evaluate(config_lib.from_flags(values),
+                                    config_lib.options_from_flags(values))
 
 
 def training_with(*argv):

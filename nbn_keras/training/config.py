@@ -519,9 +519,7 @@ def _recipe_problems(config):
     problems = []
     if config.schedule == "cosine_annealing" and config.warmup_epochs:
         problems.append("--schedule=cosine_annealing has no warmup: set --warmup_epochs=0.")
-    problems += _family_problems(config)
-    if problems:
-        raise ConfigError(" ".join(problems))
+    return problems + _family_problems(config)
 
 
 def _family_problems(config):
