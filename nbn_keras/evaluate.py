@@ -22,7 +22,6 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 
 from nbn_keras import interrupts
 from nbn_keras.training import config as config_lib
@@ -97,12 +96,8 @@ def evaluate_file(model_path, config, split="test", output=None, overwrite=False
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    interrupts.exit_on_signals("the figures file is written whole or not at all; run the "
-                               "same command again.")
-    if FLAGS["verbosity"].using_default_value:
-        logging.set_verbosity(logging.WARNING)
+    interrupts.start_command(argv, "the figures file is written whole or not at all; run "
+                                   "the same command again.")
     try:
         figures, output = evaluate_file(
             FLAGS.model, config_lib.from_flags(FLAGS), FLAGS.split, FLAGS.output,

@@ -86,6 +86,35 @@ def exit_on_signals(message):
     restore_handlers()
 
 
+def start_command(argv, on_signal):
+    """What every command's `main(argv)` does first.
+
+    Refuses arguments that are not flags, makes SIGINT and SIGTERM end the
+    command with one line (`exit_on_signals(on_signal)`), and, unless
+    `--verbosity` is given, keeps absl's and TensorFlow's INFO lines (strategy,
+    saving, export) out of what the command prints.
+
+    Args:
+        argv: The arguments absl's `app.run` passes to `main`.
+        on_signal: The line's text after `"Stopped by SIGTERM: "`.
+
+    Raises:
+        absl.app.UsageError: `argv` holds more than the program name.
+    """
+    from absl import app  # pylint: disable=import-outside-toplevel
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    from absl import logging  # pylint: disable=import-outside-toplevel
+
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    exit_on_signals(on_signal)
+    if flags.FLAGS["verbosity"].using_default_value:
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+        logging.set_verbosity(logging.WARNING)
+        tf.get_logger().setLevel("WARNING")
+
+
 def restore_handlers():
     """Takes SIGINT and SIGTERM back after a library replaced their handlers.
 

@@ -37,15 +37,8 @@ REFUSALS = (ValueError, FileNotFoundError, driver.RunError, run_files.RunDirecto
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    interrupts.exit_on_signals("the run's files are kept; run the same command again "
-                               "to resume it.")
-    if FLAGS["verbosity"].using_default_value:
-        # TensorFlow's INFO lines (strategy, saving, export) drown what the
-        # run prints.
-        logging.set_verbosity(logging.WARNING)
-        tf.get_logger().setLevel("WARNING")
+    interrupts.start_command(argv, "the run's files are kept; run the same command again "
+                                   "to resume it.")
     try:
         run(config_lib.from_flags(FLAGS), config_lib.options_from_flags(FLAGS))
     except REFUSALS as error:

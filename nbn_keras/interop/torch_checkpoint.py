@@ -427,13 +427,10 @@ def import_checkpoint(
 
 def main(argv):
     """The command line; see the module docstring."""
-    from absl import app
     from absl import flags
 
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    interrupts.exit_on_signals("the output file is written whole or not at all; run the "
-                               "same command again.")
+    interrupts.start_command(argv, "the output file is written whole or not at all; run "
+                                   "the same command again.")
     f = flags.FLAGS
     try:
         import_checkpoint(

@@ -215,13 +215,10 @@ def main(argv):
     Prints the written version directory. The flags are defined only when
     the module runs as a script, so importing it adds no global flags.
     """
-    from absl import app
     from absl import flags
 
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    interrupts.exit_on_signals("a version is published whole or not at all; run the "
-                               "command again if none was printed.")
+    interrupts.start_command(argv, "a version is published whole or not at all; run the "
+                                   "command again if none was printed.")
     print(run_from_flags(flags.FLAGS))
 
 
