@@ -196,6 +196,7 @@ def _exit_like(status):
     """Ends this process as the child with wait status `status` ended."""
     if os.WIFSIGNALED(status):
         signum = os.WTERMSIG(status)
-        signal.signal(signum, signal.SIG_DFL)
+        if signum != signal.SIGKILL:  # SIGKILL's action cannot be set.
+            signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
     os._exit(os.waitstatus_to_exitcode(status))  # pylint: disable=protected-access
