@@ -633,21 +633,35 @@ def main(argv=None):
         "--seed=S --data_seed=S --imbalance_factor=IF [--data=synthetic_lt] "
         "--nbn|--nonbn [ablation flags]`.", ""]
     text = "\n".join(header) + "\n" + tables(args, records, stats, shrink) + "\n"
-    if pictures:
-        text += "\n## Figures\n\n" + "\n".join(
-            f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pictures) + "\n"
-        text += ("\nPer run, next to its files: `<work_dir>/<run>/mechanism.png` (its "
-                 "scale(s) over training, every tracked layer's raw norms and direction "
-                 "changes).\n")
-    with open(os.path.join(args.out_dir, "effect_study.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(args.out_dir, "effect_study.json"), "w") as f:
-        json.dump({"argv": sys.argv[1:] if argv is None else argv,
-                   "train_minutes": train_minutes, "shrink": shrink,
-                   "statistics": stats, "pictures": [os.path.basename(p) for p in pictures],
-                   "runs": records}, f, indent=1)
-    print(text)
+    write_report(args.out_dir, "effect_study", text, pictures, {
+        "argv": sys.argv[1:] if argv is None else argv, "train_minutes": train_minutes,
+        "shrink": shrink, "statistics": stats, "runs": records},
+        note=("Per run, next to its files: `<work_dir>/<run>/mechanism.png` (its "
+              "scale(s) over training, every tracked layer's raw norms and direction "
+              "changes)."))
     return stats
+
+
+def write_report(out_dir, name, text, pictures, record, note=None):
+    """Writes `<name>.md` (the tables, then the figures) and `<name>.json`; prints the tables.
+
+    Args:
+        out_dir: The report's directory.
+        name: The files' base name.
+        text: The Markdown tables.
+        pictures: The figures' paths, in `out_dir`.
+        record: What `<name>.json` holds, besides the figures' names.
+        note: A line after the figures, if there are any.
+    """
+    names = [os.path.basename(p) for p in pictures]
+    if names:
+        text += "\n## Figures\n\n" + "\n".join(f"![{n}]({n})" for n in names) + "\n"
+        text += f"\n{note}\n" if note else ""
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump({**record, "pictures": names}, f, indent=1)
+    print(text)
 
 
 if __name__ == "__main__":

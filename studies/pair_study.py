@@ -31,7 +31,6 @@ Writes `pair_study.md`, `pair_study.json` and the figures to `--out_dir`.
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -242,16 +241,9 @@ def main(argv=None):
         f"Extra flags: {' '.join(args.extra_flags) or 'none'}.", "",
         tables(args, records, stats, shrink,
                (configs["bn"].many_threshold, configs["bn"].few_threshold))]) + "\n"
-    if pictures:
-        text += "\n## Figures\n\n" + "\n".join(
-            f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pictures) + "\n"
-    with open(os.path.join(args.out_dir, "pair_study.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(args.out_dir, "pair_study.json"), "w") as f:
-        json.dump({"argv": shown, "train_minutes": train_minutes, "shrink": shrink,
-                   "statistics": stats, "pictures": [os.path.basename(p) for p in pictures],
-                   "runs": records}, f, indent=1)
-    print(text)
+    effect_study.write_report(args.out_dir, "pair_study", text, pictures, {
+        "argv": shown, "train_minutes": train_minutes, "shrink": shrink, "statistics": stats,
+        "runs": records})
     return stats
 
 
