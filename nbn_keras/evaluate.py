@@ -23,11 +23,11 @@ import sys
 from absl import app
 from absl import flags
 
+from nbn_keras import files
 from nbn_keras import interrupts
-from nbn_keras.training import config as config_lib
-from nbn_keras.analysis import report
-from nbn_keras.training import run_files
 from nbn_keras import saving
+from nbn_keras.analysis import report
+from nbn_keras.training import config as config_lib
 from nbn_keras.training import driver as train
 
 # The training command's flags describe the data set (a config or a run's
@@ -91,7 +91,7 @@ def evaluate_file(model_path, config, split="test", output=None, overwrite=False
     figures = report.evaluate(model, data, config.many_threshold, config.few_threshold,
                               split=split)
     figures["model"] = os.path.abspath(model_path)
-    run_files.write_json(output, figures)
+    files.write_json(output, figures)
     return figures, output
 
 

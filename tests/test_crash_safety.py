@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import pytest
 
+from nbn_keras import files
 from nbn_keras.training import run_files
 
 from tests import conftest
@@ -33,9 +34,9 @@ pytestmark = pytest.mark.slow
 
 def train_command(run_dir, export_dir, *extra, kill_at=None):
     env = {key: value for key, value in os.environ.items()
-           if key != run_files.KILL_AT_VARIABLE}
+           if key != files.KILL_AT_VARIABLE}
     if kill_at:
-        env[run_files.KILL_AT_VARIABLE] = kill_at
+        env[files.KILL_AT_VARIABLE] = kill_at
     return subprocess.run(
         [sys.executable, "-m", "nbn_keras.train", *RUN, f"--run_dir={run_dir}",
          f"--export_dir={export_dir}", *extra],
@@ -176,7 +177,7 @@ def test_a_full_disk_keeps_the_last_backup_and_the_run_resumes(uninterrupted, tm
         assert result.returncode == 1, result.stderr[-3000:]
         assert "No space left on device" in result.stderr
         assert "Traceback" not in result.stderr
-        state = run_files.read_json(disk / "run" / "backup" / "state.json")
+        state = files.read_json(disk / "run" / "backup" / "state.json")
         if state is not None:  # The kept backup is complete and loads.
             weights(disk / "run" / "backup" / state["checkpoint"])
         subprocess.run(["mount", "-o", "remount,size=200m", str(disk)], check=True)

@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 
+from nbn_keras import files
 from nbn_keras.training import run_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,19 +37,19 @@ def test_a_writer_killed_mid_write_leaves_the_previous_file(tmp_path):
     assert target.read_text() == "previous complete content"
     leftovers = [n for n in os.listdir(tmp_path) if n.startswith(".tmp-backup-")]
     assert len(leftovers) == 1 and leftovers[0].endswith(".keras")
-    run_files.remove_stale_temporaries(str(tmp_path))
+    files.remove_stale_temporaries(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["backup.keras"]
 
 
 def test_an_error_inside_the_block_keeps_the_previous_file(tmp_path):
     target = tmp_path / "state.json"
-    run_files.write_json(str(target), {"epoch": 1})
+    files.write_json(str(target), {"epoch": 1})
     with pytest.raises(RuntimeError):
-        with run_files.atomic_write(str(target)) as tmp:
+        with files.atomic_write(str(target)) as tmp:
             with open(tmp, "w") as f:
                 f.write("{broken")
             raise RuntimeError("disk gone")
-    assert run_files.read_json(str(target)) == {"epoch": 1}
+    assert files.read_json(str(target)) == {"epoch": 1}
     assert os.listdir(tmp_path) == ["state.json"]
 
 

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from nbn_keras.training import run_files
+from nbn_keras import files
 from nbn_keras.data import make_eval_dataset
 from nbn_keras.training.metrics import GROUPS
 from nbn_keras.training.metrics import class_groups
@@ -74,7 +74,7 @@ def write(figures, run_dir):
     images) is written as `null`.
     """
     path = os.path.join(run_dir, FIGURES_FILENAME)
-    run_files.write_json(path, undefined_as_none(figures), allow_nan=False)
+    files.write_json(path, undefined_as_none(figures), allow_nan=False)
     return path
 
 

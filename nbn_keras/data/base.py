@@ -13,7 +13,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from nbn_keras.training import run_files
+from nbn_keras import files
 from nbn_keras.data import transforms
 
 CLASS_COUNTS_FILENAME = "class_counts.json"
@@ -172,7 +172,7 @@ class LongTailedData:
             "skipped": self.skipped,
             "info": self.info,
         }
-        run_files.write_text(path, json.dumps(record, indent=1, default=str))
+        files.write_text(path, json.dumps(record, indent=1, default=str))
         paths = [path]
         if self.subset is not None:
             paths.append(self.subset.write(run_dir))

@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from nbn_keras.training import run_files
+from nbn_keras import files
 
 PROFILES = ("exp", "step")
 SUBSET_FILENAME = "data_subset.json"
@@ -154,7 +154,7 @@ class LongTailSubset:
         """Writes the subset as JSON into `run_dir`; returns the file path."""
         os.makedirs(run_dir, exist_ok=True)
         path = os.path.join(run_dir, filename)
-        run_files.write_text(path, json.dumps(self.to_dict()))
+        files.write_text(path, json.dumps(self.to_dict()))
         return path
 
 

@@ -9,12 +9,12 @@ import os
 import keras
 import numpy as np
 
-from nbn_keras.training import losses
-from nbn_keras.training import run_files
-from nbn_keras.graph import leaf_layers
+from nbn_keras import files
 from nbn_keras.conversion import select_bn_layers
+from nbn_keras.graph import leaf_layers
 from nbn_keras.layers import NBNScale
 from nbn_keras.layers import NormalizedBatchNormalization
+from nbn_keras.training import losses
 
 
 class NonFiniteLoss(RuntimeError):
@@ -145,9 +145,9 @@ class RunCheckpoint(keras.callbacks.Callback):
         initial_epoch=...)`; with `saved_model`, the backup is loaded into
         that model (and `model`'s optimizer).
         """
-        run_files.remove_stale_temporaries(self.backup_dir)
-        run_files.remove_stale_temporaries(self.run_dir)
-        state = run_files.read_json(self.state_path)
+        files.remove_stale_temporaries(self.backup_dir)
+        files.remove_stale_temporaries(self.run_dir)
+        state = files.read_json(self.state_path)
         if state is None:
             return 0
         if not model.optimizer.built:
@@ -166,7 +166,7 @@ class RunCheckpoint(keras.callbacks.Callback):
         return self.saved_model
 
     def on_train_batch_end(self, batch, logs=None):
-        run_files.kill_point("batch")
+        files.kill_point("batch")
 
     def on_epoch_end(self, epoch, logs=None):
         logs = {key: _as_float(value) for key, value in (logs or {}).items()}
@@ -175,17 +175,17 @@ class RunCheckpoint(keras.callbacks.Callback):
         value = logs.get(self.monitor)
         if value is not None and math.isfinite(value) and (
                 state["best"] is None or value > state["best"]):
-            with run_files.atomic_write(os.path.join(self.run_dir, "best.keras"),
+            with files.atomic_write(os.path.join(self.run_dir, "best.keras"),
                                         kill_point_name="best") as tmp:
                 self._model_to_save(self.model).save(tmp)
             state.update(best=value, best_epoch=epoch)
         os.makedirs(self.backup_dir, exist_ok=True)
         checkpoint = f"epoch-{epoch + 1:04d}.keras"
-        with run_files.atomic_write(os.path.join(self.backup_dir, checkpoint),
+        with files.atomic_write(os.path.join(self.backup_dir, checkpoint),
                                     kill_point_name="backup") as tmp:
             self._model_to_save(self.model).save(tmp)
         state["checkpoint"] = checkpoint
-        run_files.write_json(self.state_path, state)
+        files.write_json(self.state_path, state)
         for name in os.listdir(self.backup_dir):
             if name.startswith("epoch-") and name != checkpoint:
                 os.remove(os.path.join(self.backup_dir, name))
@@ -200,7 +200,7 @@ def write_history_csv(path, history):
     writer = csv.DictWriter(text, columns, restval="", lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
-    run_files.write_text(path, text.getvalue())
+    files.write_text(path, text.getvalue())
 
 
 def _as_float(value):
@@ -294,7 +294,7 @@ class NBNDynamicsLogger(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self._layers = tracked_bn_layers(self.model)
         self._record = None
-        self._record = run_files.read_json(self.path)
+        self._record = files.read_json(self.path)
         if self._record is None or self._record.get("layers") != [
                 l.name for l in self._layers]:
             self._record = {
@@ -338,7 +338,7 @@ class NBNDynamicsLogger(keras.callbacks.Callback):
             entry["layers"][layer.name] = stats
         record["epochs"] = [e for e in record["epochs"] if e["epoch"] < epoch] + [entry]
         record["final"] = _vectors(self._layers)
-        run_files.write_json(self.path, record)
+        files.write_json(self.path, record)
 
 
 def for_run(config, run_dir, checkpoint):

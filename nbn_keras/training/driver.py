@@ -22,6 +22,7 @@ import tensorflow as tf
 from absl import logging
 
 from nbn_keras import data as data_lib
+from nbn_keras import files
 from nbn_keras import graph
 from nbn_keras.analysis import plots
 from nbn_keras.analysis import report
@@ -80,7 +81,7 @@ def train_and_evaluate(config, options):
     run_dir = options.run_dir if chief else distribute.worker_dir(options.run_dir, strategy)
     # Phases only advance, so the phase read here before taking the lock
     # needs the data whenever the phase found under the lock does.
-    phase = run_files.read_json(os.path.join(run_dir, STATE_FILENAME), {}).get(
+    phase = files.read_json(os.path.join(run_dir, STATE_FILENAME), {}).get(
         "phase", "train")
     if config.mixed_precision != "none":
         keras.mixed_precision.set_global_policy(f"mixed_{config.mixed_precision}")
@@ -98,7 +99,7 @@ def train_and_evaluate(config, options):
             state = advance(run_dir, state, "select", steps_trained=steps_trained)
         state = finish(config, options, data, run_dir, state)
         shutil.rmtree(os.path.join(run_dir, "backup"), ignore_errors=True)
-    return run_files.read_json(os.path.join(run_dir, report.FIGURES_FILENAME))
+    return files.read_json(os.path.join(run_dir, report.FIGURES_FILENAME))
 
 
 def make_strategy(config, options):
@@ -133,7 +134,7 @@ def finish(config, options, data, run_dir, state):
         state = advance(run_dir, state, "export")
     if state["phase"] == "export":
         path = export(config, options, run_dir, state) if config.export else None
-        run_files.kill_point("exported")
+        files.kill_point("exported")
         state = advance(run_dir, state, "done", export_path=path)
     return state
 
@@ -147,7 +148,7 @@ def open_run(config, options, run_dir):
     differences) and must not be finished.
     """
     flags_path = os.path.join(run_dir, FLAGS_FILENAME)
-    state = run_files.read_json(os.path.join(run_dir, STATE_FILENAME))
+    state = files.read_json(os.path.join(run_dir, STATE_FILENAME))
     if os.path.exists(flags_path):
         changes = [change for current in (config, options) for change in
                    config_lib.changed_fields(
@@ -162,10 +163,10 @@ def open_run(config, options, run_dir):
         if changes:
             logging.warning("Resuming with changed flags: %s", changes)
     else:
-        run_files.write_text(flags_path, config_lib.to_flagfile(config, options))
+        files.write_text(flags_path, config_lib.to_flagfile(config, options))
     if state is None:
         state = {"phase": "train", "run_id": uuid.uuid4().hex}
-        run_files.write_json(os.path.join(run_dir, STATE_FILENAME), state)
+        files.write_json(os.path.join(run_dir, STATE_FILENAME), state)
     if state["phase"] == "done":
         # Training again there would mix logs and could keep the old best
         # checkpoint; a killed run resumes instead.
@@ -180,7 +181,7 @@ def open_run(config, options, run_dir):
 def advance(run_dir, state, phase, **facts):
     """Records that the run reached `phase` (atomically); returns the new state."""
     state = {**state, **facts, "phase": phase}
-    run_files.write_json(os.path.join(run_dir, STATE_FILENAME), state)
+    files.write_json(os.path.join(run_dir, STATE_FILENAME), state)
     return state
 
 
@@ -361,16 +362,16 @@ def select_model(run_dir):
     best = os.path.join(run_dir, "best.keras")
     if not os.path.exists(best):  # No finite validation score: the last epoch.
         backup = os.path.join(run_dir, "backup")
-        best = os.path.join(backup, run_files.read_json(
+        best = os.path.join(backup, files.read_json(
             os.path.join(backup, "state.json"))["checkpoint"])
-    with run_files.atomic_write(os.path.join(run_dir, "model.keras")) as tmp:
+    with files.atomic_write(os.path.join(run_dir, "model.keras")) as tmp:
         shutil.copyfile(best, tmp)
 
 
 def evaluate(config, data, run_dir, steps_trained):
     """The `evaluate` phase: test figures and pictures of `model.keras`."""
     model = keras.models.load_model(os.path.join(run_dir, "model.keras"), compile=False)
-    run_files.kill_point("evaluate")
+    files.kill_point("evaluate")
     figures = report.evaluate(model, data, config.many_threshold, config.few_threshold)
     figures["steps_trained"] = steps_trained
     if config.pictures:

@@ -2,10 +2,7 @@
 
 Every file a run writes goes through `nbn_keras.files.atomic_write` (or a
 helper built on it), so a reader or a rerun after `kill -9` sees either the
-previous complete file or the new complete one. The helpers the trainer
-uses are re-exported here from `nbn_keras.files`: `atomic_write`,
-`write_text`, `write_json`, `read_json`, `remove_stale_temporaries` and
-`kill_point` (the crash tests' fault injection).
+previous complete file or the new complete one.
 """
 
 import errno
@@ -14,16 +11,6 @@ import os
 
 from nbn_keras import files
 
-# The run-file helpers, used by the trainer through this module.
-KILL_AT_VARIABLE = files.KILL_AT_VARIABLE
-kill_point = files.kill_point
-atomic_write = files.atomic_write
-write_text = files.write_text
-write_json = files.write_json
-read_json = files.read_json
-# Every temporary file of a run directory is stale when a run starts: one
-# process at a time writes there (the run lock).
-remove_stale_temporaries = files.remove_stale_temporaries
 
 FLAGS_FILENAME = "flags.cfg"
 STATE_FILENAME = "run_state.json"
