@@ -288,13 +288,13 @@ def compile_for_training(model, jit_compile=False, weight_decay=0.0):
     return model
 
 
-def random_batch(batch_size, image_size, num_classes, seed=0):
+def random_batch(batch_size, image_size, num_classes, seed=0, channels=3):
     """A batch of raw pixels in [0, 255] and integer labels, as tensors."""
     import numpy as np
     import tensorflow as tf
 
     rng = np.random.default_rng(seed)
-    images = rng.uniform(0, 255, (batch_size, image_size, image_size, 3))
+    images = rng.uniform(0, 255, (batch_size, image_size, image_size, channels))
     labels = rng.integers(0, num_classes, (batch_size,))
     return (
         tf.constant(images, dtype=tf.float32),
