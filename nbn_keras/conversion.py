@@ -302,16 +302,31 @@ def fold_nbn(model):
     return graph.clone(model, make_stock, call_without_scale)
 
 
+def _walk_with_paths(model, path):
+    """Yields `(layer, parent, parent's path)`; paths join model names by '/'."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _walk_with_paths(layer, f"{path}/{layer.name}")
+        else:
+            yield layer, model, path
+
+
 def _check_single_graph(model, selected_ids):
     """A shared scale is one graph edge, so all its layers need one graph."""
-    parents = {id(parent): parent for layer, parent in graph.walk_layers(model)
-               if id(layer) in selected_ids}
+    parents, selected = {}, {}
+    for layer, parent, path in _walk_with_paths(model, model.name):
+        if id(layer) in selected_ids:
+            parents[id(parent)] = parent
+            selected.setdefault(path, []).append(layer.name)
     if len(parents) > 1:
-        names = sorted(p.name for p in parents.values())
+        # Paths, not names: a nested backbone often shares its parent's name.
+        spans = "; ".join(f"'{path}': {len(names)} ({', '.join(names[:3])}"
+                          f"{', ...' if len(names) > 3 else ''})"
+                          for path, names in selected.items())
         raise ValueError(
             "A shared scale needs every converted layer in one functional "
-            f"model, but the selection spans the sub-models {names}. Use "
-            "scale_sharing='layer' or narrow the selection."
+            f"model, but the selection spans {len(parents)} (sub-)models: {spans}. "
+            "Use scale_sharing='layer' or narrow the selection."
         )
     (parent,) = parents.values()
     if isinstance(parent, keras.Sequential):

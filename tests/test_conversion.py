@@ -317,11 +317,15 @@ def test_sequential_and_subclassed_models():
 
 def test_shared_scale_across_sub_models_is_refused():
     inputs = keras.Input((4,))
-    inner = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization(name="inner_bn")])
+    # The nested model has its parent's name, as a backbone inside a classifier can.
+    inner = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization(name="inner_bn")],
+                             name="net")
     outputs = keras.layers.BatchNormalization(name="outer_bn")(inner(inputs))
-    model = keras.Model(inputs, outputs)
-    with pytest.raises(ValueError, match="scale_sharing='layer'"):
+    model = keras.Model(inputs, outputs, name="net")
+    with pytest.raises(ValueError, match="scale_sharing='layer'") as error:
         nbn_keras.convert_to_nbn(model, "all")
+    assert "'net/net': 1 (inner_bn)" in str(error.value)
+    assert "'net': 1 (outer_bn)" in str(error.value)
     converted = nbn_keras.convert_to_nbn(model, "all", scale_sharing="layer")
     assert nbn_names(converted) == ["inner_bn", "outer_bn"]
 
