@@ -1,9 +1,4 @@
-import fcntl
-import json
 import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -31,36 +26,7 @@ def pytest_collection_modifyitems(config, items):
         if item.nodeid.startswith(ONEDNN_DEPENDENT):
             item.add_marker(pytest.mark.onednn)
 
-REPO = helpers.REPO
 TRAINED_MODEL_NAME = "digits_lt_nbn"
-
-
-def shared_training_run(tmp_path_factory, name, *flags):
-    """Runs `python -m nbn_keras.train *flags` once per test session.
-
-    pytest-xdist workers share the run through a lock on a directory of the
-    session's base temporary directory. The command gets `--run_dir=<root>/run`
-    and `--export_dir=<root>/exports`; returns `<root>`. Tests must not modify
-    these files (copy them first).
-    """
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # The directory all workers of this session share.
-    root = root / name
-    with open(f"{root}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        done = root / "done.json"
-        if not done.exists():
-            shutil.rmtree(root, ignore_errors=True)
-            root.mkdir()
-            result = subprocess.run(
-                [sys.executable, "-m", "nbn_keras.train", *flags,
-                 f"--run_dir={root / 'run'}", f"--export_dir={root / 'exports'}"],
-                cwd=REPO, capture_output=True, text=True, timeout=900,
-            )
-            assert result.returncode == 0, result.stderr[-4000:]
-            done.write_text(json.dumps({"returncode": result.returncode}))
-    return root
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +37,7 @@ def trained_run(tmp_path_factory):
     ResNet-8 for 2 steps, once per test session. Returns `{"run_dir", "export_dir",
     "model_name", "version_dir"}`.
     """
-    root = shared_training_run(
+    root = helpers.shared_training_run(
         tmp_path_factory, "trained_run", "--flagfile=configs/digits_lt_nbn.cfg",
         "--backbone=resnet8", "--epochs=1", "--steps_per_epoch=2",
         "--verbose=0", "--nopictures",

@@ -6,17 +6,27 @@ and that nothing the user had (a checkpoint, a backup, an earlier export,
 the case's own input files) was changed, removed or added to.
 """
 
+import fcntl
+import gzip
 import hashlib
 import io
+import json
 import os
 import shutil
+import struct
+import subprocess
+import sys
+import textwrap
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from absl import flags
 
 import nbn_keras
+from nbn_keras.data import fashion_mnist
+from nbn_keras.training import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
@@ -294,3 +304,170 @@ def check_bad_input(ctx, act, error, message, *args):
     # Nothing the user had (checkpoint, backup, earlier export, the case's
     # own list and image files) was changed, removed or added to.
     ctx.assert_unchanged()
+
+
+# --------------------------------------------------------------------------
+# Commands and their flags.
+
+
+def parse_run(*argv):
+    """`(TrainConfig, RunOptions)` of a command line, parsed apart from the global flags."""
+    flag_values = flags.FlagValues()
+    config_lib.define_flags(flag_values)
+    flag_values(["train", *argv])
+    return config_lib.from_flags(flag_values), config_lib.options_from_flags(flag_values)
+
+
+def parse_config(*argv):
+    """The `TrainConfig` of a command line, parsed apart from the global flags."""
+    return parse_run(*argv)[0]
+
+
+def shared_training_run(tmp_path_factory, name, *flags):
+    """Runs `python -m nbn_keras.train *flags` once per test session.
+
+    pytest-xdist workers share the run through a lock on a directory of the
+    session's base temporary directory. The command gets `--run_dir=<root>/run`
+    and `--export_dir=<root>/exports`; returns `<root>`. Tests must not modify
+    these files (copy them first).
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # The directory all workers of this session share.
+    root = root / name
+    with open(f"{root}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = root / "done.json"
+        if not done.exists():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            result = subprocess.run(
+                [sys.executable, "-m", "nbn_keras.train", *flags,
+                 f"--run_dir={root / 'run'}", f"--export_dir={root / 'exports'}"],
+                cwd=REPO, capture_output=True, text=True, timeout=900,
+            )
+            assert result.returncode == 0, result.stderr[-4000:]
+            done.write_text(json.dumps({"returncode": result.returncode}))
+    return root
+
+
+# Checks exports in a process that cannot import nbn_keras: `load.py
+# cases.json` checks one file of cases; `load.py -` checks each cases file
+# named on a line of stdin, answering a line each (TensorFlow loads once).
+SERVING_CHECK_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, traceback
+    sys.modules["nbn_keras"] = None  # importing nbn_keras must fail
+    try:
+        import nbn_keras
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("nbn_keras was importable")
+    import numpy as np
+    import tensorflow as tf
+
+    def check(cases_file):
+        cases = json.load(open(cases_file))
+        for case in cases:
+            served = tf.saved_model.load(case["dir"])
+            expected = np.load(case["expected"])
+            if "images" in case:
+                images = tf.constant(np.load(case["images"]))
+                calls = [served.signatures[name](images=images)
+                         for name in ("serving_default", "serve")]
+            else:
+                data = [open(f, "rb").read() for f in case["bytes"]]
+                calls = [served.signatures["serve_image_bytes"](
+                    image_bytes=tf.constant(data))]
+            for outputs in calls:
+                logits = outputs["logits"].numpy()
+                # Folded BN rounds differently, by about 1e-7 of the largest
+                # logit (up to 3e-7 measured with oneDNN), so a small logit
+                # next to large ones differs by more than 1e-5 of itself.
+                scale = float(np.abs(expected).max())
+                np.testing.assert_allclose(logits, expected, rtol=1e-5,
+                                           atol=1e-5 + 1e-6 * scale,
+                                           equal_nan=False, err_msg=str(case))
+                probs = np.exp(expected - expected.max(1, keepdims=True))
+                probs /= probs.sum(1, keepdims=True)
+                np.testing.assert_allclose(outputs["probabilities"].numpy(), probs,
+                                           atol=1e-5)
+                assert outputs["classes"].dtype == tf.int64
+                np.testing.assert_array_equal(outputs["classes"].numpy(),
+                                              expected.argmax(1))
+        return f"checked {len(cases)}"
+
+    if sys.argv[1] != "-":
+        print(check(sys.argv[1]))
+    else:
+        for line in sys.stdin:
+            try:
+                answer = check(line.strip())
+            except Exception:
+                answer = "failed: " + traceback.format_exc().replace("\\n", " | ")
+            print(answer, flush=True)
+    """
+)
+
+
+# --------------------------------------------------------------------------
+# Data files.
+
+
+def class_dir(c):
+    """Class 1 has a CJK and accented name: UTF-8 paths go through every run."""
+    return "\u5199\u771f caf\u00e9" if c == 1 else f"class{c}"
+
+
+def write_jpeg_list_files(root, num_classes=3, per_class=2):
+    """A tiny ImageNet-LT-style image tree and its list files."""
+    rng = np.random.default_rng(0)
+    lines = []
+    for c in range(num_classes):
+        os.makedirs(os.path.join(root, class_dir(c)), exist_ok=True)
+        for i in range(per_class):
+            path = f"{class_dir(c)}/{i}.jpg"
+            pixels = rng.integers(0, 256, (40, 48, 3), np.uint8)
+            tf.io.write_file(os.path.join(root, path), tf.io.encode_jpeg(pixels))
+            lines.append(f"{path} {c}")
+    list_file = os.path.join(root, "list.txt")
+    with open(list_file, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return [f"--image_root={root}", f"--train_list={list_file}",
+            f"--val_list={list_file}", f"--test_list={list_file}"]
+
+
+def idx_bytes(array):
+    # The idx layout written from its definition (LeCun's MNIST page):
+    # 0, 0, type 0x08 (unsigned byte), number of dimensions, big-endian sizes.
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_fashion_mnist(directory, train_per_class=60, test_per_class=5):
+    """Writes four small idx `.gz` files and their `sha256sum` file.
+
+    Image `i` of a split stores `i // 256`, `i % 256` and its label in its
+    first three pixels, so a test can tell which image ended where.
+
+    Returns:
+        `(checksums, sha256sum file path)`.
+    """
+    os.makedirs(directory, exist_ok=True)
+    rng = np.random.default_rng(0)
+    checksums = {}
+    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+        labels = rng.permutation(np.arange(10 * per_class) % 10).astype(np.uint8)
+        images = rng.integers(0, 256, (len(labels), 28, 28), np.uint8)
+        index = np.arange(len(labels))
+        images[:, 0, 0], images[:, 0, 1], images[:, 0, 2] = index // 256, index % 256, labels
+        for name, array in zip(fashion_mnist.FILES[split], (images, labels)):
+            raw = gzip.compress(idx_bytes(array))
+            with open(os.path.join(directory, name), "wb") as f:
+                f.write(raw)
+            checksums[name] = (hashlib.sha256(raw).hexdigest(),)
+    path = os.path.join(directory, "SHA256SUMS")
+    with open(path, "w") as f:
+        f.writelines(f"{digest}  {name}\n" for name, (digest,) in checksums.items())
+    return checksums, path

@@ -20,9 +20,9 @@ import pytest
 from nbn_keras import files
 from nbn_keras.training import run_files
 
-from tests import conftest
+from tests.helpers import REPO
+from tests.helpers import shared_training_run
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The smallest network and images that still make every file of a run.
 RUN = [f"--flagfile={REPO}/configs/digits_lt_nbn.cfg", "--backbone=resnet8", "--image_size=16",
        "--epochs=2", "--steps_per_epoch=2", "--verbose=0", "--nopictures",
@@ -59,7 +59,7 @@ def weights(path):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """The run the killed runs must end as (`<root>/run`, `<root>/exports`)."""
-    return conftest.shared_training_run(tmp_path_factory, "uninterrupted", *RUN)
+    return shared_training_run(tmp_path_factory, "uninterrupted", *RUN)
 
 
 @pytest.mark.parametrize("kill_at", [

@@ -1,6 +1,5 @@
 """Fashion-MNIST-LT on small generated idx files (no package or download needed)."""
 
-import gzip
 import hashlib
 import json
 import os
@@ -11,43 +10,10 @@ import pytest
 
 import nbn_keras.data as nbn_data
 from nbn_keras.data import fashion_mnist
+from tests.helpers import idx_bytes
+from tests.helpers import write_fashion_mnist
 
 DEBIAN_FILES = os.path.isdir(fashion_mnist.DEBIAN_DIR)
-
-
-def _idx_bytes(array):
-    # The idx layout written from its definition (LeCun's MNIST page):
-    # 0, 0, type 0x08 (unsigned byte), number of dimensions, big-endian sizes.
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + array.astype(np.uint8).tobytes()
-
-
-def write_fashion_mnist(directory, train_per_class=60, test_per_class=5):
-    """Writes four small idx `.gz` files and their `sha256sum` file.
-
-    Image `i` of a split stores `i // 256`, `i % 256` and its label in its
-    first three pixels, so a test can tell which image ended where.
-
-    Returns:
-        `(checksums, sha256sum file path)`.
-    """
-    os.makedirs(directory, exist_ok=True)
-    rng = np.random.default_rng(0)
-    checksums = {}
-    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
-        labels = rng.permutation(np.arange(10 * per_class) % 10).astype(np.uint8)
-        images = rng.integers(0, 256, (len(labels), 28, 28), np.uint8)
-        index = np.arange(len(labels))
-        images[:, 0, 0], images[:, 0, 1], images[:, 0, 2] = index // 256, index % 256, labels
-        for name, array in zip(fashion_mnist.FILES[split], (images, labels)):
-            raw = gzip.compress(_idx_bytes(array))
-            with open(os.path.join(directory, name), "wb") as f:
-                f.write(raw)
-            checksums[name] = (hashlib.sha256(raw).hexdigest(),)
-    path = os.path.join(directory, "SHA256SUMS")
-    with open(path, "w") as f:
-        f.writelines(f"{digest}  {name}\n" for name, (digest,) in checksums.items())
-    return checksums, path
 
 
 def image_positions(records):
@@ -158,7 +124,7 @@ def test_missing_files_and_no_source(tmp_path, monkeypatch):
 
 
 def test_parse_idx_rejects_bad_files():
-    np.testing.assert_array_equal(fashion_mnist.parse_idx(_idx_bytes(np.eye(2))), np.eye(2))
+    np.testing.assert_array_equal(fashion_mnist.parse_idx(idx_bytes(np.eye(2))), np.eye(2))
     with pytest.raises(ValueError, match="x.gz: not an idx file"):
         fashion_mnist.parse_idx(b"\x00\x00\x0d\x01", "x.gz")
     with pytest.raises(ValueError, match=r"says \(3,\) .* holds 2"):

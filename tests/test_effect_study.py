@@ -198,7 +198,7 @@ def test_pair_study_refuses_configs_that_are_not_a_pair(tmp_path):
 @pytest.mark.slow
 def test_pair_study_of_two_configs_end_to_end(tmp_path):
     import pair_study
-    from tests.test_data_fashion_mnist import write_fashion_mnist
+    from tests.helpers import write_fashion_mnist
 
     _, sha256sums = write_fashion_mnist(str(tmp_path / "idx"), 102, 2)
     (tmp_path / "no_tfds").mkdir()

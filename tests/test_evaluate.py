@@ -12,10 +12,9 @@ import pytest
 from nbn_keras.training import driver as train
 from nbn_keras.data import make_eval_dataset
 from nbn_keras.evaluate import evaluate_file
-from tests.test_train import parse_config
-from tests.test_train import write_jpeg_list_files
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO
+from tests.helpers import parse_config
+from tests.helpers import write_jpeg_list_files
 DIGITS = [f"--flagfile={REPO}/configs/digits_lt_nbn.cfg", "--image_size=16"]
 
 

@@ -21,6 +21,7 @@ from nbn_keras.serving import versions
 from nbn_keras.models import heads
 from nbn_keras.conversion import convert_to_nbn
 from tests.helpers import ENV
+from tests.helpers import SERVING_CHECK_SCRIPT
 from tests.helpers import SIZE
 from tests.helpers import bad_input
 from tests.helpers import check_bad_input
@@ -108,66 +109,6 @@ def test_saved_model_cli_shows_both_signatures(tmp_path):
         )
 
 
-# Checks exports in a process that cannot import nbn_keras: `load.py
-# cases.json` checks one file of cases; `load.py -` checks each cases file
-# named on a line of stdin, answering a line each (TensorFlow loads once).
-LOAD_SCRIPT = textwrap.dedent(
-    """
-    import json, sys, traceback
-    sys.modules["nbn_keras"] = None  # importing nbn_keras must fail
-    try:
-        import nbn_keras
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("nbn_keras was importable")
-    import numpy as np
-    import tensorflow as tf
-
-    def check(cases_file):
-        cases = json.load(open(cases_file))
-        for case in cases:
-            served = tf.saved_model.load(case["dir"])
-            expected = np.load(case["expected"])
-            if "images" in case:
-                images = tf.constant(np.load(case["images"]))
-                calls = [served.signatures[name](images=images)
-                         for name in ("serving_default", "serve")]
-            else:
-                data = [open(f, "rb").read() for f in case["bytes"]]
-                calls = [served.signatures["serve_image_bytes"](
-                    image_bytes=tf.constant(data))]
-            for outputs in calls:
-                logits = outputs["logits"].numpy()
-                # Folded BN rounds differently, by about 1e-7 of the largest
-                # logit (up to 3e-7 measured with oneDNN), so a small logit
-                # next to large ones differs by more than 1e-5 of itself.
-                scale = float(np.abs(expected).max())
-                np.testing.assert_allclose(logits, expected, rtol=1e-5,
-                                           atol=1e-5 + 1e-6 * scale,
-                                           equal_nan=False, err_msg=str(case))
-                probs = np.exp(expected - expected.max(1, keepdims=True))
-                probs /= probs.sum(1, keepdims=True)
-                np.testing.assert_allclose(outputs["probabilities"].numpy(), probs,
-                                           atol=1e-5)
-                assert outputs["classes"].dtype == tf.int64
-                np.testing.assert_array_equal(outputs["classes"].numpy(),
-                                              expected.argmax(1))
-        return f"checked {len(cases)}"
-
-    if sys.argv[1] != "-":
-        print(check(sys.argv[1]))
-    else:
-        for line in sys.stdin:
-            try:
-                answer = check(line.strip())
-            except Exception:
-                answer = "failed: " + traceback.format_exc().replace("\\n", " | ")
-            print(answer, flush=True)
-    """
-)
-
-
 def test_fresh_process_without_nbn_keras_gives_same_predictions(tmp_path):
     cases = []
 
@@ -212,7 +153,7 @@ def test_fresh_process_without_nbn_keras_gives_same_predictions(tmp_path):
         assert b"nbn_keras" not in saved
 
     (tmp_path / "cases.json").write_text(json.dumps(cases))
-    (tmp_path / "load.py").write_text(LOAD_SCRIPT)
+    (tmp_path / "load.py").write_text(SERVING_CHECK_SCRIPT)
     result = subprocess.run(
         [sys.executable, "-I", str(tmp_path / "load.py"),
          str(tmp_path / "cases.json")],

@@ -10,8 +10,8 @@ import textwrap
 import pytest
 
 from nbn_keras import files
+from tests.helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_a_kill_between_write_and_rename_keeps_the_old_file(tmp_path):

@@ -9,8 +9,8 @@ from nbn_keras.training import finetune
 from nbn_keras.training import driver as train
 from nbn_keras.models.registry import build_classifier
 from nbn_keras.conversion import leaf_layers
-from tests.test_train import parse_config
-from tests.test_train import parse_run
+from tests.helpers import parse_config
+from tests.helpers import parse_run
 
 
 def weights_by_key(model):

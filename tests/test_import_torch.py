@@ -34,8 +34,8 @@ from tests.torch_nets import make_head
 from tests.torch_nets import randomize
 from tests.torch_nets import run_importer
 from tests.torch_nets import torch_logits
-from tests.test_train import parse_config
-from tests.test_train import write_jpeg_list_files
+from tests.helpers import parse_config
+from tests.helpers import write_jpeg_list_files
 
 # arch: (groups, width per group, NBN, their fc_type). resnet50_nbn is the
 # arch whose builder passes fc_type on: its case has the affine logit BN

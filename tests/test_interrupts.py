@@ -12,8 +12,8 @@ import time
 import pytest
 
 from nbn_keras import interrupts
+from tests.helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("argv, expected", [

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from nbn_keras.training import losses
+from tests.torch_nets import torch_ride_balanced_softmax
 
 COUNTS = [500, 120, 30, 7]
 
@@ -215,19 +216,6 @@ def torch_ldam(logits, labels, counts, max_m=0.5, s=30.0):
     one_hot = F.one_hot(labels, logits.shape[1]).bool()
     shifted = logits - s * margins[labels][:, None]
     return F.cross_entropy(torch.where(one_hot, shifted, logits), labels)
-
-
-def torch_ride_balanced_softmax(experts, labels, freq, factor=-0.2, temperature=1.0):
-    """`experts` is `(experts, batch, classes)`, as their extra_info['logits']."""
-    with torch.no_grad():
-        target = F.softmax(experts.mean(0) / temperature, dim=1)
-    loss = 0.0
-    for logits in experts:
-        loss = loss + F.cross_entropy(logits + torch.log(freq), labels)
-        log_probs = F.log_softmax(logits / temperature, dim=1)
-        loss = loss + factor * temperature ** 2 * F.kl_div(log_probs, target,
-                                                           reduction="batchmean")
-    return loss
 
 
 def torch_value_and_gradient(fn, logits, *args):

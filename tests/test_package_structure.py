@@ -101,3 +101,31 @@ def test_a_family_is_named_only_in_its_own_folder(family, folder):
             found += [f"{name}:{number}" for number, line in enumerate(open(path), 1)
                       if quoted.search(line) and not line.lstrip().startswith(("#", ">>>"))]
     assert found == []
+
+
+def imported_modules(path):
+    """Every module a file imports, anywhere in it (functions and scripts in strings aside)."""
+    tree = ast.parse(open(path).read())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return names
+
+
+def test_test_modules_share_code_only_through_helper_modules():
+    # Shared code lives in tests/helpers.py and the reference modules, so a
+    # test module can change without breaking another. The one exception is the
+    # table that gathers every module's bad-input cases.
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    offenders = {}
+    for name in sorted(os.listdir(tests_dir)):
+        if name.endswith(".py") and name != "test_bad_input_table.py":
+            imported = {m for m in imported_modules(os.path.join(tests_dir, name))
+                        if re.fullmatch(r"tests\.(test_\w+|conftest)", m)}
+            if imported:
+                offenders[name] = sorted(imported)
+    assert offenders == {}

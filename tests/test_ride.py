@@ -19,7 +19,7 @@ from nbn_keras.training.losses import build_loss
 from nbn_keras.models.ride.loss import RIDEEpochHook
 from nbn_keras.models.ride.loss import RIDELoss
 from nbn_keras.training.schedules import EpochCosineAnnealing
-from tests.test_losses import torch_ride_balanced_softmax
+from tests.torch_nets import torch_ride_balanced_softmax
 
 
 # ---------------------------------------------------------------- the loss

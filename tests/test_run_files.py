@@ -10,8 +10,8 @@ import pytest
 
 from nbn_keras import files
 from nbn_keras.training import run_files
+from tests.helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def python(script, *args, env=None):

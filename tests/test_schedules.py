@@ -1,6 +1,5 @@
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -10,9 +9,8 @@ import pytest
 
 from nbn_keras.training import optimizers
 from nbn_keras.training import schedules
-from tests.test_train import parse_config
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO
+from tests.helpers import parse_config
 
 
 def values(schedule, steps):

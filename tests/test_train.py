@@ -18,17 +18,20 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from absl import flags
 
 from nbn_keras.training import config as config_lib
 from nbn_keras.models.ride import network as ride
 from nbn_keras.training import driver as train
+from tests.helpers import ENV as SERVE_ENV
+from tests.helpers import REPO
+from tests.helpers import SERVING_CHECK_SCRIPT
+from tests.helpers import class_dir
 from tests.helpers import jpeg_cut_after_scan_header
-from tests.test_data_fashion_mnist import write_fashion_mnist
-from tests.test_export import ENV as SERVE_ENV
-from tests.test_export import LOAD_SCRIPT as SERVE_SCRIPT
+from tests.helpers import parse_config
+from tests.helpers import parse_run
+from tests.helpers import write_fashion_mnist
+from tests.helpers import write_jpeg_list_files
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.cfg")))
 # Every config either trains a step in `test_config_trains_reports_and_serves` or
 # differs from its twin here, which does, only in the data set's imbalance
@@ -78,19 +81,6 @@ SMALL = ["--backbone=resnet8", "--image_size=16", "--nopictures"]
 FLOAT16_STEPS = 8
 
 
-def parse_run(*argv):
-    """`(TrainConfig, RunOptions)` of a command line, parsed apart from the global flags."""
-    flag_values = flags.FlagValues()
-    config_lib.define_flags(flag_values)
-    flag_values(["train", *argv])
-    return config_lib.from_flags(flag_values), config_lib.options_from_flags(flag_values)
-
-
-def parse_config(*argv):
-    """The `TrainConfig` of a command line, parsed apart from the global flags."""
-    return parse_run(*argv)[0]
-
-
 @pytest.fixture(autouse=True)
 def float32_policy():
     yield
@@ -109,29 +99,6 @@ def mock_cifar(num_classes, per_class):
             {"image": images, "label": labels, "id": ids})
 
     return tfds.testing.mock_data(as_dataset_fn=as_dataset)
-
-
-def class_dir(c):
-    """Class 1 has a CJK and accented name: UTF-8 paths go through every run."""
-    return "\u5199\u771f caf\u00e9" if c == 1 else f"class{c}"
-
-
-def write_jpeg_list_files(root, num_classes=3, per_class=2):
-    """A tiny ImageNet-LT-style image tree and its list files."""
-    rng = np.random.default_rng(0)
-    lines = []
-    for c in range(num_classes):
-        os.makedirs(os.path.join(root, class_dir(c)), exist_ok=True)
-        for i in range(per_class):
-            path = f"{class_dir(c)}/{i}.jpg"
-            pixels = rng.integers(0, 256, (40, 48, 3), np.uint8)
-            tf.io.write_file(os.path.join(root, path), tf.io.encode_jpeg(pixels))
-            lines.append(f"{path} {c}")
-    list_file = os.path.join(root, "list.txt")
-    with open(list_file, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return [f"--image_root={root}", f"--train_list={list_file}",
-            f"--val_list={list_file}", f"--test_list={list_file}"]
 
 
 def refuse_json_constant(name):
@@ -231,11 +198,11 @@ def expected_logits(model, pixels, is_ride):
 def serving_process(tmp_path_factory):
     """A process that cannot import nbn_keras, checking exports on request.
 
-    `tests.test_export.LOAD_SCRIPT` reading cases files from stdin: one
+    `tests.helpers.SERVING_CHECK_SCRIPT` reading cases files from stdin: one
     TensorFlow start for every config's check.
     """
     root = tmp_path_factory.mktemp("serving")
-    (root / "serve.py").write_text(SERVE_SCRIPT)
+    (root / "serve.py").write_text(SERVING_CHECK_SCRIPT)
     with open(root / "stderr.txt", "w") as stderr:
         process = subprocess.Popen(
             [sys.executable, "-I", str(root / "serve.py"), "-"], cwd=root, env=SERVE_ENV,
@@ -549,8 +516,7 @@ if sys.argv[1] == "2":
 from absl import app
 from nbn_keras.training import config as config_lib
 from nbn_keras import train
-from tests.helpers import jpeg_cut_after_scan_header
-from tests.test_data_fashion_mnist import write_fashion_mnist
+from tests.helpers import jpeg_cut_after_scan_header, write_fashion_mnist
 app.run(train.main, argv=["train"] + sys.argv[2:])
 """
 

@@ -166,3 +166,16 @@ def import_and_check_logits(theirs, checkpoint, arch, output):
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
     assert np.abs(expected).max() > 0.1  # not a trivially small output
     return ours
+
+
+def torch_ride_balanced_softmax(experts, labels, freq, factor=-0.2, temperature=1.0):
+    """`experts` is `(experts, batch, classes)`, as their extra_info['logits']."""
+    with torch.no_grad():
+        target = F.softmax(experts.mean(0) / temperature, dim=1)
+    loss = 0.0
+    for logits in experts:
+        loss = loss + F.cross_entropy(logits + torch.log(freq), labels)
+        log_probs = F.log_softmax(logits / temperature, dim=1)
+        loss = loss + factor * temperature ** 2 * F.kl_div(log_probs, target,
+                                                           reduction="batchmean")
+    return loss
