@@ -8,6 +8,7 @@ import dataclasses
 
 import keras
 import pytest
+from absl import flags
 
 import nbn_keras
 from nbn_keras.conversion import leaf_layers
@@ -16,6 +17,7 @@ from nbn_keras.models import registry
 from nbn_keras.models.family import Family
 from nbn_keras.selection import Naming
 from nbn_keras.selection import StageGroupSelection
+from nbn_keras.training import config as config_lib
 
 # name: (blocks per stage, BN per block, output channels). A torchvision or
 # KerasCV ResNet has a stem BN, the blocks' BN and one shortcut BN in every
@@ -215,6 +217,31 @@ def test_a_family_declared_outside_appears_and_converts(tiny_registered):
         registry.register(TINY)
 
 
+def test_a_family_registered_before_the_flags_are_defined_reaches_their_choices(
+        tiny_registered, monkeypatch):
+    # As a user's own command does: register, then import nbn_keras.train
+    # (which defines the flags at import).
+    from nbn_keras.models.family import FamilyLoss
+
+    tiny = dataclasses.replace(TINY, losses={"tiny_ce": FamilyLoss(None)})
+    monkeypatch.setattr(registry, "FAMILIES", registry.FAMILIES[:-1] + [tiny])
+    flag_values = flags.FlagValues()
+    config_lib.define_flags(flag_values)
+    flag_values(["train", "--backbone=tiny_net2", "--loss=tiny_ce",
+                 "--nbn_selection=tiny_stages"])
+    config = config_lib.from_flags(flag_values)
+    assert (config.backbone, config.loss, config.nbn_selection) == (
+        "tiny_net2", "tiny_ce", "tiny_stages")
+    assert "'tiny_stages' (Tiny backbones:" in flag_values["nbn_selection"].help
+    # Not registered: the choices are as before.
+    monkeypatch.setattr(registry, "FAMILIES", registry.FAMILIES[:-1])
+    flag_values = flags.FlagValues()
+    config_lib.define_flags(flag_values)
+    with pytest.raises(flags.IllegalFlagValueError, match="tiny_net2"):
+        flag_values(["train", "--backbone=tiny_net2"])
+    assert "tiny_stages" not in flag_values["nbn_selection"].help
+
+
 def test_an_unregistered_family_is_unknown():
     assert "tiny_net2" not in registry.BACKBONES
     model = nbn_keras.models.build_classifier("resnet8", 3, (8, 8, 3))
@@ -227,7 +254,7 @@ def test_training_and_checkpoint_tables_come_from_the_families():
     from nbn_keras.interop import torch_checkpoint
     from nbn_keras.training import losses
 
-    assert losses.LOSS_NAMES == ("cross_entropy", "balanced_softmax", "logit_adjusted",
+    assert losses.loss_names() == ("cross_entropy", "balanced_softmax", "logit_adjusted",
                                  "ldam", "ldam_drw", "hcm", "ride", "ride_balanced_softmax")
     # The authors' `arch` names (their main.py) and the builders' fc_types.
     assert torch_checkpoint.ARCHS == {

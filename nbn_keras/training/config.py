@@ -28,7 +28,7 @@ from nbn_keras.models.registry import min_image_size
 from nbn_keras.conversion import SCALE_SHARING_MODES
 from nbn_keras.data.samplers import SAMPLERS
 from nbn_keras.models.heads import HEADS
-from nbn_keras.training.losses import LOSS_NAMES
+from nbn_keras.training.losses import loss_names
 
 
 class ConfigError(ValueError):
@@ -59,6 +59,8 @@ class _NumberListParser(flags.ArgumentParser):
 
 
 def _field(default, help_text, kind, choices=None, kept_on_resume=True):
+    # `help_text` and `choices` may be functions, called when the flags are
+    # defined: what they list comes from the registry, which may have grown.
     return dataclasses.field(default=default, metadata={
         "help": help_text, "kind": kind, "choices": choices,
         "kept_on_resume": kept_on_resume})
@@ -139,11 +141,11 @@ class TrainConfig:
                        "fc_type: 'linear'; 'fcbn' = linear + BN over the logits "
                        "(Linear_fcbn); 'fcbn_notaffine' = the same BN without gamma and "
                        "beta (Linear_fcbn_notaffine).", "enum", HEADS)
-    nbn_selection: str = _field(
-        "paper", "'paper' (last stage: last BN of each block and shortcut BN), 'all', "
+    nbn_selection: str = _field("paper", lambda: (
+        "'paper' (last stage: last BN of each block and shortcut BN), 'all', "
         + "".join(f"'{name}' ({family.name} backbones: {selection.description}), "
                   for name, (family, selection) in registry.family_selections().items())
-        + "or comma-separated BN layer names.", "string")
+        + "or comma-separated BN layer names."), "string")
     nbn_stages: tuple = _field((), "With --nbn_selection=paper: stage indices to convert "
                                "instead of the last stage.", "int_list")
     nbn_scale_sharing: str = _field("model", "One NBN scale for the model (the paper's) or "
@@ -203,7 +205,7 @@ class TrainConfig:
                                    "from that epoch on; '*_warm_step': after it).", "int_list")
     lr_drop_factors: tuple = _field((0.01, 0.001), "Learning-rate factors from each drop "
                                     "epoch on.", "float_list")
-    loss: str = _field("cross_entropy", "Training loss.", "enum", LOSS_NAMES)
+    loss: str = _field("cross_entropy", "Training loss.", "enum", loss_names)
     logit_adjust_tau: float = _field(1.0, "tau of the logit-adjusted loss.", "float")
     drw_epoch: int = _field(160, "Epoch deferred re-weighting starts (ldam_drw).", "int")
     ride_reweight_epoch: Optional[int] = _field(
@@ -318,10 +320,11 @@ def define_flags(flag_values):
     >>> flag_values(["train", "--epochs=2", "--run_dir=/tmp/run"])
     """
     for field in _all_fields():
-        meta = field.metadata
+        meta = {key: value() if callable(value) else value
+                for key, value in field.metadata.items()}
         kind, default = meta["kind"], field.default
         if kind == "enum":
-            flags.DEFINE_enum(field.name, default, meta["choices"], meta["help"],
+            flags.DEFINE_enum(field.name, default, list(meta["choices"]), meta["help"],
                               flag_values=flag_values)
         elif kind.endswith("_list"):
             number_type = int if kind == "int_list" else float

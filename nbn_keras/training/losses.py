@@ -17,10 +17,14 @@ from nbn_keras.training.class_balance import drw_class_weights
 from nbn_keras.training.class_balance import ldam_margins
 from nbn_keras.training.class_balance import sparse_labels
 
-# The losses of this module, then those the model families contribute (they
-# need a backbone of their family).
-LOSS_NAMES = ("cross_entropy", "balanced_softmax", "logit_adjusted", "ldam", "ldam_drw",
-              "hcm") + tuple(registry.family_losses())
+# The losses of this module; the model families contribute more (`loss_names`).
+GENERIC_LOSSES = ("cross_entropy", "balanced_softmax", "logit_adjusted", "ldam", "ldam_drw",
+                  "hcm")
+
+
+def loss_names():
+    """The loss names `build_loss` takes: this module's, then the families' (read now)."""
+    return GENERIC_LOSSES + tuple(registry.family_losses())
 
 
 def cross_entropy(**kwargs):
@@ -397,7 +401,7 @@ def build_loss(name, class_counts=None, **options):
                     for loss_name, family_loss in registry.family_losses().items()})
     if name not in classes:
         raise ValueError(
-            f"Unknown loss '{name}'. Valid names: {', '.join(LOSS_NAMES)}."
+            f"Unknown loss '{name}'. Valid names: {', '.join(loss_names())}."
         )
     if class_counts is None:
         raise ValueError(f"Loss '{name}' needs `class_counts`.")
