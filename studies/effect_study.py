@@ -57,6 +57,8 @@ import effect_stats
 from effect_plan import ABLATIONS, ALL_ARMS, ARMS, DECAYS, GROUPS, LABELS, METRICS, RECIPE, REPO
 from effect_plan import cells, decay_cells, run_name
 
+TIMING_FILE = "study_timing.json"
+
 # Keep TensorFlow's start-up chatter out of the tables.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -172,7 +174,13 @@ def train(args, job, make_command=None):
     env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2",
                TF_NUM_INTRAOP_THREADS=str(args.threads),
                TF_NUM_INTEROP_THREADS=str(args.threads), CUDA_VISIBLE_DEVICES="")
-    start, load_before = time.time(), os.getloadavg()[0]
+    sittings = read_sittings(run_dir)
+    if sittings and "end" not in sittings[-1]:  # That sitting was killed.
+        sittings[-1].update(end=last_file_write(run_dir), end_from="last file write")
+    # The machine's 1-minute load average around each sitting (2 runs at a
+    # time on 2 cores read about 2).
+    sittings.append({"start": time.time(), "load_before": os.getloadavg()[0]})
+    write_sittings(run_dir, sittings)
     with open(os.path.join(run_dir, "train.log"), "a") as log:
         # The study's own files (the marker, this log) are in the run
         # directory before the run's first file.
@@ -181,14 +189,43 @@ def train(args, job, make_command=None):
     if result.returncode:
         raise RuntimeError(f"{run_name(*job)} failed (exit {result.returncode}); see "
                            f"{os.path.join(run_dir, 'train.log')}.")
-    end = time.time()
-    seconds = end - start
-    with open(os.path.join(run_dir, "study_timing.json"), "w") as f:
-        # The machine's 1-minute load average around the run (2 runs at a
-        # time on 2 cores read about 2).
-        json.dump({"seconds": seconds, "start": start, "end": end,
-                   "load_before": load_before, "load_after": os.getloadavg()[0]}, f)
-    return run_dir, seconds
+    sittings[-1].update(end=time.time(), load_after=os.getloadavg()[0])
+    write_sittings(run_dir, sittings)
+    return run_dir, sittings[-1]["end"] - sittings[-1]["start"]
+
+
+def read_sittings(run_dir):
+    """The sittings a run was trained in: `[{start, end, load_before, load_after}]`.
+
+    A sitting without `end` is running or was killed; one whose `end_from`
+    is `"last file write"` was killed, and ended no earlier than that.
+    """
+    path = os.path.join(run_dir, TIMING_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        timing = json.load(f)
+    if "sittings" in timing:
+        return timing["sittings"]
+    # One sitting, as earlier versions wrote it (the oldest without timestamps).
+    end = timing.get("end", os.path.getmtime(path))
+    return [{"start": timing.get("start", end - timing["seconds"]), "end": end,
+             "load_before": timing["load_before"], "load_after": timing["load_after"]}]
+
+
+def write_sittings(run_dir, sittings):
+    path = os.path.join(run_dir, TIMING_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"sittings": sittings}, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def last_file_write(run_dir):
+    """When the run last wrote a file (the study's own files aside)."""
+    own = {TIMING_FILE, TIMING_FILE + ".tmp", "study_command.json"}
+    return max((os.path.getmtime(os.path.join(directory, name))
+                for directory, _, names in os.walk(run_dir) for name in names
+                if name not in own), default=time.time())
 
 
 def finished_runs(args, todo=None, make_command=None):
@@ -317,14 +354,6 @@ def read_run(job, run_dir, reused=False):
     gamma, beta = parameters[last_bn]
     served = effect_stats.served_class_strength(
         gamma, beta, model.get_layer("logits").kernel, figures["class_counts"])
-    timing_path = os.path.join(run_dir, "study_timing.json")
-    timing = {}
-    if os.path.exists(timing_path):
-        with open(timing_path) as f:
-            timing = json.load(f)
-        if "end" not in timing:  # Written without timestamps: the file's time.
-            timing["end"] = os.path.getmtime(timing_path)
-            timing["start"] = timing["end"] - timing["seconds"]
     return {
         "data": data, "imbalance_factor": imbalance_factor, "arm": arm, "seed": seed,
         "run_dir": os.path.relpath(run_dir, REPO),
@@ -341,11 +370,20 @@ def read_run(job, run_dir, reused=False):
         "scales_selected_model": {p: float(np.asarray(v))
                                   for p, v in scale_variables(model).items()},
         "served": served | {"layer": last_bn},
-        "seconds": timing.get("seconds"),
-        "load": [timing[k] for k in ("load_before", "load_after") if k in timing],
-        "start": timing.get("start"),
-        "end": timing.get("end"),
+        **timing_of(run_dir),
         "reused": reused,
+    }
+
+
+def timing_of(run_dir):
+    """A run's wall time (seconds, summed over its sittings), loads, first start, last end."""
+    sittings = [s for s in read_sittings(run_dir) if "end" in s]
+    return {
+        "seconds": sum(s["end"] - s["start"] for s in sittings) if sittings else None,
+        "sittings": len(sittings),
+        "load": [s[k] for s in sittings for k in ("load_before", "load_after") if k in s],
+        "start": sittings[0]["start"] if sittings else None,
+        "end": sittings[-1]["end"] if sittings else None,
     }
 
 
@@ -594,6 +632,7 @@ def timing_sentence(args, records, train_minutes):
     ends = [r["end"] for r in records if r["end"] is not None]
     span = (max(ends) - min(starts)) / 60 if starts and ends else float("nan")
     reused = sum(r["reused"] for r in records)
+    resumed = sum(r.get("sittings", 1) > 1 for r in records)
     loads = [x for r in records for x in r["load"]]
     return (
         f"{len(records)} finished runs ({reused} reused from an earlier invocation); "
@@ -602,6 +641,9 @@ def timing_sentence(args, records, train_minutes):
         f"to last end {span:.1f} min wall"
         + (f", one run {min(seconds):.0f}–{max(seconds):.0f} s wall (median "
            f"{sorted(seconds)[len(seconds) // 2]:.0f} s)" if seconds else "")
+        + (f"; {resumed} run(s) trained over more than one sitting (a run's wall time "
+           "is the sum of its sittings, a killed one counted up to the run's last file "
+           "write)" if resumed else "")
         + (f", the machine's 1-minute load average {min(loads):.1f}–{max(loads):.1f} "
            "at the runs' starts and ends" if loads else "") + ". "
         + machine.machine_line(args.threads))

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -242,3 +243,52 @@ def test_pair_study_of_two_configs_end_to_end(tmp_path):
     todo = pair_study.jobs(args, pair_study.check_pair(args))
     assert [effect_study.train(args, job, pair_study.make_command(args))[1]
             for job in todo] == [None, None]
+
+
+def test_a_killed_and_resumed_run_counts_both_sittings(tmp_path):
+    import types
+
+    import effect_study
+
+    args = types.SimpleNamespace(work_dir=str(tmp_path), threads=1)
+    job = ("digits_lt", 100.0, "nbn", 0)
+    run_dir = tmp_path / effect_study.run_name(*job)
+    script = ("import pathlib, sys, time; time.sleep(0.3); "
+              "pathlib.Path(sys.argv[1], 'test_metrics.json').write_text('{}')")
+
+    def make_command(args, *job_and_run_dir):
+        return [sys.executable, "-c", script, str(run_dir)]
+
+    # A first sitting, killed: started 100 s ago, the run's last file 40 s ago.
+    run_dir.mkdir()
+    now = time.time()
+    (run_dir / "study_command.json").write_text(json.dumps(
+        {"command": make_command(args)}))
+    effect_study.write_sittings(str(run_dir), [{"start": now - 100, "load_before": 1.5}])
+    (run_dir / "history.csv").write_text("epoch\n0\n")
+    os.utime(run_dir / "history.csv", (now - 40, now - 40))
+    _, seconds = effect_study.train(args, job, make_command)
+    first, second = effect_study.read_sittings(str(run_dir))
+    assert first == {"start": now - 100, "load_before": 1.5, "end": pytest.approx(now - 40),
+                     "end_from": "last file write"}
+    assert seconds == pytest.approx(second["end"] - second["start"])
+    assert 0.3 <= seconds < 30
+    assert second["start"] >= now and {"load_before", "load_after"} <= set(second)
+    timing = effect_study.timing_of(str(run_dir))
+    assert timing["seconds"] == pytest.approx(60 + seconds)
+    assert (timing["sittings"], timing["start"], timing["end"]) == (
+        2, now - 100, second["end"])
+    assert timing["load"] == [1.5, second["load_before"], second["load_after"]]
+    # Reused now: no third sitting.
+    assert effect_study.train(args, job, make_command) == (str(run_dir), None)
+    assert len(effect_study.read_sittings(str(run_dir))) == 2
+
+
+def test_one_sitting_timing_of_earlier_versions_reads_as_one_sitting(tmp_path):
+    import effect_study
+
+    (tmp_path / "study_timing.json").write_text(json.dumps(
+        {"seconds": 10.0, "start": 5.0, "end": 15.0, "load_before": 1.0,
+         "load_after": 2.0}))
+    assert effect_study.read_sittings(str(tmp_path)) == [
+        {"start": 5.0, "end": 15.0, "load_before": 1.0, "load_after": 2.0}]
