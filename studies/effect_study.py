@@ -632,7 +632,7 @@ def timing_sentence(args, records, train_minutes):
     ends = [r["end"] for r in records if r["end"] is not None]
     span = (max(ends) - min(starts)) / 60 if starts and ends else float("nan")
     reused = sum(r["reused"] for r in records)
-    resumed = sum(r.get("sittings", 1) > 1 for r in records)
+    resumed = sum(r["sittings"] > 1 for r in records)
     loads = [x for r in records for x in r["load"]]
     return (
         f"{len(records)} finished runs ({reused} reused from an earlier invocation); "
