@@ -35,7 +35,6 @@ which turns any such failure into an error naming the file, and
 
 import re
 
-import numpy as np
 import tensorflow as tf
 
 ARRAY_RECIPES = ("cifar", "crop", "none")
