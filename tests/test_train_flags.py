@@ -69,6 +69,15 @@ def run_dir_of_someone_else_allowed(ctx, monkeypatch):
     run_training(ctx, "--allow_foreign_run_dir", "--seed=-1")
 
 
+def run_dir_of_another_version(ctx, monkeypatch):
+    # A flag this version does not define (RIDE's head was a flag of its own once).
+    (ctx.tmp / "run").mkdir()
+    (ctx.tmp / "run" / "flags.cfg").write_text("--data=digits_lt\n--ride_head=linear\n")
+    (ctx.tmp / "run" / "run_state.json").write_text('{"phase": "train", "run_id": "x"}')
+    ctx.ready()
+    run_training(ctx)
+
+
 def export_dir_of_someone_else(ctx, monkeypatch):
     (ctx.tmp / "exports" / "m" / "notes").mkdir(parents=True)
     (ctx.tmp / "exports" / "m" / "1.txt").write_text("mine")
@@ -112,6 +121,10 @@ TRAINING_FLAG_CASES = [
               r"--allow_foreign_run_dir"),
     bad_input("run_dir_of_someone_else_allowed", run_dir_of_someone_else_allowed,
               ValueError, r"^--seed must be in \[0, 2\*\*32\) \(got -1\)\.$"),
+    bad_input("run_dir_of_another_version", run_dir_of_another_version, train.RunError,
+              r"--run_dir=\S+ holds a run whose flags cannot be read \(\S+flags\.cfg: "
+              r"Unknown command line flag 'ride_head'.*\); it was started by another "
+              r"version of nbn_keras, or the file was edited\."),
     bad_input("export_dir_of_someone_else", export_dir_of_someone_else, ValueError,
               r"--export_dir=\S+: \S+/exports/m holds 2 entries that are not model "
               r"versions \(1\.txt, notes\); .*pass --allow_foreign_export_dir"),

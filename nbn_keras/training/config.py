@@ -350,10 +350,18 @@ def options_from_flags(flag_values):
 
 
 def from_flagfile(path, cls=TrainConfig):
-    """The `TrainConfig` (or `RunOptions`) a flagfile such as a run's `flags.cfg` describes."""
+    """The `TrainConfig` (or `RunOptions`) a flagfile such as a run's `flags.cfg` describes.
+
+    Raises:
+        ConfigError: naming `path`, when it cannot be read or holds a flag
+            this version does not define or a bad value.
+    """
     flag_values = flags.FlagValues()
     define_flags(flag_values)
-    flag_values(["train", f"--flagfile={path}"])
+    try:
+        flag_values(["train", f"--flagfile={path}"])
+    except flags.Error as error:
+        raise ConfigError(f"{path}: {error}") from None
     return from_flags(flag_values, cls)
 
 

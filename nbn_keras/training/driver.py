@@ -83,6 +83,7 @@ def train_and_evaluate(config, options):
     # needs the data whenever the phase found under the lock does.
     phase = files.read_json(os.path.join(run_dir, STATE_FILENAME), {}).get(
         "phase", "train")
+    recorded_flags(run_dir)  # An unreadable flags.cfg refuses the run before its lock file.
     if config.mixed_precision != "none":
         keras.mixed_precision.set_global_policy(f"mixed_{config.mixed_precision}")
     keras.utils.set_random_seed(config.seed)
@@ -139,6 +140,26 @@ def finish(config, options, data, run_dir, state):
     return state
 
 
+def recorded_flags(run_dir):
+    """`(TrainConfig, RunOptions)` of the run's `flags.cfg`; `None` without one.
+
+    Raises:
+        RunError: when the file cannot be read as this version's flags.
+    """
+    flags_path = os.path.join(run_dir, FLAGS_FILENAME)
+    if not os.path.exists(flags_path):
+        return None
+    try:
+        return (config_lib.from_flagfile(flags_path, config_lib.TrainConfig),
+                config_lib.from_flagfile(flags_path, config_lib.RunOptions))
+    except config_lib.ConfigError as error:
+        raise RunError(
+            f"--run_dir={run_dir} holds a run whose flags cannot be read ({error}); "
+            "it was started by another version of nbn_keras, or the file was edited. "
+            "Choose another --run_dir, or resume it with the version that started it."
+        ) from None
+
+
 def open_run(config, options, run_dir):
     """Checks the run directory against `config`; returns the run's state.
 
@@ -149,10 +170,10 @@ def open_run(config, options, run_dir):
     """
     flags_path = os.path.join(run_dir, FLAGS_FILENAME)
     state = files.read_json(os.path.join(run_dir, STATE_FILENAME))
-    if os.path.exists(flags_path):
-        changes = [change for current in (config, options) for change in
-                   config_lib.changed_fields(
-                       config_lib.from_flagfile(flags_path, type(current)), current)]
+    saved = recorded_flags(run_dir)
+    if saved is not None:
+        changes = [change for old, current in zip(saved, (config, options))
+                   for change in config_lib.changed_fields(old, current)]
         if changes and not options.allow_changed_flags:
             listed = "; ".join(f"--{name}: {old!r} in the run, {new!r} now"
                                for name, old, new in changes)
