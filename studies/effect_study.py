@@ -58,6 +58,7 @@ from effect_plan import ABLATIONS, ALL_ARMS, ARMS, DECAYS, GROUPS, LABELS, METRI
 from effect_plan import cells, decay_cells, run_name
 
 TIMING_FILE = "study_timing.json"
+LOAD_SAMPLE_SECONDS = 60
 
 # Keep TensorFlow's start-up chatter out of the tables.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -184,10 +185,20 @@ def train(args, job, make_command=None):
     with open(os.path.join(run_dir, "train.log"), "a") as log:
         # The study's own files (the marker, this log) are in the run
         # directory before the run's first file.
-        result = subprocess.run([*cmd, "--allow_foreign_run_dir"], cwd=REPO, env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
-    if result.returncode:
-        raise RuntimeError(f"{run_name(*job)} failed (exit {result.returncode}); see "
+        process = subprocess.Popen([*cmd, "--allow_foreign_run_dir"], cwd=REPO, env=env,
+                                   stdout=log, stderr=subprocess.STDOUT)
+        # The load while it trains, sampled (written as it goes: a killed
+        # sitting keeps its samples).
+        sittings[-1]["load_samples"] = []
+        while True:
+            try:
+                returncode = process.wait(timeout=LOAD_SAMPLE_SECONDS)
+                break
+            except subprocess.TimeoutExpired:
+                sittings[-1]["load_samples"].append(round(os.getloadavg()[0], 2))
+                write_sittings(run_dir, sittings)
+    if returncode:
+        raise RuntimeError(f"{run_name(*job)} failed (exit {returncode}); see "
                            f"{os.path.join(run_dir, 'train.log')}.")
     sittings[-1].update(end=time.time(), load_after=os.getloadavg()[0])
     write_sittings(run_dir, sittings)
@@ -382,6 +393,7 @@ def timing_of(run_dir):
         "seconds": sum(s["end"] - s["start"] for s in sittings) if sittings else None,
         "sittings": len(sittings),
         "load": [s[k] for s in sittings for k in ("load_before", "load_after") if k in s],
+        "load_samples": [x for s in sittings for x in s.get("load_samples", [])],
         "start": sittings[0]["start"] if sittings else None,
         "end": sittings[-1]["end"] if sittings else None,
     }
@@ -634,6 +646,8 @@ def timing_sentence(args, records, train_minutes):
     reused = sum(r["reused"] for r in records)
     resumed = sum(r["sittings"] > 1 for r in records)
     loads = [x for r in records for x in r["load"]]
+    samples = [x for r in records for x in r["load_samples"]]
+    with_samples = sum(bool(r["load_samples"]) for r in records)
     return (
         f"{len(records)} finished runs ({reused} reused from an earlier invocation); "
         f"training of this invocation {train_minutes:.1f} min wall. The runs were trained "
@@ -645,7 +659,10 @@ def timing_sentence(args, records, train_minutes):
            "is the sum of its sittings, a killed one counted up to the run's last file "
            "write)" if resumed else "")
         + (f", the machine's 1-minute load average {min(loads):.1f}–{max(loads):.1f} "
-           "at the runs' starts and ends" if loads else "") + ". "
+           "at the runs' starts and ends" if loads else "")
+        + (f" and {min(samples):.1f}–{max(samples):.1f} (median "
+           f"{sorted(samples)[len(samples) // 2]:.1f}) in {len(samples)} samples while "
+           f"{with_samples} of the runs trained" if samples else "") + ". "
         + machine.machine_line(args.threads))
 
 

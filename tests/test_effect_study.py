@@ -245,15 +245,17 @@ def test_pair_study_of_two_configs_end_to_end(tmp_path):
             for job in todo] == [None, None]
 
 
-def test_a_killed_and_resumed_run_counts_both_sittings(tmp_path):
+def test_a_killed_and_resumed_run_counts_both_sittings(tmp_path, monkeypatch):
     import types
 
     import effect_study
 
+    monkeypatch.setattr(effect_study, "LOAD_SAMPLE_SECONDS", 0.1)
+
     args = types.SimpleNamespace(work_dir=str(tmp_path), threads=1)
     job = ("digits_lt", 100.0, "nbn", 0)
     run_dir = tmp_path / effect_study.run_name(*job)
-    script = ("import pathlib, sys, time; time.sleep(0.3); "
+    script = ("import pathlib, sys, time; time.sleep(0.6); "
               "pathlib.Path(sys.argv[1], 'test_metrics.json').write_text('{}')")
 
     def make_command(args, *job_and_run_dir):
@@ -272,13 +274,15 @@ def test_a_killed_and_resumed_run_counts_both_sittings(tmp_path):
     assert first == {"start": now - 100, "load_before": 1.5, "end": pytest.approx(now - 40),
                      "end_from": "last file write"}
     assert seconds == pytest.approx(second["end"] - second["start"])
-    assert 0.3 <= seconds < 30
+    assert 0.6 <= seconds < 30
+    assert 2 <= len(second["load_samples"]) <= 10 * seconds
     assert second["start"] >= now and {"load_before", "load_after"} <= set(second)
     timing = effect_study.timing_of(str(run_dir))
     assert timing["seconds"] == pytest.approx(60 + seconds)
     assert (timing["sittings"], timing["start"], timing["end"]) == (
         2, now - 100, second["end"])
     assert timing["load"] == [1.5, second["load_before"], second["load_after"]]
+    assert timing["load_samples"] == second["load_samples"]
     # Reused now: no third sitting.
     assert effect_study.train(args, job, make_command) == (str(run_dir), None)
     assert len(effect_study.read_sittings(str(run_dir))) == 2
@@ -292,3 +296,24 @@ def test_one_sitting_timing_of_earlier_versions_reads_as_one_sitting(tmp_path):
          "load_after": 2.0}))
     assert effect_study.read_sittings(str(tmp_path)) == [
         {"start": 5.0, "end": 15.0, "load_before": 1.0, "load_after": 2.0}]
+
+
+def test_timing_sentence_sums_sittings_and_reports_the_sampled_load():
+    import types
+
+    import effect_study
+
+    args = types.SimpleNamespace(workers=2, threads=1)
+    records = [
+        {"seconds": 100.0, "sittings": 2, "start": 0.0, "end": 400.0, "load": [1.0, 2.0],
+         "load_samples": [4.0, 6.5, 5.0], "reused": True},
+        {"seconds": 50.0, "sittings": 1, "start": 10.0, "end": 60.0, "load": [0.5],
+         "load_samples": [], "reused": False},
+    ]
+    sentence = effect_study.timing_sentence(args, records, 1.5)
+    assert "2 finished runs (1 reused" in sentence
+    assert "first start to last end 6.7 min wall" in sentence
+    assert "one run 50–100 s wall" in sentence
+    assert "1 run(s) trained over more than one sitting" in sentence
+    assert ("load average 0.5–2.0 at the runs' starts and ends and 4.0–6.5 (median 5.0) "
+            "in 3 samples while 1 of the runs trained") in sentence
