@@ -1,4 +1,5 @@
-"""Helpers the test modules share: image bytes, tiny models, the user's files.
+"""Helpers the test modules share: image bytes, tiny models, the user's files,
+command lines and generated data files.
 
 The bad-input cases of every module are `pytest.param` rows made with
 `bad_input` and run with `check_bad_input`: each asserts its specific error
