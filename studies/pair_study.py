@@ -159,7 +159,7 @@ def tables(args, records, stats, shrink, thresholds):
              "|---|---|---|---|---|---|---|"]
     for arm, path in (("bn", args.bn_config), ("nbn", args.nbn_config)):
         runs = effect_study.by_cell(records, data, factor, arm)
-        lines.append(f"| {LABELS[arm]} | `{path}` | {len(runs)} | " + " | ".join(
+        lines.append(f"| {LABELS[arm]} | `{os.path.relpath(path)}` | {len(runs)} | " + " | ".join(
             effect_study.mean_sd([r["figures"][m] for r in runs.values()])
             for m in effect_plan.METRICS) + " |")
     p = stats["paired_nbn_minus_bn"]

@@ -197,7 +197,7 @@ def test_pair_study_refuses_configs_that_are_not_a_pair(tmp_path):
 
 
 @pytest.mark.slow
-def test_pair_study_of_two_configs_end_to_end(tmp_path):
+def test_pair_study_of_two_configs_end_to_end(tmp_path, monkeypatch):
     import pair_study
     from tests.helpers import write_fashion_mnist
 
@@ -211,9 +211,10 @@ def test_pair_study_of_two_configs_end_to_end(tmp_path):
              f"--data_dir={tmp_path / 'no_tfds'}", "--fashion_mnist_val_per_class=2",
              "--n_max=100", "--backbone=resnet8", "--global_batch_size=16", "--epochs=2",
              "--warmup_epochs=0", "--lr_drop_epochs=1", "--lr_drop_factors=0.1"]
-    configs = os.path.join(os.path.dirname(STUDIES), "configs")
-    argv = [os.path.join(configs, "fashion_mnist_lt_if100_bn.cfg"),
-            os.path.join(configs, "fashion_mnist_lt_if100_nbn.cfg"), "--seeds", "0",
+    # From the repository root, as documented; the report names the configs as given.
+    monkeypatch.chdir(os.path.dirname(STUDIES))
+    argv = ["configs/fashion_mnist_lt_if100_bn.cfg",
+            "configs/fashion_mnist_lt_if100_nbn.cfg", "--seeds", "0",
             "--workers", "2", "--threads", "1", "--work_dir", str(tmp_path / "runs"),
             "--out_dir", str(tmp_path / "out"), *[f"--extra_flag={f}" for f in flags]]
     pair_study.main(argv)
@@ -234,6 +235,7 @@ def test_pair_study_of_two_configs_end_to_end(tmp_path):
     markdown = (tmp_path / "out" / "pair_study.md").read_text()
     assert "Paired difference NBN − BN" in markdown and "machine:" in markdown
     assert "load average" in markdown
+    assert "| BN | `configs/fashion_mnist_lt_if100_bn.cfg` | 1 |" in markdown
     assert (tmp_path / "out" / "pair_paired_differences.png").exists()
     assert not any(r["reused"] for r in study["runs"])
     # Resuming: each finished run is found and reused, not trained again.
