@@ -18,7 +18,9 @@ package's commands (`python -m nbn_keras.train` and the others in
 before TensorFlow loads, the process forks; the child runs the command, the
 parent only relays. A signal to the parent is passed to the child, which
 ends with its line as above; a child that has not ended a second later is
-killed, and the parent prints the line and exits with the same status.
+killed, and the parent prints the line and exits with the same status. Both
+block SIGINT and SIGTERM from the fork until their handlers are in place, so
+a signal in between waits for them instead of killing the child silently.
 """
 
 import ctypes
@@ -84,6 +86,8 @@ def exit_on_signals(message):
         target=_exit_when_signalled, args=(read_fd,), name="exit_on_signals", daemon=True)
     _handler["thread"].start()
     restore_handlers()
+    if _handler.pop("blocked", False):  # Blocked by `supervise`; pending ones arrive now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, EXIT_STATUS)
 
 
 def start_command(argv, on_signal):
@@ -144,13 +148,19 @@ def supervise():
     Returns in the child (which goes on with the command); the parent waits
     for the child and exits with its status, never returning. Only on Linux
     (the child dies with its parent through `prctl`); elsewhere, returns at
-    once without forking. Call it before any thread starts.
+    once without forking. Call it before any thread starts, and
+    `exit_on_signals` next in the child: SIGINT and SIGTERM stay blocked in
+    the child until then.
     """
     libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
     if libc is None or not hasattr(os, "fork"):
         return
     read_fd, write_fd = os.pipe()
     parent = os.getpid()
+    # Until each side's handlers are in place (`exit_on_signals`, `_relay`),
+    # a signal waits: passed on the instant after the fork, it would meet the
+    # child's default action and end it without its line.
+    signal.pthread_sigmask(signal.SIG_BLOCK, EXIT_STATUS)
     child = os.fork()
     if child == 0:
         os.close(read_fd)
@@ -158,6 +168,7 @@ def supervise():
         if os.getppid() != parent:  # The parent died before prctl.
             os._exit(1)  # pylint: disable=protected-access
         _handler["report_fd"] = write_fd
+        _handler["blocked"] = True
         return
     os.close(write_fd)
     _relay(child, read_fd)
@@ -168,6 +179,7 @@ def _relay(child, read_fd):
     received = []
     for signum in EXIT_STATUS:
         signal.signal(signum, lambda signum, _: received.append(signum))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, EXIT_STATUS)
     os.set_blocking(read_fd, False)
     message, pending, passed_at = STARTING_MESSAGE, b"", None
     while True:

@@ -60,6 +60,24 @@ def test_a_signal_while_tensorflow_loads_ends_the_command_with_one_line(signum, 
     assert "Traceback" not in stderr
 
 
+def test_a_signal_between_the_fork_and_the_childs_handler_waits_for_it():
+    # The supervisor catches signals before the child does: a child slow to
+    # take them must still end with its line, not by SIGTERM's default action.
+    script = ("import time; from nbn_keras import interrupts; interrupts.supervise(); "
+              "time.sleep(0.5); interrupts.exit_on_signals('the child was slow.'); "
+              "time.sleep(60)")
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not catches(process.pid, signal.SIGTERM):
+        assert process.poll() is None and time.monotonic() < deadline, "no supervisor"
+        time.sleep(0.002)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr[-2000:]
+    assert stderr.splitlines()[-1] == "Stopped by SIGTERM: the child was slow."
+
+
 @pytest.fixture
 def silent_peer():
     """A listening socket that accepts connections and never answers."""
