@@ -86,7 +86,7 @@ def exit_on_signals(message):
         target=_exit_when_signalled, args=(read_fd,), name="exit_on_signals", daemon=True)
     _handler["thread"].start()
     restore_handlers()
-    if _handler.pop("blocked", False):  # Blocked by `supervise`; pending ones arrive now.
+    if "report_fd" in _handler:  # Blocked by `supervise`; pending ones arrive now.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, EXIT_STATUS)
 
 
@@ -168,7 +168,6 @@ def supervise():
         if os.getppid() != parent:  # The parent died before prctl.
             os._exit(1)  # pylint: disable=protected-access
         _handler["report_fd"] = write_fd
-        _handler["blocked"] = True
         return
     os.close(write_fd)
     _relay(child, read_fd)

@@ -38,19 +38,24 @@ def catches(pid, signum):
     return bool(mask >> (signum - 1) & 1)
 
 
+def wait_until_it_catches_sigterm(process):
+    """Waits, at most 30 s, until `process` has a SIGTERM handler."""
+    deadline = time.monotonic() + 30
+    while not catches(process.pid, signal.SIGTERM):
+        assert process.poll() is None and time.monotonic() < deadline, "no handler installed"
+        time.sleep(0.002)
+
+
 @pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_while_tensorflow_loads_ends_the_command_with_one_line(signum, status):
     process = subprocess.Popen(
         [sys.executable, "-m", "nbn_keras.train", "--helpfull"], cwd=REPO,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
     # The handler is in place as soon as the package starts to import, long
     # before TensorFlow has loaded and the flags could be listed. (Python
     # catches SIGINT from the start; SIGTERM shows the handler.)
-    while not catches(process.pid, signal.SIGTERM):
-        assert process.poll() is None and time.monotonic() < deadline, "no handler installed"
-        time.sleep(0.002)
+    wait_until_it_catches_sigterm(process)
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == status, stderr[-2000:]
@@ -68,10 +73,7 @@ def test_a_signal_between_the_fork_and_the_childs_handler_waits_for_it():
               "time.sleep(60)")
     process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while not catches(process.pid, signal.SIGTERM):
-        assert process.poll() is None and time.monotonic() < deadline, "no supervisor"
-        time.sleep(0.002)
+    wait_until_it_catches_sigterm(process)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 143, stderr[-2000:]
